@@ -1,0 +1,1 @@
+"""Actors: the actor core and every actor of a node."""

@@ -1,0 +1,1 @@
+"""The bus: message schema, msgspec codec, ZeroMQ transport."""

@@ -1,0 +1,268 @@
+"""Every message on the bus: tagged msgspec Structs, decoded against one union.
+
+Messages are diffs (DESIGN.md rule 3): a plan names a request's prompt once, then
+only new block ids and token counts; a result carries only new tokens.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Message(msgspec.Struct, tag=True, array_like=True, gc=False, frozen=True, kw_only=True):
+    """Base of every bus message; the tag is the class name."""
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class SamplingParams(msgspec.Struct, array_like=True, gc=False, frozen=True, kw_only=True):
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = -1  # -1: disabled
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: int = 0  # top-n log-probs of each sampled token (0: none)
+
+
+# --------------------------------------------------------------------------- client <-> frontend
+
+
+class GenerateRequest(Message):
+    request_id: str
+    prompt_token_ids: list[int] | None = None
+    prompt: str | None = None  # text; needs a tokenizer.json in the model directory
+    sampling: SamplingParams = SamplingParams()
+    priority: int = 35  # KV retention priority 0..100
+    cache_salt: str | None = None
+
+
+class AbortRequest(Message):
+    request_id: str
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    token_logprob: float
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+class RequestMetrics(msgspec.Struct, array_like=True, gc=False, frozen=True, kw_only=True):
+    """Final per-request metadata (KV reuse statistics in blocks)."""
+
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    reused_blocks: int = 0
+    onboarded_blocks: int = 0
+    new_blocks: int = 0
+    missed_blocks: int = 0
+    preemptions: int = 0
+
+
+class TokenDelta(Message):
+    """New tokens of one request; the last one has finish_reason set."""
+
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None  # "length" | "stop" | "abort"
+    metrics: RequestMetrics | None = None  # on the final delta only
+    text: str | None = None
+
+
+class RequestError(Message):
+    """A request ended with an error. kind: invalid | overloaded | timeout | failed | aborted."""
+
+    request_id: str
+    kind: str
+    message: str
+
+
+# --------------------------------------------------------------------------- frontend <-> scheduler
+
+
+class SubmitRequest(Message):
+    """A validated request entering the scheduler."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    priority: int = 35
+    cache_salt: str | None = None
+    arrival_time: float = 0.0
+
+
+class CancelRequests(Message):
+    request_ids: list[str]
+    reason: str = "abort"
+
+
+class OutputBatch(Message):
+    """One iteration's deltas and errors for the frontend to stream."""
+
+    deltas: list[TokenDelta] = []
+    errors: list[RequestError] = []
+
+
+# --------------------------------------------------------------------------- scheduler <-> kv manager
+
+
+class KVAdmit(msgspec.Struct, array_like=True, gc=False, frozen=True, kw_only=True):
+    request_id: str
+    token_ids: list[int]
+    reserve_tokens: int  # blocks to hold for this many tokens (prompt, or prompt + max_tokens)
+    priority: int = 35
+    cache_salt: str | None = None
+
+
+class KVAdmitted(msgspec.Struct, array_like=True, gc=False, frozen=True, kw_only=True):
+    request_id: str
+    block_ids: list[int]
+    num_cached_tokens: int
+    reused_blocks: int = 0
+    onboarded_blocks: int = 0
+    new_blocks: int = 0
+    missed_blocks: int = 0
+
+
+class KVExtend(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    request_id: str
+    num_tokens: int  # total tokens the request holds after the step being planned
+
+
+class KVComputed(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """Tokens of a request whose KV every earlier plan writes: full blocks become reusable."""
+
+    request_id: str
+    num_tokens: int
+
+
+class KVFree(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    request_id: str
+    output_token_ids: list[int] = []  # generated tokens, so their full blocks can be reused
+
+
+class KVStep(Message):
+    """One batch-level KV message per iteration: applied as free, computed, extend, admit."""
+
+    iteration: int
+    free: list[KVFree] = []
+    computed: list[KVComputed] = []
+    extend: list[KVExtend] = []
+    admit: list[KVAdmit] = []
+
+
+class BlockCopy(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """Copy one block between tiers: kind "offload" (GPU src -> host dst) or "onboard"
+    (host src -> GPU dst). Engines run a plan's copies in order, before its forward."""
+
+    kind: str
+    src: int
+    dst: int
+
+
+class KVStepResult(Message):
+    iteration: int
+    copies: list[BlockCopy] = []  # host-tier traffic the next plan must run first
+    admitted: list[KVAdmitted] = []
+    rejected: list[str] = []  # not admitted (no room); the request stays waiting
+    extended: dict[str, list[int]] = {}  # request id -> new block ids
+    failed_extend: list[str] = []  # no room to grow: the scheduler preempts
+    free_blocks: int = 0
+    total_blocks: int = 0
+
+
+class KVStats(Message):
+    """Node-level KV counters."""
+
+    total_blocks: int = 0
+    free_blocks: int = 0
+    host_blocks: int = 0
+    free_host_blocks: int = 0
+    lookups_blocks: int = 0
+    hit_blocks: int = 0
+    onboarded_blocks: int = 0
+    offloaded_blocks: int = 0
+
+
+class KVStatsQuery(Message):
+    pass
+
+
+class KVEvent(Message):
+    """A block event a router could consume: stored | removed | offloaded | onboarded."""
+
+    kind: str
+    block_hashes: list[int]
+    tier: str = "gpu"
+
+
+# --------------------------------------------------------------------------- scheduler <-> engine
+
+
+class NewSequence(msgspec.Struct, array_like=True, gc=False, frozen=True, kw_only=True):
+    """A request an engine has not seen: its prompt, once."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    num_cached_tokens: int  # prefix tokens whose KV is already in the pool
+    block_ids: list[int]
+    num_output_tokens: int = 0  # tokens at the end of prompt_token_ids that were sampled
+    handoff_event_id: int = 0  # wait on this context-engine event before reading the KV
+
+
+class SequenceStep(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """This step computes `num_tokens` more tokens of a request (a prefill chunk or one decode)."""
+
+    request_id: str
+    num_tokens: int
+    new_block_ids: list[int] = []
+
+
+class StepPlan(Message):
+    iteration: int
+    new: list[NewSequence] = []
+    steps: list[SequenceStep] = []  # includes the first chunk of each new sequence
+    finished: list[str] = []  # forget these before running the step
+    copies: list[BlockCopy] = []  # run in order before the forward
+    flow: str = "mixed"  # mixed | context | generation
+
+
+class SampledToken(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    request_id: str
+    token_id: int
+    logprobs: TokenLogprobs | None = None
+
+
+class HandoffEvent(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """Context -> generation handoff: the prefill finished on the context stream."""
+
+    request_id: str
+    event_id: int  # engine-local id of the CUDA event the generation stream waits on (0: none)
+
+
+class StepResult(Message):
+    iteration: int
+    sampled: list[SampledToken] = []
+    handoffs: list[HandoffEvent] = []
+    flow: str = "mixed"
+    error: str | None = None
+    duration_s: float = 0.0
+
+
+class EngineInfo(Message):
+    num_blocks: int
+    tokens_per_block: int
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    device: str
+    model_name: str
+
+
+class EngineInfoQuery(Message):
+    pass

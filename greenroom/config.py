@@ -1,0 +1,223 @@
+"""Node configuration: one frozen msgspec Struct per subsystem, validated at load.
+
+A config comes from an optional YAML or TOML file plus dotted CLI overrides
+(``scheduler.max_num_tokens=4096``). Every invalid value fails at load with a
+:class:`ConfigError` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+Fraction = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+OpenFraction = Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)]
+Priority = Annotated[int, msgspec.Meta(ge=0, le=100)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names field, value and what is allowed."""
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ModelConfig(_Section):
+    """Which weights to serve and how."""
+
+    path: str | None = None  # HF checkpoint directory; None serves the embedded tiny model
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_model_len: NonNegInt = 0  # 0: take it from the checkpoint's config
+    seed: int = 0
+    cuda_graphs: bool = True
+    cuda_graph_max_batch_size: PositiveInt = 256
+
+
+class KVConfig(_Section):
+    """The paged KV pool, the prefix tree and the host-memory tier."""
+
+    tokens_per_block: PositiveInt = 16
+    gpu_memory_utilization: Fraction = 0.9
+    num_blocks: NonNegInt = 0  # 0: size from free device memory (CPU: cpu_pool_tokens)
+    cpu_pool_tokens: PositiveInt = 65536  # pool size when running on CPU with num_blocks=0
+    enable_prefix_reuse: bool = True
+    host_blocks: NonNegInt = 0  # 0 disables the host tier
+    offload_min_priority: Priority = 35
+    default_priority: Priority = 35
+
+    def __post_init__(self) -> None:
+        if self.tokens_per_block & (self.tokens_per_block - 1):
+            raise ValueError(
+                f"tokens_per_block = {self.tokens_per_block} is invalid: must be a power of two"
+            )
+
+
+class SchedulerConfig(_Section):
+    """Per-iteration budgets and admission policy."""
+
+    max_num_tokens: PositiveInt = 8192
+    max_batch_size: PositiveInt = 256
+    max_num_active_requests: PositiveInt = 1024
+    max_queue_size: PositiveInt = 4096  # admission queue; past it: "overloaded"
+    capacity_policy: Literal["guaranteed_no_evict", "max_utilization"] = "max_utilization"
+    plans_in_flight: Annotated[int, msgspec.Meta(ge=1, le=4)] = 2
+    request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0
+
+
+class ParallelConfig(_Section):
+    pp_size: PositiveInt = 1
+    tp_size: PositiveInt = 1
+    cp_size: PositiveInt = 1
+
+
+class SMDisaggConfig(_Section):
+    """SM-level prefill/decode disaggregation on one GPU."""
+
+    enabled: bool = False
+    context_sm_percent: OpenFraction = 0.5
+    context_max_num_tokens: int = 0  # <= 0: inherit scheduler.max_num_tokens
+    context_max_batch_size: int = 0  # <= 0: inherit scheduler.max_batch_size
+
+
+class NodeConfig(_Section):
+    """Everything one node needs; sections are passed down to their subsystem unchanged."""
+
+    role: Literal["mixed", "context", "generation"] = "mixed"
+    host: str = "127.0.0.1"
+    port: Port = 7700  # frontend's client port (0: pick a free one)
+    engine_host: Literal["thread", "process"] = "thread"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    kv: KVConfig = msgspec.field(default_factory=KVConfig)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = msgspec.field(default_factory=ParallelConfig)
+    sm_disagg: SMDisaggConfig = msgspec.field(default_factory=SMDisaggConfig)
+
+    def __post_init__(self) -> None:
+        p = self.parallel
+        if p.pp_size > 1 or p.tp_size > 1 or p.cp_size > 1:
+            raise ValueError(
+                "parallel: pp_size, tp_size and cp_size > 1 are not supported yet (must be 1)"
+            )
+        if self.sm_disagg.enabled and self.role != "mixed":
+            raise ValueError(
+                f"sm_disagg.enabled with role = {self.role!r} is not supported: "
+                "SM-level disaggregation runs inside one mixed-role node"
+            )
+
+    @property
+    def client_address(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+
+_SECTIONS = {"model", "kv", "scheduler", "parallel", "sm_disagg"}
+
+
+def _lookup(data: dict[str, Any], path: list[str]) -> Any:
+    cur: Any = data
+    for key in path:
+        if not isinstance(cur, dict) or key not in cur:
+            return "<missing>"
+        cur = cur[key]
+    return cur
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = data
+    for key in keys[:-1]:
+        nxt = cur.setdefault(key, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: {key!r} is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"scheduler.max_num_tokens=4096"`` -> ``("scheduler.max_num_tokens", 4096)``."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is invalid: expected KEY=VALUE, e.g. kv.host_blocks=1024")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return key, value
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config file {path.name!r}: suffix must be .yaml, .yml or .toml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path.name!r} is not valid: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path.name!r} must hold a mapping at the top level")
+    return data
+
+
+def build_config(data: dict[str, Any]) -> NodeConfig:
+    """Validate a plain mapping into a NodeConfig, with errors naming field and value."""
+    try:
+        return msgspec.convert(data, NodeConfig, strict=True)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        if " - at `$." in msg:
+            reason, where = msg.rsplit(" - at `$.", 1)
+            field = where.rstrip("`")
+            path = [p for p in field.replace("[", ".").replace("]", "").split(".") if p]
+            value = _lookup(data, path)
+            raise ConfigError(f"{field} = {value!r} is invalid: {reason}") from None
+        raise ConfigError(f"invalid configuration: {msg}") from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> NodeConfig:
+    """Load a NodeConfig from an optional YAML/TOML file plus dotted overrides."""
+    data: dict[str, Any] = read_config_file(path) if path else {}
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    for key, value in items:
+        _set_dotted(data, key, value)
+    return build_config(data)
+
+
+def sm_disagg_budgets(cfg: NodeConfig) -> tuple[int, int]:
+    """Context-flow (max_num_tokens, max_batch_size), inheriting when <= 0."""
+    sd, sc = cfg.sm_disagg, cfg.scheduler
+    tokens = sd.context_max_num_tokens if sd.context_max_num_tokens > 0 else sc.max_num_tokens
+    batch = sd.context_max_batch_size if sd.context_max_batch_size > 0 else sc.max_batch_size
+    return tokens, batch
+
+
+__all__ = [
+    "ConfigError",
+    "KVConfig",
+    "ModelConfig",
+    "NodeConfig",
+    "ParallelConfig",
+    "SMDisaggConfig",
+    "SchedulerConfig",
+    "build_config",
+    "load_config",
+    "parse_override",
+    "read_config_file",
+    "sm_disagg_budgets",
+]

@@ -1,0 +1,1 @@
+"""Llama-family models: config, weights, forward over a paged KV cache."""

@@ -1,0 +1,1 @@
+"""Trace replay: trace readers, the load driver, metrics and reports."""

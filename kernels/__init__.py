@@ -1,0 +1,1 @@
+"""Kernels: Triton kernels, each with a plain-torch reference."""

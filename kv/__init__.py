@@ -1,0 +1,1 @@
+"""KV subsystem: block pool, prefix tree, host tier, batch admission."""
