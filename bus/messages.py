@@ -16,7 +16,9 @@ class Message(msgspec.Struct, tag=True, array_like=True, gc=False, frozen=True, 
 # --------------------------------------------------------------------------- sampling
 
 
-class SamplingParams(msgspec.Struct, array_like=True, gc=False, frozen=True, kw_only=True):
+class SamplingParams(msgspec.Struct, gc=False, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How to sample; client-facing, so encoded as a map and strict about unknown fields."""
+
     max_tokens: int = 16
     temperature: float = 0.0  # 0: greedy
     top_k: int = -1  # -1: disabled
@@ -30,7 +32,13 @@ class SamplingParams(msgspec.Struct, array_like=True, gc=False, frozen=True, kw_
 # --------------------------------------------------------------------------- client <-> frontend
 
 
-class GenerateRequest(Message):
+class ClientMessage(
+    msgspec.Struct, tag=True, gc=False, frozen=True, kw_only=True, forbid_unknown_fields=True
+):
+    """Client -> frontend messages: maps with named fields, so unknown fields are rejected."""
+
+
+class GenerateRequest(ClientMessage):
     request_id: str
     prompt_token_ids: list[int] | None = None
     prompt: str | None = None  # text; needs a tokenizer.json in the model directory
@@ -39,8 +47,23 @@ class GenerateRequest(Message):
     cache_salt: str | None = None
 
 
-class AbortRequest(Message):
+class AbortRequest(ClientMessage):
     request_id: str
+
+
+class ServerInfoQuery(ClientMessage):
+    request_id: str  # correlation id for the reply
+
+
+class ServerInfo(Message):
+    request_id: str
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+    tokens_per_block: int
+    device: str
+    has_tokenizer: bool = False
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True, gc=False, frozen=True):
