@@ -16,7 +16,9 @@ class Message(msgspec.Struct, tag=True, array_like=True, gc=False, frozen=True, 
 # --------------------------------------------------------------------------- sampling
 
 
-class SamplingParams(msgspec.Struct, gc=False, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class SamplingParams(
+    msgspec.Struct, gc=False, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
     """How to sample; client-facing, so encoded as a map and strict about unknown fields."""
 
     max_tokens: int = 16
@@ -33,7 +35,13 @@ class SamplingParams(msgspec.Struct, gc=False, frozen=True, kw_only=True, forbid
 
 
 class ClientMessage(
-    msgspec.Struct, tag=True, gc=False, frozen=True, kw_only=True, forbid_unknown_fields=True
+    msgspec.Struct,
+    tag=True,
+    gc=False,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    omit_defaults=True,
 ):
     """Client -> frontend messages: maps with named fields, so unknown fields are rejected."""
 
@@ -289,3 +297,7 @@ class EngineInfo(Message):
 
 class EngineInfoQuery(Message):
     pass
+
+
+ClientMessages = GenerateRequest | AbortRequest | ServerInfoQuery
+ClientReply = TokenDelta | RequestError | ServerInfo

@@ -1,0 +1,284 @@
+"""Frontend actor: the client-facing ROUTER socket.
+
+It validates requests (clear, typed errors that touch no other request), hands valid ones to
+the scheduler, streams the scheduler's per-iteration deltas back to each client in one frame per
+client, and aborts the requests of a client that aborts or disconnects (ROUTER_MANDATORY makes a
+send to a vanished peer fail, so a disconnect is noticed at the request's next delta).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from greenroom.actors.core import Actor, ActorRef, handles
+from greenroom.bus.messages import (
+    AbortRequest,
+    CancelRequests,
+    ClientMessages,
+    GenerateRequest,
+    OutputBatch,
+    RequestError,
+    ServerInfo,
+    ServerInfoQuery,
+    SubmitRequest,
+    TokenDelta,
+)
+from greenroom.logging import get_logger
+
+log = get_logger(__name__)
+
+_decoder = msgspec.msgpack.Decoder(ClientMessages)
+_encoder = msgspec.msgpack.Encoder()
+
+
+@dataclass(frozen=True)
+class FrontendLimits:
+    max_model_len: int
+    vocab_size: int
+
+
+def validate(req: GenerateRequest, limits: FrontendLimits, prompt_ids: list[int]) -> str | None:
+    """The reason a request is invalid, or None."""
+    s = req.sampling
+    if not req.request_id:
+        return "request_id must be a non-empty string"
+    if not prompt_ids:
+        return "the prompt is empty"
+    n = len(prompt_ids)
+    if n >= limits.max_model_len:
+        return f"the prompt has {n} tokens; max_model_len is {limits.max_model_len} (prompt must be shorter)"
+    if any(t < 0 or t >= limits.vocab_size for t in prompt_ids):
+        bad = next(t for t in prompt_ids if t < 0 or t >= limits.vocab_size)
+        return f"prompt token id {bad} is outside the vocabulary [0, {limits.vocab_size})"
+    if s.max_tokens < 1:
+        return f"max_tokens = {s.max_tokens} is invalid: must be >= 1"
+    if n + s.max_tokens > limits.max_model_len:
+        return (
+            f"prompt ({n} tokens) + max_tokens ({s.max_tokens}) exceeds max_model_len "
+            f"({limits.max_model_len})"
+        )
+    if not s.temperature >= 0.0:
+        return f"temperature = {s.temperature} is invalid: must be >= 0"
+    if not 0.0 < s.top_p <= 1.0:
+        return f"top_p = {s.top_p} is invalid: must be in (0, 1]"
+    if s.top_k < -1 or s.top_k == 0:
+        return f"top_k = {s.top_k} is invalid: must be -1 (disabled) or >= 1"
+    if s.logprobs < 0 or s.logprobs > 20:
+        return f"logprobs = {s.logprobs} is invalid: must be in [0, 20]"
+    if not 0 <= req.priority <= 100:
+        return f"priority = {req.priority} is invalid: must be in [0, 100]"
+    return None
+
+
+class Frontend(Actor):
+    """Serves the client library on one ROUTER socket."""
+
+    mailbox_size = 4096
+
+    def __init__(self, address: str, limits: FrontendLimits, info: ServerInfo, tokenizer=None):
+        super().__init__()
+        self.address = address
+        self.limits = limits
+        self.info = info
+        self.tokenizer = tokenizer
+        self.scheduler: ActorRef | None = None
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task | None = None
+        self._owner: dict[str, bytes] = {}  # request id -> client identity
+        self.bound_address: str = address
+        self.stats = defaultdict(int)
+
+    def attach(self, scheduler: ActorRef) -> None:
+        self.scheduler = scheduler
+
+    async def on_start(self) -> None:
+        self._ctx = zmq.asyncio.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        if self.address.startswith("tcp://") and self.address.endswith(":0"):
+            port = sock.bind_to_random_port(self.address.rsplit(":", 1)[0])
+            self.bound_address = f"{self.address.rsplit(':', 1)[0]}:{port}"
+        else:
+            sock.bind(self.address)
+            self.bound_address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sock = sock
+        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+
+    async def on_stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        if self._ctx is not None:
+            self._ctx.term()
+
+    # ------------------------------------------------------------------ client side
+
+    async def _read_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart()
+            if len(frames) != 2:
+                self.stats["malformed"] += 1
+                continue
+            ident, payload = frames
+            try:
+                await self._on_client_frame(ident, payload)
+            except Exception as exc:  # one bad frame never stops the frontend
+                log.warning("client frame failed", error=repr(exc))
+
+    async def _on_client_frame(self, ident: bytes, payload: bytes) -> None:
+        try:
+            msg = _decoder.decode(payload)
+        except msgspec.DecodeError as exc:
+            self.stats["invalid"] += 1
+            rid = _salvage_request_id(payload)
+            if rid is not None:
+                self._reply(
+                    ident,
+                    [
+                        RequestError(
+                            request_id=rid, kind="invalid", message=f"malformed request: {exc}"
+                        )
+                    ],
+                )
+            return
+        if isinstance(msg, GenerateRequest):
+            await self._on_generate(ident, msg)
+        elif isinstance(msg, AbortRequest):
+            if self._owner.get(msg.request_id) == ident and self.scheduler is not None:
+                await self.scheduler.tell(
+                    CancelRequests(request_ids=[msg.request_id], reason="abort")
+                )
+        elif isinstance(msg, ServerInfoQuery):
+            self._reply(ident, [msgspec.structs.replace(self.info, request_id=msg.request_id)])
+
+    async def _on_generate(self, ident: bytes, req: GenerateRequest) -> None:
+        rid = req.request_id
+        if rid in self._owner:
+            self._reply(
+                ident,
+                [
+                    RequestError(
+                        request_id=rid,
+                        kind="invalid",
+                        message=f"duplicate request id {rid!r}: a request with this id is still running",
+                    )
+                ],
+            )
+            return
+        prompt_ids = req.prompt_token_ids
+        if prompt_ids is None and req.prompt is not None:
+            if self.tokenizer is None:
+                self._reply(
+                    ident,
+                    [
+                        RequestError(
+                            request_id=rid,
+                            kind="invalid",
+                            message="text prompts need a tokenizer.json in the model directory; send prompt_token_ids",
+                        )
+                    ],
+                )
+                return
+            prompt_ids = self.tokenizer.encode(req.prompt).ids
+        elif prompt_ids is not None and req.prompt is not None:
+            self._reply(
+                ident,
+                [
+                    RequestError(
+                        request_id=rid,
+                        kind="invalid",
+                        message="give either prompt or prompt_token_ids, not both",
+                    )
+                ],
+            )
+            return
+        reason = validate(req, self.limits, prompt_ids or [])
+        if reason is not None:
+            self.stats["invalid"] += 1
+            self._reply(ident, [RequestError(request_id=rid, kind="invalid", message=reason)])
+            return
+        assert self.scheduler is not None
+        self._owner[rid] = ident
+        self.stats["submitted"] += 1
+        await self.scheduler.tell(
+            SubmitRequest(
+                request_id=rid,
+                prompt_token_ids=list(prompt_ids),
+                sampling=req.sampling,
+                priority=req.priority,
+                cache_salt=req.cache_salt,
+                arrival_time=time.time(),
+            )
+        )
+
+    def _reply(self, ident: bytes, items: list) -> bool:
+        """Send one frame to a client; False when the client is gone."""
+        assert self._sock is not None
+        try:
+            self._sock.send_multipart([ident, _encoder.encode(items)], flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:  # EHOSTUNREACH: disconnected; EAGAIN: hopelessly behind
+            return False
+
+    # ------------------------------------------------------------------ scheduler side
+
+    @handles(OutputBatch)
+    async def on_output(self, batch: OutputBatch) -> None:
+        per_client: dict[bytes, list] = defaultdict(list)
+        for delta in batch.deltas:
+            ident = self._owner.get(delta.request_id)
+            if ident is None:
+                continue
+            if self.tokenizer is not None and delta.token_ids:
+                delta = msgspec.structs.replace(delta, text=self.tokenizer.decode(delta.token_ids))
+            per_client[ident].append(delta)
+            if delta.finish_reason is not None:
+                del self._owner[delta.request_id]
+                self.stats["finished"] += 1
+        for err in batch.errors:
+            ident = self._owner.pop(err.request_id, None)
+            if ident is not None:
+                per_client[ident].append(err)
+                self.stats[f"error_{err.kind}"] += 1
+        gone: list[str] = []
+        for ident, items in per_client.items():
+            if not self._reply(ident, items):
+                gone.extend(rid for rid, owner in self._owner.items() if owner == ident)
+        if gone and self.scheduler is not None:
+            for rid in gone:
+                self._owner.pop(rid, None)
+            self.stats["disconnected"] += len(gone)
+            await self.scheduler.tell(
+                CancelRequests(request_ids=gone, reason="client disconnected")
+            )
+
+    def in_flight(self) -> int:
+        return len(self._owner)
+
+
+def _salvage_request_id(payload: bytes) -> str | None:
+    try:
+        raw = msgspec.msgpack.decode(payload)
+    except msgspec.DecodeError:
+        return None
+    rid = raw.get("request_id") if isinstance(raw, dict) else None
+    return rid if isinstance(rid, str) else None
+
+
+__all__ = ["Frontend", "FrontendLimits", "TokenDelta", "validate"]

@@ -1,0 +1,213 @@
+"""Scheduler actor: owns request state and drives one plan flow per engine.
+
+The planning logic lives in `greenroom.actors.scheduling` (pure, no I/O); this actor only moves
+messages: per iteration and flow it asks the KV manager for the batch's block changes, sends the
+plan to the flow's engine without waiting for it (up to `plans_in_flight` plans run ahead), and
+streams each result's deltas to the frontend. Mixed mode has one flow; SM-level disaggregation
+has two (context, generation) as two tasks of this one actor, interleaving on one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+
+from greenroom.actors.core import Actor, ActorCrashed, ActorError, ActorRef, handles
+from greenroom.actors.scheduling import FlowBudget, SchedulerCore
+from greenroom.bus.messages import (
+    CancelRequests,
+    EngineInfo,
+    Message,
+    OutputBatch,
+    RequestError,
+    StepPlan,
+    StepResult,
+    SubmitRequest,
+)
+from greenroom.config import NodeConfig, sm_disagg_budgets
+from greenroom.logging import get_logger
+
+log = get_logger(__name__)
+
+KV_TIMEOUT_S = 30.0
+STEP_TIMEOUT_S = 600.0
+
+
+class SchedulerStatsQuery(Message):
+    pass
+
+
+class Drain(Message):
+    """Fail every request with `message` (node shutdown) and stop planning."""
+
+    message: str = "the server is shutting down"
+
+
+def flow_budgets(cfg: NodeConfig) -> list[FlowBudget]:
+    sc = cfg.scheduler
+    if not cfg.sm_disagg.enabled:
+        return [FlowBudget("mixed", sc.max_num_tokens, sc.max_batch_size)]
+    ctx_tokens, ctx_batch = sm_disagg_budgets(cfg)
+    return [
+        FlowBudget("context", ctx_tokens, ctx_batch),
+        FlowBudget("generation", sc.max_num_tokens, sc.max_batch_size),
+    ]
+
+
+class Scheduler(Actor):
+    mailbox_size = 8192
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        info: EngineInfo,
+        kv: ActorRef,
+        engines: dict[str, ActorRef],
+        frontend: ActorRef,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.kv = kv
+        self.engines = engines
+        self.frontend = frontend
+        self.flows = flow_budgets(cfg)
+        self.core = SchedulerCore(
+            cfg.scheduler,
+            tokens_per_block=info.tokens_per_block,
+            max_model_len=info.max_model_len,
+            eos_token_ids=list(info.eos_token_ids),
+            flows=self.flows,
+        )
+        self._wake: dict[str, asyncio.Event] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._draining = False
+
+    async def on_start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for flow in self.flows:
+            self._wake[flow.name] = asyncio.Event()
+            self._tasks.append(
+                loop.create_task(self._run_flow(flow.name), name=f"flow-{flow.name}")
+            )
+
+    async def on_stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _wake_all(self) -> None:
+        for ev in self._wake.values():
+            ev.set()
+
+    async def _emit(self, out: OutputBatch | None) -> None:
+        if out is not None and (out.deltas or out.errors):
+            await self.frontend.tell(out)
+
+    # ------------------------------------------------------------------ requests
+
+    @handles(SubmitRequest)
+    async def submit(self, req: SubmitRequest) -> None:
+        if self._draining:
+            await self._emit(
+                OutputBatch(
+                    errors=[
+                        RequestError(
+                            request_id=req.request_id,
+                            kind="failed",
+                            message="the server is shutting down",
+                        )
+                    ]
+                )
+            )
+            return
+        if self.core.num_waiting >= self.cfg.scheduler.max_queue_size:
+            await self._emit(
+                OutputBatch(
+                    errors=[
+                        RequestError(
+                            request_id=req.request_id,
+                            kind="overloaded",
+                            message=f"overloaded: {self.core.num_waiting} requests are waiting "
+                            f"(max_queue_size {self.cfg.scheduler.max_queue_size}); retry later",
+                        )
+                    ]
+                )
+            )
+            return
+        self.core.submit(req)
+        self._wake_all()
+
+    @handles(CancelRequests)
+    async def cancel(self, msg: CancelRequests) -> None:
+        await self._emit(self.core.cancel(list(msg.request_ids), msg.reason))
+        self._wake_all()
+
+    @handles(Drain)
+    async def drain(self, msg: Drain) -> int:
+        self._draining = True
+        out = self.core.fail_all(msg.message)
+        await self._emit(out)
+        self._wake_all()
+        return len(out.errors)
+
+    @handles(SchedulerStatsQuery)
+    async def stats(self, _: SchedulerStatsQuery) -> dict:
+        return self.core.stats()
+
+    # ------------------------------------------------------------------ plan flows
+
+    async def _run_flow(self, flow: str) -> None:
+        """Issue plans while there is room and work; consume results in order."""
+        engine = self.engines[flow]
+        wake = self._wake[flow]
+        pending: deque[asyncio.Future] = deque()
+        limit = self.cfg.scheduler.plans_in_flight
+        while True:
+            if len(pending) < limit and self.core.has_work(flow):
+                plan = await self._build_plan(flow)
+                if plan is not None:
+                    fut = asyncio.ensure_future(engine.ask(plan, timeout=STEP_TIMEOUT_S))
+                    fut.add_done_callback(lambda _f, w=wake: w.set())
+                    pending.append(fut)
+                    continue
+            if pending and pending[0].done():
+                await self._consume(flow, pending.popleft())
+                continue
+            wake.clear()
+            if pending and pending[0].done():
+                continue
+            if len(pending) < limit and self.core.has_work(flow):
+                # work exists but no plan could be built (e.g. no free blocks): poll gently
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), timeout=0.005)
+                continue
+            await wake.wait()
+
+    async def _build_plan(self, flow: str) -> StepPlan | None:
+        step = self.core.build_kv_step(flow)
+        if step is None:
+            return None
+        try:
+            result = await self.kv.ask(step, timeout=KV_TIMEOUT_S)
+        except ActorError as exc:
+            log.error("kv manager failed", flow=flow, error=repr(exc))
+            await self._emit(self.core.fail_all(f"KV manager failed: {exc}"))
+            return None
+        return self.core.apply_kv_result(flow, result)
+
+    async def _consume(self, flow: str, fut: asyncio.Future) -> None:
+        try:
+            result: StepResult = fut.result()
+        except ActorCrashed as exc:
+            log.error("engine crashed", flow=flow, error=str(exc))
+            out = self.core.fail_inflight(flow, f"the engine crashed: {exc}")
+        except (ActorError, TimeoutError) as exc:
+            log.error("step failed", flow=flow, error=repr(exc))
+            out = self.core.fail_inflight(flow, f"the engine step failed: {exc}")
+        else:
+            out = self.core.apply_step_result(flow, result)
+        await self._emit(out)
+        self._wake_all()
