@@ -2,14 +2,28 @@
 
 Host it on its own thread or process (`Runtime.spawn(..., host="thread"|"process")`): a step
 blocks for the duration of the forward, and only this actor's loop waits for it.
+
+With SM-level disaggregation two engines share one runner (weights + KV pool) in one process,
+each on the CUDA stream of its own SM partition. The context engine records a CUDA event after
+each plan and names it in the result's handoffs; the generation engine makes its stream wait on
+that event before the first plan that reads the handed-off request's KV.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 from greenroom.actors.core import Actor, handles
-from greenroom.bus.messages import EngineInfo, EngineInfoQuery, Message, StepPlan, StepResult
+from greenroom.bus.messages import (
+    EngineInfo,
+    EngineInfoQuery,
+    HandoffEvent,
+    Message,
+    StepPlan,
+    StepResult,
+)
 from greenroom.config import NodeConfig
 from greenroom.logging import get_logger
 
@@ -26,29 +40,68 @@ class EngineCrashed(RuntimeError):
     pass
 
 
+class HandoffEvents:
+    """CUDA events of finished prefills, by id; shared by the two engines of one process."""
+
+    def __init__(self) -> None:
+        self._events: dict[int, Any] = {}
+        self._next = 1
+
+    def record(self, stream) -> int:
+        import torch
+
+        event = torch.cuda.Event()
+        event.record(stream)
+        eid, self._next = self._next, self._next + 1
+        self._events[eid] = event
+        return eid
+
+    def wait(self, eid: int, stream) -> None:
+        event = self._events.pop(eid, None)
+        if event is not None:
+            stream.wait_event(event)
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+
 class Engine(Actor):
     mailbox_size = 8
 
-    def __init__(self, cfg: NodeConfig | dict, role: str = "mixed"):
+    def __init__(
+        self,
+        cfg: NodeConfig | dict,
+        role: str = "mixed",
+        executor_factory: Callable[[], Any] | None = None,
+        stream: Any = None,
+        handoffs: HandoffEvents | None = None,
+    ):
         super().__init__()
         self.cfg = cfg if isinstance(cfg, NodeConfig) else _node_config(cfg)
         self.role = role
+        self.executor_factory = executor_factory
+        self.stream = stream
+        self.handoffs = handoffs
         self.executor = None
         self._fault: str | None = None
 
     async def on_start(self) -> None:
-        from greenroom.models.executor import PlanExecutor
-        from greenroom.models.runner import ModelRunner
-
         t0 = time.perf_counter()
-        runner = ModelRunner(self.cfg.model, self.cfg.kv, self.cfg.model.path)
-        self.executor = PlanExecutor(runner, host_blocks=self.cfg.kv.host_blocks)
+        if self.executor_factory is not None:
+            self.executor = self.executor_factory()
+        else:
+            from greenroom.models.executor import PlanExecutor
+            from greenroom.models.runner import ModelRunner
+
+            runner = ModelRunner(self.cfg.model, self.cfg.kv, self.cfg.model.path)
+            self.executor = PlanExecutor(runner, host_blocks=self.cfg.kv.host_blocks)
+        r = self.executor.runner
         log.info(
             "engine ready",
             role=self.role,
-            model=runner.model_name,
-            device=str(runner.device),
-            num_blocks=runner.num_blocks,
+            model=r.model_name,
+            device=str(r.device),
+            num_blocks=r.num_blocks,
             load_s=round(time.perf_counter() - t0, 3),
         )
 
@@ -73,10 +126,36 @@ class Engine(Actor):
     async def step(self, plan: StepPlan) -> StepResult:
         if self._fault is not None:
             self.crash(EngineCrashed(self._fault))
-        return self.executor.execute(plan)
+        if self.stream is None:
+            result = self.executor.execute(plan)
+        else:
+            result = self._execute_on_stream(plan)
+        if self.role == "context" and result.sampled:
+            eid = self.handoffs.record(self.stream) if self.stream is not None else 0
+            result = StepResult(
+                iteration=result.iteration,
+                sampled=result.sampled,
+                handoffs=[HandoffEvent(s.request_id, eid) for s in result.sampled],
+                flow=plan.flow,
+                duration_s=result.duration_s,
+            )
+        return result
+
+    def _execute_on_stream(self, plan: StepPlan) -> StepResult:
+        import torch
+
+        with torch.cuda.stream(self.stream):
+            if self.handoffs is not None:
+                for seq in plan.new:
+                    if seq.handoff_event_id:
+                        self.handoffs.wait(seq.handoff_event_id, self.stream)
+            return self.executor.execute(plan)
 
 
 def _node_config(data: dict) -> NodeConfig:
     from greenroom.config import build_config
 
     return build_config(data)
+
+
+__all__ = ["Engine", "EngineCrashed", "HandoffEvents", "InjectFault"]

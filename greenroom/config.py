@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 import msgspec
 import yaml
@@ -109,11 +109,23 @@ class NodeConfig(_Section):
             raise ValueError(
                 "parallel: pp_size, tp_size and cp_size > 1 are not supported yet (must be 1)"
             )
-        if self.sm_disagg.enabled and self.role != "mixed":
-            raise ValueError(
-                f"sm_disagg.enabled with role = {self.role!r} is not supported: "
-                "SM-level disaggregation runs inside one mixed-role node"
-            )
+        if self.sm_disagg.enabled:
+            if self.role != "mixed":
+                raise ValueError(
+                    f"sm_disagg.enabled with role = {self.role!r} is not supported: "
+                    "SM-level disaggregation runs inside one mixed-role node"
+                )
+            if self.engine_host != "thread":
+                raise ValueError(
+                    "sm_disagg.enabled with engine_host = 'process' is not supported: the two "
+                    "engines share weights and the KV pool inside one process (engine_host = 'thread')"
+                )
+            if self.kv.host_blocks > 0:
+                raise ValueError(
+                    f"sm_disagg.enabled with kv.host_blocks = {self.kv.host_blocks} is not supported "
+                    "yet: the host tier is not shared between the context and generation engines "
+                    "(set kv.host_blocks = 0)"
+                )
 
     @property
     def client_address(self) -> str:
@@ -146,7 +158,9 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 def parse_override(item: str) -> tuple[str, Any]:
     """``"scheduler.max_num_tokens=4096"`` -> ``("scheduler.max_num_tokens", 4096)``."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r} is invalid: expected KEY=VALUE, e.g. kv.host_blocks=1024")
+        raise ConfigError(
+            f"override {item!r} is invalid: expected KEY=VALUE, e.g. kv.host_blocks=1024"
+        )
     key, raw = item.split("=", 1)
     key = key.strip()
     value = yaml.safe_load(raw) if raw.strip() else None
@@ -172,6 +186,21 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _allowed(path: list[str]) -> str:
+    """For a Literal field, the allowed values as text ("" otherwise)."""
+    cls: Any = NodeConfig
+    hint: Any = None
+    for key in path:
+        hints = get_type_hints(cls, include_extras=True) if isinstance(cls, type) else {}
+        if key not in hints:
+            return ""
+        hint = hints[key]
+        cls = hint
+    if get_origin(hint) is Literal:
+        return "; allowed: " + " | ".join(repr(v) for v in get_args(hint))
+    return ""
+
+
 def build_config(data: dict[str, Any]) -> NodeConfig:
     """Validate a plain mapping into a NodeConfig, with errors naming field and value."""
     try:
@@ -182,8 +211,10 @@ def build_config(data: dict[str, Any]) -> NodeConfig:
             reason, where = msg.rsplit(" - at `$.", 1)
             field = where.rstrip("`")
             path = [p for p in field.replace("[", ".").replace("]", "").split(".") if p]
+            if " is invalid: " in reason:  # a cross-field check already names field and value
+                raise ConfigError(f"{field}.{reason}") from None
             value = _lookup(data, path)
-            raise ConfigError(f"{field} = {value!r} is invalid: {reason}") from None
+            raise ConfigError(f"{field} = {value!r} is invalid: {reason}{_allowed(path)}") from None
         raise ConfigError(f"invalid configuration: {msg}") from None
 
 
@@ -193,7 +224,9 @@ def load_config(
 ) -> NodeConfig:
     """Load a NodeConfig from an optional YAML/TOML file plus dotted overrides."""
     data: dict[str, Any] = read_config_file(path) if path else {}
-    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    items = (
+        overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    )
     for key, value in items:
         _set_dotted(data, key, value)
     return build_config(data)

@@ -1,0 +1,67 @@
+"""SM-level disaggregation: a context engine and a generation engine on one GPU.
+
+Both engines live in this process and share one model runner — its weights and its KV pool —
+each on its own thread with its own executor (sequence state), and on a GPU each on the stream
+of a disjoint SM partition (green contexts). Sharing in-process needs no CUDA IPC: the two
+threads launch onto their own streams and the runtime's only cross-stream ordering is the
+handoff event. On a CPU the same two-engine protocol runs on two threads without streams.
+"""
+
+from __future__ import annotations
+
+from greenroom.actors.core import ActorRef, Supervisor
+from greenroom.actors.engine import Engine, HandoffEvents
+from greenroom.config import NodeConfig
+from greenroom.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def _partition_streams(cfg: NodeConfig, runner) -> tuple[object, object]:
+    import torch
+
+    from greenroom.kernels.sm_partition import choose_sm_split, create_sm_partitions
+
+    if runner.device.type != "cuda":
+        return None, None
+    props = torch.cuda.get_device_properties(runner.device)
+    ctx_sms, _ = choose_sm_split(props.multi_processor_count, cfg.sm_disagg.context_sm_percent)
+    ctx_stream, gen_stream, info = create_sm_partitions(ctx_sms, device=runner.device.index or 0)
+    log.info("sm partitions", requested_percent=cfg.sm_disagg.context_sm_percent, **dict(info))
+    return ctx_stream, gen_stream
+
+
+async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> dict[str, ActorRef]:
+    from greenroom.models.executor import PlanExecutor
+    from greenroom.models.runner import ModelRunner
+
+    runner = ModelRunner(cfg.model, cfg.kv, cfg.model.path)
+    ctx_stream, gen_stream = _partition_streams(cfg, runner)
+    if gen_stream is not None and hasattr(runner, "capture_cuda_graphs"):
+        runner.capture_cuda_graphs(stream=gen_stream)
+    handoffs = HandoffEvents()
+
+    def make_executor():
+        return PlanExecutor(runner, host_blocks=cfg.kv.host_blocks)
+
+    context = await sup.start_child(
+        Engine,
+        cfg,
+        "context",
+        make_executor,
+        ctx_stream,
+        handoffs,
+        name="context-engine",
+        host="thread",
+    )
+    generation = await sup.start_child(
+        Engine,
+        cfg,
+        "generation",
+        make_executor,
+        gen_stream,
+        handoffs,
+        name="generation-engine",
+        host="thread",
+    )
+    return {"context": context, "generation": generation}

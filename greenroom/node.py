@@ -1,0 +1,187 @@
+"""One greenroom node: frontend, scheduler, KV manager and engine actors, wired and supervised.
+
+    node = await Node.start(cfg)       # returns once clients can connect at node.address
+    ...
+    await node.stop()                  # fails in-flight requests with an error, then shuts down
+
+The engine is supervised (one_for_one): a crash fails the requests it was running, and a fresh
+engine takes the next plans. Past the restart limit the node shuts down cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from greenroom.actors.core import ActorRef, Runtime, Supervisor
+from greenroom.actors.engine import Engine
+from greenroom.actors.frontend import Frontend, FrontendLimits
+from greenroom.actors.kv_manager import KVManager
+from greenroom.actors.scheduler import Drain, Scheduler
+from greenroom.bus.messages import EngineInfo, EngineInfoQuery, ServerInfo
+from greenroom.config import ConfigError, NodeConfig
+from greenroom.logging import configure_logging, get_logger
+
+log = get_logger(__name__)
+
+ENGINE_START_TIMEOUT_S = 600.0
+
+
+def _load_tokenizer(model_path: str | None):
+    if not model_path:
+        return None
+    path = Path(model_path) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+@dataclass
+class Node:
+    cfg: NodeConfig
+    runtime: Runtime
+    supervisor: Supervisor
+    info: EngineInfo
+    frontend: Frontend
+    refs: dict[str, ActorRef] = field(default_factory=dict)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _stop_task: asyncio.Task | None = None
+
+    @property
+    def address(self) -> str:
+        return self.frontend.bound_address
+
+    @classmethod
+    async def start(cls, cfg: NodeConfig) -> Node:
+        if cfg.role != "mixed":
+            raise ConfigError(
+                f"role = {cfg.role!r} is not supported yet: a node serves role 'mixed' "
+                "(disaggregated context/generation nodes need KV transfer, not built yet)"
+            )
+        rt = Runtime()
+        holder: dict[str, Node] = {}
+
+        def escalate(*_args) -> None:
+            log.error("restart limit reached; shutting the node down")
+            node = holder.get("node")
+            if node is not None:
+                asyncio.get_running_loop().create_task(node.stop())
+
+        sup = Supervisor(rt, max_restarts=3, period_s=60.0, on_escalate=escalate)
+        try:
+            engines = await _start_engines(cfg, sup)
+            first = next(iter(engines.values()))
+            info: EngineInfo = await first.ask(EngineInfoQuery(), timeout=ENGINE_START_TIMEOUT_S)
+            kv = await rt.spawn(KVManager, cfg.kv, info.num_blocks, name="kv-manager", host="loop")
+            server_info = ServerInfo(
+                request_id="",
+                model_name=info.model_name,
+                max_model_len=info.max_model_len,
+                vocab_size=info.vocab_size,
+                num_blocks=info.num_blocks,
+                tokens_per_block=info.tokens_per_block,
+                device=info.device,
+                has_tokenizer=False,
+            )
+            tokenizer = _load_tokenizer(cfg.model.path)
+            if tokenizer is not None:
+                server_info = msgspec.structs.replace(server_info, has_tokenizer=True)
+            frontend = Frontend(
+                cfg.client_address,
+                FrontendLimits(max_model_len=info.max_model_len, vocab_size=info.vocab_size),
+                server_info,
+                tokenizer,
+            )
+            fe_ref = await rt.spawn(lambda: frontend, name="frontend", host="loop")
+            sched = await rt.spawn(
+                Scheduler, cfg, info, kv, engines, fe_ref, name="scheduler", host="loop"
+            )
+            frontend.attach(sched)
+        except BaseException:
+            await rt.shutdown(timeout=10.0)
+            raise
+        node = cls(
+            cfg,
+            rt,
+            sup,
+            info,
+            frontend,
+            {"kv": kv, "scheduler": sched, "frontend": fe_ref, **engines},
+        )
+        holder["node"] = node
+        log.info(
+            "node ready",
+            address=node.address,
+            model=info.model_name,
+            device=info.device,
+            num_blocks=info.num_blocks,
+        )
+        return node
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Fail in-flight requests with a clear error, then stop every actor (idempotent)."""
+        if self._stop_task is None:
+            self.stopping.set()
+            self._stop_task = asyncio.get_running_loop().create_task(self._shutdown(timeout))
+        await asyncio.shield(self._stop_task)
+
+    async def _shutdown(self, timeout: float) -> None:
+        with contextlib.suppress(Exception):
+            await self.refs["scheduler"].ask(Drain(), timeout=5.0)
+            await asyncio.sleep(0.05)  # let the frontend flush the errors to clients
+        await self.runtime.shutdown(timeout=timeout)
+
+
+async def _start_engines(cfg: NodeConfig, sup: Supervisor) -> dict[str, ActorRef]:
+    if not cfg.sm_disagg.enabled:
+        if cfg.engine_host == "process":
+            ref = await sup.start_child(
+                "greenroom.actors.engine:Engine",
+                msgspec.to_builtins(cfg),
+                name="engine",
+                host="process",
+            )
+        else:
+            ref = await sup.start_child(Engine, cfg, name="engine", host="thread")
+        return {"mixed": ref}
+    from greenroom.actors.sm_engines import start_sm_engines
+
+    return await start_sm_engines(cfg, sup)
+
+
+async def _serve(cfg: NodeConfig) -> int:
+    node = await Node.start(cfg)
+    print(
+        f"greenroom: serving {node.info.model_name} on {node.info.device}; clients connect to {node.address}",
+        flush=True,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, lambda: loop.create_task(node.stop()))
+    await node.stopping.wait()
+    await node.stop()
+    print("greenroom: stopped", flush=True)
+    return 0
+
+
+def serve(cfg: NodeConfig) -> int:
+    """Run one node until SIGINT/SIGTERM (in-flight requests end with an error)."""
+    configure_logging(cfg.log_format, cfg.log_level)
+    try:
+        import uvloop
+
+        return uvloop.run(_serve(cfg))
+    except ImportError:
+        return asyncio.run(_serve(cfg))
+    except ConfigError as exc:
+        print(f"greenroom: configuration error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,85 @@
+"""Config: files, overrides, and errors that name field, value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from greenroom.config import ConfigError, NodeConfig, load_config, sm_disagg_budgets
+
+
+def test_defaults_are_valid() -> None:
+    cfg = load_config()
+    assert isinstance(cfg, NodeConfig)
+    assert cfg.scheduler.max_num_tokens == 8192
+    assert cfg.kv.tokens_per_block == 16
+    assert cfg.client_address == "tcp://127.0.0.1:7700"
+
+
+def test_yaml_and_toml_files_with_overrides(tmp_path) -> None:
+    y = tmp_path / "node.yaml"
+    y.write_text("scheduler:\n  max_num_tokens: 2048\nkv:\n  host_blocks: 64\n")
+    cfg = load_config(y, ["scheduler.max_batch_size=8", "kv.host_blocks=128"])
+    assert cfg.scheduler.max_num_tokens == 2048
+    assert cfg.scheduler.max_batch_size == 8
+    assert cfg.kv.host_blocks == 128  # the override wins over the file
+
+    t = tmp_path / "node.toml"
+    t.write_text('role = "mixed"\n[sm_disagg]\nenabled = true\ncontext_sm_percent = 0.3\n')
+    cfg = load_config(t)
+    assert cfg.sm_disagg.enabled and cfg.sm_disagg.context_sm_percent == 0.3
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("scheduler.max_num_tokens=0", ["scheduler.max_num_tokens", "0", ">= 1"]),
+        ("sm_disagg.context_sm_percent=1.0", ["sm_disagg.context_sm_percent", "1.0", "< 1.0"]),
+        ("sm_disagg.context_sm_percent=0", ["sm_disagg.context_sm_percent", "> 0.0"]),
+        ("kv.gpu_memory_utilization=1.5", ["kv.gpu_memory_utilization", "1.5", "<= 1.0"]),
+        (
+            "scheduler.capacity_policy=greedy",
+            ["scheduler.capacity_policy", "greedy", "guaranteed_no_evict"],
+        ),
+        ("kv.tokens_per_block=12", ["tokens_per_block", "12", "power of two"]),
+        ("kv.tokens_per_blok=16", ["tokens_per_blok", "unknown field"]),
+        ("model.dtype=int4", ["model.dtype", "int4", "bfloat16"]),
+    ],
+)
+def test_invalid_values_name_field_value_and_allowed(override: str, needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
+def test_unsupported_combinations_fail_at_load() -> None:
+    with pytest.raises(ConfigError, match="host_blocks"):
+        load_config(overrides={"sm_disagg.enabled": True, "kv.host_blocks": 8})
+    with pytest.raises(ConfigError, match="engine_host"):
+        load_config(overrides={"sm_disagg.enabled": True, "engine_host": "process"})
+    with pytest.raises(ConfigError, match="pp_size"):
+        load_config(overrides={"parallel.pp_size": 2})
+
+
+def test_sm_disagg_budgets_inherit_when_not_positive() -> None:
+    cfg = load_config(overrides={"scheduler.max_num_tokens": 4096, "scheduler.max_batch_size": 32})
+    assert sm_disagg_budgets(cfg) == (4096, 32)
+    cfg = load_config(
+        overrides={"sm_disagg.context_max_num_tokens": 1024, "sm_disagg.context_max_batch_size": -1}
+    )
+    assert sm_disagg_budgets(cfg) == (1024, cfg.scheduler.max_batch_size)
+
+
+def test_bad_files(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "node.ini"
+    bad.write_text("x=1")
+    with pytest.raises(ConfigError, match="suffix"):
+        load_config(bad)
+    broken = tmp_path / "node.yaml"
+    broken.write_text("scheduler: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(overrides=["scheduler.max_num_tokens"])
