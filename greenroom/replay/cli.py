@@ -1,0 +1,287 @@
+"""`greenroom replay` / scripts/replay_trace.py: replay a trace against a running server.
+
+Prints an aligned metrics table, then the JSON report as the last stdout line; writes
+report.json, requests.jsonl and PNG plots to --out. Exit status: 0 when the replay ran, 1 when
+requests were sent and none completed, 2 for a bad trace, bad flags or an unreachable server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import sys
+from typing import Any
+
+import greenroom
+from greenroom.replay.driver import replay
+from greenroom.replay.metrics import parse_slo
+from greenroom.replay.readers import FORMATS, TraceFormatError, detect_format
+from greenroom.replay.report import format_table, write_report
+from greenroom.replay.trace import load_trace
+
+SIM_SCHEME = "sim://"
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _slo(text: str):
+    try:
+        return parse_slo(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the replay flags to `parser` (a top-level parser or a `replay` subparser)."""
+    parser.add_argument(
+        "trace",
+        help="trace file: Mooncake JSONL (timestamp ms, input_length, output_length, hash_ids), "
+        "Azure CSV (TIMESTAMP,ContextTokens,GeneratedTokens) or length-only CSV "
+        "(input_length,output_length)",
+    )
+    parser.add_argument(
+        "--server",
+        default="tcp://127.0.0.1:7700",
+        help="frontend address of a running greenroom server (default: %(default)s); "
+        "'sim://' replays against an in-process simulated server with no model",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("auto", *FORMATS),
+        default="auto",
+        help="trace format; auto tells them apart by the first line (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=_non_negative_float,
+        default=1.0,
+        metavar="X",
+        help="multiply recorded arrival times by X: 0.5 replays twice as fast, 2 half as fast, "
+        "0 sends everything at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-requests",
+        type=_positive_int,
+        metavar="N",
+        help="replay only the first N requests of the trace",
+    )
+    parser.add_argument(
+        "--duration",
+        type=_positive_float,
+        metavar="S",
+        help="send only requests due within the first S seconds of the (scaled) replay; "
+        "requests already sent run to completion",
+    )
+    parser.add_argument(
+        "--rate",
+        type=_positive_float,
+        metavar="R",
+        help="Poisson arrivals at R requests/s (seeded by --seed). Length-only traces have no "
+        "times: without --rate all their requests arrive at once. For timed traces --rate "
+        "replaces the recorded arrival times",
+    )
+    parser.add_argument(
+        "--slo",
+        type=_slo,
+        metavar="ttft=MS,tpot=MS",
+        help="latency targets for goodput: requests that completed with TTFT <= ttft and "
+        "TPOT <= tpot (milliseconds; either may be left out)",
+    )
+    parser.add_argument(
+        "--out",
+        default="replay-out",
+        metavar="DIR",
+        help="folder for report.json, requests.jsonl, latency_cdf.png and throughput.png "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the synthetic prompt tokens and of --rate arrivals (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=_positive_int,
+        metavar="N",
+        help="at most N requests in flight; later arrivals wait, in order (the wait shows as "
+        "send lag in the report)",
+    )
+    parser.add_argument(
+        "--max-input-len",
+        type=_positive_int,
+        metavar="N",
+        help="cap every prompt at N tokens (applied before clipping to max_model_len; counted "
+        "as capped, not clipped). Useful for small CPU runs",
+    )
+    parser.add_argument(
+        "--max-output-len",
+        type=_positive_int,
+        metavar="N",
+        help="cap every output at N tokens (max_tokens; applied before clipping)",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        metavar="N",
+        help="clip requests to N tokens (prompt + output) instead of the server's max_model_len",
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=_positive_int,
+        metavar="N",
+        help="draw prompt token ids below N instead of the server's vocab_size",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=600.0,
+        metavar="S",
+        help="fail a request that receives nothing for S seconds (default: %(default)s)",
+    )
+    parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar and no table: only the JSON report line on stdout",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="greenroom replay",
+        description="Replay an LLM request trace against a running greenroom server at its "
+        "recorded arrival times; report TTFT, TPOT, ITL, end-to-end latency, throughput and "
+        "goodput; write a JSON report and PNG plots. Prompts are synthetic token ids: Mooncake "
+        "hash ids become shared 512-token blocks, CSV requests get private random prompts. "
+        "Outputs run to exactly max_tokens (ignore_eos).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_arguments(parser)
+    return parser
+
+
+def connect(address: str, timeout: float) -> Any:
+    """A client for `address`, used as an async context manager."""
+    if address.startswith(SIM_SCHEME):
+        from greenroom.replay.simulated import SimulatedClient
+
+        return SimulatedClient()
+    from greenroom.client import AsyncClient
+
+    return AsyncClient(address, timeout=timeout)
+
+
+async def _replay_with(client: Any, args: argparse.Namespace) -> int:
+    max_model_len, vocab_size, model = args.max_model_len, args.vocab_size, None
+    if max_model_len is None or vocab_size is None:
+        try:
+            info = await client.server_info()
+        except Exception as e:
+            print(f"error: no server info from {args.server}: {e}", file=sys.stderr)
+            return 2
+        max_model_len = max_model_len or info.max_model_len
+        vocab_size = vocab_size or info.vocab_size
+        model = info.model_name
+    fmt = detect_format(args.trace) if args.format == "auto" else args.format
+    requests = load_trace(
+        args.trace,
+        fmt,
+        vocab_size=vocab_size,
+        max_model_len=max_model_len,
+        seed=args.seed,
+        max_requests=args.max_requests,
+        rate=args.rate,
+        max_input_len=args.max_input_len,
+        max_output_len=args.max_output_len,
+    )
+    slo = args.slo
+    run_info = {
+        "trace": str(args.trace),
+        "format": fmt,
+        "server": args.server,
+        "model": model,
+        "max_model_len": max_model_len,
+        "vocab_size": vocab_size,
+        "time_scale": args.time_scale,
+        "duration": args.duration,
+        "max_requests": args.max_requests,
+        "rate": args.rate,
+        "seed": args.seed,
+        "max_concurrency": args.max_concurrency,
+        "max_input_len": args.max_input_len,
+        "max_output_len": args.max_output_len,
+        "slo": None if slo is None else {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
+        "greenroom_version": greenroom.__version__,
+    }
+    report = await replay(
+        requests,
+        client,
+        time_scale=args.time_scale,
+        duration_s=args.duration,
+        max_concurrency=args.max_concurrency,
+        slo=slo,
+        progress=not args.quiet,
+        run_info=run_info,
+    )
+    write_report(report, args.out)
+    if not args.no_plots:
+        from greenroom.replay.plots import write_plots
+
+        write_plots(report, args.out)
+    if not args.quiet:
+        print(format_table(report))
+        print(
+            f"wrote {args.out}/report.json, requests.jsonl" + ("" if args.no_plots else ", plots")
+        )
+    print(report.to_json())
+    return 1 if report.num_sent and not report.num_completed else 0
+
+
+async def _run_async(args: argparse.Namespace) -> int:
+    client = connect(args.server, args.timeout)
+    async with client:
+        return await _replay_with(client, args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a replay from parsed arguments; returns the exit status."""
+    try:
+        return asyncio.run(_run_async(args))
+    except (OSError, TraceFormatError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
