@@ -1,0 +1,98 @@
+"""The flat varlen batch a forward runs over: prefill, decode and mixed chunked prefill alike.
+
+Each request contributes a chunk of new tokens that continues its cached prefix: token ``i``
+of the chunk sits at position ``num_cached + i`` and is written to the slot its block table
+gives that position. Attention for the request covers ``num_cached + len(chunk)`` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class SequenceChunk:
+    """One request's part of a batch."""
+
+    token_ids: list[int]  # the new tokens computed this step
+    num_cached: int  # tokens before them whose KV is already in the pool
+    block_ids: list[int]  # block table covering at least num_cached + len(token_ids) tokens
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64: block * tokens_per_block + offset
+    block_tables: torch.Tensor  # [B, max_blocks] int32, rows padded with the null block 0
+    context_lens: torch.Tensor  # [B] int32: cached + new tokens
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32
+    logits_indices: torch.Tensor  # [B] int64: each request's last token (or all [T])
+    max_seqlen_q: int
+    max_context_len: int
+    decode_only: bool  # every request has exactly one new token
+    all_logits: bool = False  # logits for every token instead of each request's last
+
+    @property
+    def num_requests(self) -> int:
+        return self.context_lens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        chunks: list[SequenceChunk],
+        tokens_per_block: int,
+        device: torch.device | str = "cpu",
+        all_logits: bool = False,
+    ) -> ForwardBatch:
+        if not chunks:
+            raise ValueError("a forward batch needs at least one sequence chunk")
+        q_lens = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=len(chunks))
+        if (q_lens == 0).any():
+            raise ValueError("every sequence chunk needs at least one new token")
+        cached = np.fromiter((c.num_cached for c in chunks), dtype=np.int64, count=len(chunks))
+        context_lens = cached + q_lens
+        max_blocks = max(len(c.block_ids) for c in chunks)
+        tables = np.zeros((len(chunks), max_blocks), dtype=np.int64)
+        for row, c in enumerate(chunks):
+            needed = -(-int(context_lens[row]) // tokens_per_block)
+            if needed > len(c.block_ids):
+                raise ValueError(
+                    f"chunk {row} needs {needed} blocks for {int(context_lens[row])} tokens "
+                    f"but its block table has {len(c.block_ids)}"
+                )
+            tables[row, : len(c.block_ids)] = c.block_ids
+        cu = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=cu[1:])
+        row_of_token = np.repeat(np.arange(len(chunks)), q_lens)
+        positions = np.arange(int(cu[-1])) - cu[:-1][row_of_token] + cached[row_of_token]
+        blocks = tables[row_of_token, positions // tokens_per_block]
+        slots = blocks * tokens_per_block + positions % tokens_per_block
+        input_ids = np.fromiter(
+            (t for c in chunks for t in c.token_ids), dtype=np.int64, count=int(cu[-1])
+        )
+        logits_indices = np.arange(int(cu[-1])) if all_logits else cu[1:] - 1
+
+        def put(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(a).to(device=device, dtype=dtype, non_blocking=True)
+
+        return cls(
+            input_ids=put(input_ids, torch.int64),
+            positions=put(positions, torch.int64),
+            slot_mapping=put(slots, torch.int64),
+            block_tables=put(tables, torch.int32),
+            context_lens=put(context_lens, torch.int32),
+            cu_seqlens_q=put(cu, torch.int32),
+            logits_indices=put(logits_indices, torch.int64),
+            max_seqlen_q=int(q_lens.max()),
+            max_context_len=int(context_lens.max()),
+            decode_only=bool((q_lens == 1).all()),
+            all_logits=all_logits,
+        )

@@ -1,0 +1,78 @@
+"""The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2) over a paged KV pool.
+
+Read top to bottom: embed, then per layer RMSNorm -> fused QKV (optional bias) -> RoPE ->
+KV write -> paged attention -> O projection -> RMSNorm (+residual) -> SwiGLU; final norm;
+the LM head runs only on the rows whose logits are asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from greenroom.kernels import ops
+from greenroom.models.arch import ArchConfig
+from greenroom.models.batch import ForwardBatch
+from greenroom.models.loader import ModelWeights
+from greenroom.models.rope import cos_sin_cache
+
+
+class LlamaModel:
+    def __init__(
+        self, arch: ArchConfig, weights: ModelWeights, max_position: int, device: torch.device
+    ) -> None:
+        self.arch = arch
+        self.weights = weights
+        self.scale = arch.head_dim**-0.5
+        self.cos_sin = cos_sin_cache(
+            arch.head_dim, max_position, arch.rope_theta, arch.rope_scaling, device
+        )
+
+    def hidden_states(self, batch: ForwardBatch, kv_pool: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states ``[T, hidden]``; writes the batch's K/V into ``kv_pool``."""
+        arch, w = self.arch, self.weights
+        n = batch.num_tokens
+        h = F.embedding(batch.input_ids, w.embed)
+        residual = None
+        for index, layer in enumerate(w.layers):
+            x, residual = ops.fused_add_rms_norm(h, residual, layer.input_norm, arch.rms_norm_eps)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split([arch.q_size, arch.kv_size, arch.kv_size], dim=-1)
+            q = q.view(n, arch.num_heads, arch.head_dim)
+            k = k.view(n, arch.num_kv_heads, arch.head_dim)
+            v = v.view(n, arch.num_kv_heads, arch.head_dim)
+            q, k = ops.apply_rotary(q, k, batch.positions, self.cos_sin)
+            attn = self._attention(q, k, v, kv_pool[:, index, 0], kv_pool[:, index, 1], batch)
+            h = F.linear(attn.reshape(n, arch.q_size), layer.o, layer.o_bias)
+            x, residual = ops.fused_add_rms_norm(h, residual, layer.post_norm, arch.rms_norm_eps)
+            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+            h = F.linear(F.silu(gate) * up, layer.down)
+        out, _ = ops.fused_add_rms_norm(h, residual, w.norm, arch.rms_norm_eps)
+        return out
+
+    def _attention(self, q, k, v, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
+        ops.write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
+        if batch.decode_only:
+            return ops.paged_decode_attention(
+                q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale
+            )
+        return ops.paged_prefill_attention(
+            q,
+            k_cache,
+            v_cache,
+            batch.block_tables,
+            batch.cu_seqlens_q,
+            batch.context_lens,
+            self.scale,
+            batch.max_seqlen_q,
+        )
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the given hidden rows."""
+        return F.linear(hidden, self.weights.lm_head).float()
+
+    def forward(self, batch: ForwardBatch, kv_pool: torch.Tensor) -> torch.Tensor:
+        hidden = self.hidden_states(batch, kv_pool)
+        if not batch.all_logits:
+            hidden = hidden.index_select(0, batch.logits_indices)
+        return self.logits(hidden)

@@ -1,0 +1,117 @@
+"""ModelRunner: weights, the paged KV pool and decode CUDA graphs of one model on one device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from greenroom.config import KVConfig, ModelConfig
+from greenroom.models.arch import DTYPES, ArchConfig
+from greenroom.models.batch import ForwardBatch
+from greenroom.models.cuda_graphs import DecodeGraphs, default_batch_sizes
+from greenroom.models.kv_pool import allocate_kv_pool, bytes_per_block, plan_num_blocks
+from greenroom.models.llama import LlamaModel
+from greenroom.models.loader import ModelWeights, load_weights
+from greenroom.models.tiny import tiny_llama_dir
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(name: str, arch: ArchConfig, device: torch.device) -> torch.dtype:
+    """``auto``: the checkpoint's dtype on CUDA (float32 stays float32), float32 on CPU."""
+    if name != "auto":
+        return DTYPES[name]
+    return arch.dtype if device.type == "cuda" else torch.float32
+
+
+class ModelRunner:
+    """Runs forwards of flat varlen batches over the paged KV pool.
+
+    ``model_dir`` None serves ``model_cfg.path``, or the embedded tiny Llama when that is
+    None too. ``device`` None follows ``model_cfg.device``.
+    """
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        kv_cfg: KVConfig,
+        model_dir: str | Path | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        device = resolve_device(device if device is not None else model_cfg.device)
+        path = Path(model_dir or model_cfg.path or tiny_llama_dir())
+        arch = ArchConfig.from_dir(path)
+        dtype = resolve_dtype(model_cfg.dtype, arch, device)
+        weights = load_weights(path, arch, dtype, device)
+        self._setup(model_cfg, kv_cfg, arch, weights, dtype, device, path.name)
+
+    @classmethod
+    def from_weights(
+        cls,
+        model_cfg: ModelConfig,
+        kv_cfg: KVConfig,
+        arch: ArchConfig,
+        weights: ModelWeights,
+        device: str | torch.device,
+        name: str = "random",
+    ) -> ModelRunner:
+        """A runner over weights already on ``device`` (benchmarks, tests)."""
+        runner = cls.__new__(cls)
+        device = torch.device(device)
+        runner._setup(model_cfg, kv_cfg, arch, weights, weights.embed.dtype, device, name)
+        return runner
+
+    def _setup(
+        self,
+        model_cfg: ModelConfig,
+        kv_cfg: KVConfig,
+        arch: ArchConfig,
+        weights: ModelWeights,
+        dtype: torch.dtype,
+        device: torch.device,
+        name: str,
+    ) -> None:
+        self.model_cfg, self.kv_cfg, self.arch = model_cfg, kv_cfg, arch
+        self.device, self.dtype, self.model_name = device, dtype, name
+        self.tokens_per_block = kv_cfg.tokens_per_block
+        max_len = model_cfg.max_model_len or arch.max_position_embeddings
+        if arch.sliding_window:  # no sliding-window attention: stay inside the window
+            max_len = min(max_len, arch.sliding_window)
+        self.max_model_len = max_len
+        self.max_blocks_per_seq = -(-max_len // self.tokens_per_block)
+        self.vocab_size = arch.vocab_size
+        self.eos_token_ids = list(arch.eos_token_ids)
+        self.model = LlamaModel(arch, weights, max_len, device)
+        self.num_blocks = plan_num_blocks(kv_cfg, arch, dtype, device)
+        self.kv_pool = allocate_kv_pool(self.num_blocks, arch, self.tokens_per_block, dtype, device)
+        self.block_bytes = bytes_per_block(arch, self.tokens_per_block, dtype)
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_cuda_graphs(
+        self, stream: torch.cuda.Stream | None = None, batch_sizes: list[int] | None = None
+    ) -> list[int]:
+        """Capture decode graphs on ``stream``; returns the batch sizes captured (none on CPU
+        or with ``model.cuda_graphs = false``)."""
+        if self.device.type != "cuda" or not self.model_cfg.cuda_graphs:
+            return []
+        sizes = batch_sizes or default_batch_sizes(self.model_cfg.cuda_graph_max_batch_size)
+        self.graphs = DecodeGraphs(self.model, self.kv_pool, self.max_blocks_per_seq, sizes, stream)
+        return self.graphs.batch_sizes
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, use_graphs: bool = True) -> torch.Tensor:
+        """float32 logits ``[num_requests, vocab]`` (``[num_tokens, vocab]`` with all_logits)."""
+        if use_graphs and self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.run(batch)
+        return self.model.forward(batch, self.kv_pool)
+
+    def build_batch(self, chunks, all_logits: bool = False) -> ForwardBatch:
+        return ForwardBatch.build(chunks, self.tokens_per_block, self.device, all_logits)
