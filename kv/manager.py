@@ -1,0 +1,165 @@
+"""KVCacheManager: the KV manager's state machine behind one `KVStep` per iteration.
+
+Synchronous and free of I/O; the KV-manager actor wraps it. A step applies, in order: frees,
+computed-token reports, extends, then the batch of admits (two-phase, see admission.py). The
+result lists the host-tier copies the engine must run, in order, before its next forward.
+"""
+
+from __future__ import annotations
+
+from greenroom.bus.messages import (
+    KVComputed,
+    KVExtend,
+    KVFree,
+    KVStats,
+    KVStep,
+    KVStepResult,
+)
+from greenroom.config import KVConfig
+from greenroom.kv.admission import BatchAdmission
+from greenroom.kv.events import EventLog, EventSink
+from greenroom.kv.invariants import check_manager
+from greenroom.kv.prefix_cache import PrefixCache
+from greenroom.kv.request_blocks import RequestBlocks, cache_full_blocks, release_blocks
+
+
+class KVCacheManager:
+    """Block state of one KV pool: `num_gpu_blocks` includes the reserved null block 0."""
+
+    def __init__(
+        self,
+        kv_cfg: KVConfig,
+        num_gpu_blocks: int,
+        event_sink: EventSink | None = None,
+    ) -> None:
+        if num_gpu_blocks < 1:
+            raise ValueError(f"num_gpu_blocks = {num_gpu_blocks} is invalid: must be >= 1")
+        self.cfg = kv_cfg
+        self.tokens_per_block = kv_cfg.tokens_per_block
+        self.prefix_reuse = kv_cfg.enable_prefix_reuse
+        host_blocks = kv_cfg.host_blocks if self.prefix_reuse else 0
+        self.events = EventLog(event_sink)
+        self.cache = PrefixCache(
+            num_gpu_blocks, host_blocks, kv_cfg.offload_min_priority, self.events
+        )
+        self.requests: dict[str, RequestBlocks] = {}
+        self.admission = BatchAdmission(
+            self.cache,
+            self.requests,
+            self.tokens_per_block,
+            self.prefix_reuse,
+            kv_cfg.default_priority,
+        )
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self, msg: KVStep) -> KVStepResult:
+        for f in msg.free:
+            self.free(f)
+        for c in msg.computed:
+            self.computed(c)
+        extended: dict[str, list[int]] = {}
+        failed_extend: list[str] = []
+        for e in msg.extend:
+            new_blocks = self.extend(e)
+            if new_blocks is None:
+                failed_extend.append(e.request_id)
+            elif new_blocks:
+                extended[e.request_id] = new_blocks
+        admitted, rejected = self.admission.admit_batch(msg.admit)
+        result = KVStepResult(
+            iteration=msg.iteration,
+            copies=self.cache.take_copies(),
+            admitted=admitted,
+            rejected=rejected,
+            extended=extended,
+            failed_extend=failed_extend,
+            free_blocks=self.num_free_blocks,
+            total_blocks=self.cache.gpu.capacity,
+        )
+        self.events.flush()
+        return result
+
+    def free(self, msg: KVFree) -> None:
+        """Release a request's blocks, caching its computed full blocks first. Idempotent."""
+        req = self.requests.pop(msg.request_id, None)
+        if req is None:
+            return
+        written = req.computed_tokens
+        if msg.output_token_ids:
+            # The prompt was prefilled; every token but the last sampled one has its KV.
+            req.token_ids = req.token_ids + list(msg.output_token_ids)
+            written = max(written, len(req.token_ids) - 1)
+        if self.prefix_reuse:
+            cache_full_blocks(
+                self.cache, req, written // self.tokens_per_block, self.tokens_per_block
+            )
+        release_blocks(self.cache, req)
+
+    def computed(self, msg: KVComputed) -> None:
+        """Every later plan has the first `num_tokens` tokens' KV: make full blocks matchable."""
+        req = self.requests.get(msg.request_id)
+        if req is None or msg.num_tokens <= req.computed_tokens:
+            return
+        req.computed_tokens = msg.num_tokens
+        if self.prefix_reuse:
+            tpb = self.tokens_per_block
+            cache_full_blocks(self.cache, req, msg.num_tokens // tpb, tpb)
+
+    def extend(self, msg: KVExtend) -> list[int] | None:
+        """New blocks so the request covers `num_tokens`; None (nothing changed) if no room or
+        the request is unknown."""
+        req = self.requests.get(msg.request_id)
+        if req is None:
+            return None
+        need = -(-msg.num_tokens // self.tokens_per_block) - len(req.block_ids)
+        if need <= 0:
+            return []
+        if need > self.cache.num_free:
+            return None
+        new_blocks = [self.cache.allocate() for _ in range(need)]
+        req.block_ids.extend(new_blocks)
+        return new_blocks
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks allocatable without failing: truly free plus idle cached ones."""
+        return self.cache.num_free
+
+    @property
+    def total_blocks(self) -> int:
+        return self.cache.gpu.capacity
+
+    def holds(self, request_id: str) -> bool:
+        return request_id in self.requests
+
+    def blocks_of(self, request_id: str) -> list[int]:
+        req = self.requests.get(request_id)
+        return list(req.block_ids) if req is not None else []
+
+    def evict(self, num_blocks: int) -> int:
+        """Evict up to `num_blocks` idle cached blocks (offloading where allowed); returns how
+        many. Their copies go out with the next step's result."""
+        return self.cache.evict(num_blocks)
+
+    def stats(self) -> KVStats:
+        cache, adm = self.cache, self.admission
+        return KVStats(
+            total_blocks=cache.gpu.capacity,
+            free_blocks=cache.num_free,
+            host_blocks=cache.host.capacity,
+            free_host_blocks=cache.host.num_free,
+            lookups_blocks=adm.lookup_blocks,
+            hit_blocks=adm.hit_blocks,
+            onboarded_blocks=cache.onboarded_blocks,
+            offloaded_blocks=cache.offloaded_blocks,
+        )
+
+    def check_invariants(self) -> None:
+        """Full O(n) consistency check; raises AssertionError naming what broke."""
+        check_manager(self)
+
+
+__all__ = ["KVCacheManager"]
