@@ -1,0 +1,202 @@
+"""Triton paged prefill attention: varlen causal queries over a cached prefix in the paged pool.
+
+The new tokens' K/V are already in the cache, so every key comes from the pool. Query i of
+request b sits at position context_lens[b] - q_len_b + i and attends to positions <= it.
+Each program handles BLOCK_M queries of one head: first the key chunks wholly before its first
+query (no mask), then the diagonal chunks (causal mask).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_chunk(
+    q, acc, m_i, l_i, start, k_base, v_base, table, pos, ctx, d, dmask,
+    stride_kb, stride_kt, stride_vb, stride_vt, scale_log2,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    t = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        tmask = t < ctx
+        blk = tl.load(table + t // PAGE, mask=tmask, other=0).to(tl.int64)
+        kv_mask = tmask[:, None] & dmask[None, :]
+    else:
+        blk = tl.load(table + t // PAGE).to(tl.int64)
+        kv_mask = dmask[None, :]
+    off = t % PAGE
+    k_ptrs = k_base + blk[:, None] * stride_kb + off[:, None] * stride_kt + d[None, :]
+    v_ptrs = v_base + blk[:, None] * stride_vb + off[:, None] * stride_vt + d[None, :]
+    if EVEN_D and not MASKED:
+        k = tl.load(k_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    if MASKED:
+        qk = tl.where((t[None, :] <= pos[:, None]) & tmask[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if EVEN_D and not MASKED:
+        v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    cu_seqlens_ptr,
+    context_lens_ptr,
+    out_ptr,
+    scale_log2,
+    head_dim,
+    num_m_blocks,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # The longest-running (last) query blocks are scheduled first.
+    mb = num_m_blocks - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    q_start = tl.load(cu_seqlens_ptr + b)
+    q_len = tl.load(cu_seqlens_ptr + b + 1) - q_start
+    if mb * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(context_lens_ptr + b)
+    prefix = ctx - q_len
+    kvh = h // GROUP
+
+    m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = m < q_len
+    pos = prefix + m
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < head_dim
+    rows = (q_start + m).to(tl.int64)
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_qt + h * stride_qh + d[None, :],
+        mask=mmask[:, None] & dmask[None, :],
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = k_cache_ptr + kvh * stride_kh
+    v_base = v_cache_ptr + kvh * stride_vh
+    table = block_tables_ptr + b * stride_bt
+
+    first_pos = prefix + mb * BLOCK_M
+    full_end = (first_pos // BLOCK_N) * BLOCK_N
+    end = tl.minimum(first_pos + BLOCK_M, ctx)
+    for start in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_chunk(
+            q, acc, m_i, l_i, start, k_base, v_base, table, pos, ctx, d, dmask,
+            stride_kb, stride_kt, stride_vb, stride_vt, scale_log2,
+            PAGE, BLOCK_N, False, EVEN_D, DOT_PRECISION,
+        )  # fmt: skip
+    for start in range(full_end, end, BLOCK_N):
+        acc, m_i, l_i = _attend_chunk(
+            q, acc, m_i, l_i, start, k_base, v_base, table, pos, ctx, d, dmask,
+            stride_kb, stride_kt, stride_vb, stride_vt, scale_log2,
+            PAGE, BLOCK_N, True, EVEN_D, DOT_PRECISION,
+        )  # fmt: skip
+
+    out = acc / l_i[:, None]
+    tl.store(
+        out_ptr + rows[:, None] * stride_ot + h * stride_oh + d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=mmask[:, None] & dmask[None, :],
+    )
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_seqlen_q: int,
+    *,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of varlen new tokens q [T, Hq, D] over cached + new K/V -> [T, Hq, D]."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    out = torch.empty_like(q) if out is None else out
+    batch = context_lens.shape[0]
+    if num_tokens == 0 or batch == 0:
+        return out
+    num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    fp32 = q.dtype == torch.float32
+    on_gpu = q.device.type == "cuda"
+    block_m = block_m or (128 if on_gpu and not fp32 else 16 if not on_gpu else 64)
+    block_n = block_n or (64 if on_gpu else 16)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    num_m_blocks = triton.cdiv(max_seqlen_q, block_m)
+    _prefill_kernel[(num_m_blocks, num_q_heads, batch)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_seqlens_q,
+        context_lens,
+        out,
+        scale * _LOG2E,
+        head_dim,
+        num_m_blocks,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=num_q_heads // num_kv_heads,
+        PAGE=page,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        EVEN_D=block_d == head_dim,
+        DOT_PRECISION="ieee" if fp32 else "tf32",
+        num_warps=num_warps or (8 if block_m >= 128 else 4),
+        num_stages=num_stages or (3 if on_gpu else 1),
+    )
+    return out

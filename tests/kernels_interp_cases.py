@@ -1,0 +1,181 @@
+"""Triton kernels in interpreter mode (CPU, fp32, tiny shapes) against the torch references.
+
+Not collected directly: tests/test_kernels_interpreter.py runs this file in a fresh Python
+with TRITON_INTERPRET=1, which must be set before triton is first imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from greenroom.kernels import reference  # noqa: E402
+from greenroom.kernels.triton_decode_attention import (  # noqa: E402
+    _decode_kernel,
+    paged_decode_attention,
+    paged_decode_attention_partial,
+)
+from greenroom.kernels.triton_kv_cache import write_kv_cache  # noqa: E402
+from greenroom.kernels.triton_merge_attn_states import merge_attn_states  # noqa: E402
+from greenroom.kernels.triton_prefill_attention import paged_prefill_attention  # noqa: E402
+from greenroom.kernels.triton_rms_norm import fused_add_rms_norm, rms_norm  # noqa: E402
+from greenroom.kernels.triton_rotary import apply_rotary  # noqa: E402
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+inputs = _load("kernels_inputs")
+TOL = 1e-4
+HEAD_DIM = 32
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_interpreter_mode_is_active():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    assert isinstance(_decode_kernel, InterpretedFunction)
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (8, 2), (8, 1)])
+@pytest.mark.parametrize("page", [4, 16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_attention(num_q_heads, num_kv_heads, page, num_splits):
+    context_lens = [0, 1, 2 * page + 3, 45]
+    kv = inputs.make_paged_kv(context_lens, page, num_kv_heads, HEAD_DIM, torch.float32, "cpu")
+    q = torch.randn(len(context_lens), num_q_heads, HEAD_DIM)
+    scale = HEAD_DIM**-0.5
+    k_ref, v_ref = kv.clean()
+    args = (kv.block_tables, kv.context_lens, scale)
+    ref_out, ref_lse = reference.paged_decode_attention_partial(q, k_ref, v_ref, *args)
+
+    out = torch.full_like(q, float("nan"))
+    paged_decode_attention(q, kv.k_cache, kv.v_cache, *args, num_splits, out=out)
+    assert inputs.rel_err(out, ref_out) <= TOL
+
+    out, lse = paged_decode_attention_partial(q, kv.k_cache, kv.v_cache, *args, num_splits)
+    assert inputs.rel_err(out, ref_out) <= TOL
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.isneginf(lse[0]).all() and torch.isneginf(ref_lse[0]).all()
+    torch.testing.assert_close(lse[1:], ref_lse[1:], rtol=TOL, atol=TOL)
+
+
+def test_decode_split_parts_merge_to_whole():
+    """Partials over two halves of each block table, merged, equal attention over the whole."""
+    page, context_lens = 4, [9, 16, 3]
+    kv = inputs.make_paged_kv(context_lens, page, 2, HEAD_DIM, torch.float32, "cpu")
+    q = torch.randn(3, 8, HEAD_DIM)
+    whole, whole_lse = paged_decode_attention_partial(
+        q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 0.3
+    )
+    cut = 2  # blocks in the first part: request 2 (3 tokens) has nothing in the second part
+    first_lens = kv.context_lens.clamp(max=cut * page)
+    second_lens = kv.context_lens - first_lens
+    parts = [
+        paged_decode_attention_partial(q, kv.k_cache, kv.v_cache, table, lens, 0.3)
+        for table, lens in (
+            (kv.block_tables[:, :cut], first_lens),
+            (kv.block_tables[:, cut:].contiguous(), second_lens),
+        )
+    ]
+    assert torch.isneginf(parts[1][1][2]).all()
+    out, lse = merge_attn_states(
+        torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    )
+    assert inputs.rel_err(out, whole) <= TOL
+    torch.testing.assert_close(lse, whole_lse, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("num_parts", [1, 3])
+def test_merge_attn_states(num_parts):
+    outs = torch.randn(num_parts, 2, 3, 4, HEAD_DIM)
+    lses = torch.randn(num_parts, 2, 3, 4) * 4
+    lses[0, 0, 0, 1] = float("-inf")
+    outs[0, 0, 0, 1] = float("nan")  # an empty part's output is never read into the sum
+    lses[:, 1, 2, 3] = float("-inf")  # every part empty
+    out, lse = merge_attn_states(outs, lses)
+    clean = outs.nan_to_num(0.0)
+    ref_out, ref_lse = reference.merge_attn_states(clean, lses)
+    assert inputs.rel_err(out, ref_out) <= TOL
+    assert torch.equal(out[1, 2, 3], torch.zeros(HEAD_DIM))
+    assert torch.isneginf(lse[1, 2, 3])
+    torch.testing.assert_close(lse, ref_lse, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (8, 2), (8, 1)])
+@pytest.mark.parametrize("page", [4, 16])
+def test_prefill_attention(num_q_heads, num_kv_heads, page):
+    # (cached prefix, new tokens): prefixes end mid-block, one request has no prefix.
+    requests = [(2 * page + 1, 7), (0, 19), (page - 1, 1), (5, 2 * page)]
+    context_lens = [p + n for p, n in requests]
+    kv = inputs.make_paged_kv(context_lens, page, num_kv_heads, HEAD_DIM, torch.float32, "cpu")
+    q_lens = [n for _, n in requests]
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), num_q_heads, HEAD_DIM)
+    args = (kv.block_tables, cu, kv.context_lens, HEAD_DIM**-0.5, max(q_lens))
+    out = torch.full_like(q, float("nan"))
+    paged_prefill_attention(q, kv.k_cache, kv.v_cache, *args, out=out)
+    k_ref, v_ref = kv.clean()
+    ref = reference.paged_prefill_attention(q, k_ref, v_ref, *args)
+    assert inputs.rel_err(out, ref) <= TOL
+
+
+@pytest.mark.parametrize("page", [4, 16])
+def test_write_kv_cache(page):
+    kv = inputs.make_paged_kv([page + 2], page, 2, HEAD_DIM, torch.float32, "cpu", extra_blocks=4)
+    slots = torch.tensor([page * 2 + 1, -1, page * 3, page * 2 + 2, page * 4 + page - 1])
+    k = torch.randn(len(slots), 2, HEAD_DIM)
+    v = torch.randn(len(slots), 2, HEAD_DIM)
+    expected = kv.pool.clone()
+    layer_k, layer_v = expected[:, 1, 0], expected[:, 1, 1]
+    keep = slots >= 0
+    reference.write_kv_cache(k[keep], v[keep], layer_k, layer_v, slots[keep])
+    write_kv_cache(k, v, kv.k_cache, kv.v_cache, slots)
+    assert torch.equal(kv.pool.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(with_residual):
+    x = torch.randn(5, 48)
+    weight = torch.randn(48)
+    if not with_residual:
+        out = torch.full_like(x, float("nan"))
+        rms_norm(x, weight, 1e-6, out=out)
+        assert inputs.rel_err(out, reference.rms_norm(x, weight, 1e-6)) <= TOL
+        return
+    residual = torch.randn(5, 48)
+    normed, new_residual = fused_add_rms_norm(x, residual, weight, 1e-5)
+    ref_normed, ref_residual = reference.fused_add_rms_norm(x, residual, weight, 1e-5)
+    assert inputs.rel_err(normed, ref_normed) <= TOL
+    assert inputs.rel_err(new_residual, ref_residual) <= TOL
+
+
+def test_rotary():
+    num_tokens, hq, hkv = 6, 4, 2
+    qkv = torch.randn(num_tokens, (hq + 2 * hkv) * HEAD_DIM)
+    q = qkv[:, : hq * HEAD_DIM].view(num_tokens, hq, HEAD_DIM)  # strided views, as in the model
+    k = qkv[:, hq * HEAD_DIM : (hq + hkv) * HEAD_DIM].view(num_tokens, hkv, HEAD_DIM)
+    positions = torch.tensor([0, 5, 17, 3, 30, 31])
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+    freqs = torch.outer(torch.arange(32).float(), inv_freq)
+    cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    q_out, k_out = apply_rotary(q, k, positions, cache)
+    q_ref, k_ref = reference.apply_rotary(q, k, positions, cache)
+    assert inputs.rel_err(q_out, q_ref) <= TOL and inputs.rel_err(k_out, k_ref) <= TOL
