@@ -1,0 +1,202 @@
+"""Greedy serving output equals transformers, token for token, on tiny random checkpoints.
+
+Requests run through the PlanExecutor as mixed chunked-prefill batches (decodes of earlier
+requests beside prefill chunks of later ones) under a small token budget.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from greenroom.bus.messages import NewSequence, SamplingParams, SequenceStep, StepPlan
+from greenroom.config import KVConfig, ModelConfig
+from greenroom.models import ForwardBatch, ModelRunner, PlanExecutor, SequenceChunk, tiny_llama_dir
+
+transformers = pytest.importorskip("transformers")
+
+PROMPT_LENGTHS = (5, 13, 29, 40)
+NEW_TOKENS = 32
+TOKENS_PER_BLOCK = 4
+
+COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.2,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+CHECKPOINTS = {
+    "llama-llama3-rope": lambda: transformers.LlamaConfig(
+        **COMMON,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "llama-linear-rope-tied": lambda: transformers.LlamaConfig(
+        **COMMON, rope_scaling={"rope_type": "linear", "factor": 2.0}, tie_word_embeddings=True
+    ),
+    "qwen2-bias-tied": lambda: transformers.Qwen2Config(**COMMON, tie_word_embeddings=True),
+    "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=None),
+}
+
+ARCH_CLASSES = {
+    "LlamaConfig": "LlamaForCausalLM",
+    "Qwen2Config": "Qwen2ForCausalLM",
+    "MistralConfig": "MistralForCausalLM",
+}
+
+
+def save_checkpoint(name: str, root: Path) -> Path:
+    config = CHECKPOINTS[name]()
+    torch.manual_seed(zlib.crc32(name.encode()))
+    model_cls = getattr(transformers, ARCH_CLASSES[type(config).__name__])
+    model = model_cls(config).eval()
+    path = root / name
+    model.save_pretrained(path)
+    return path
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+
+
+@torch.no_grad()
+def hf_greedy(model_dir: Path, prompt_list: list[list[int]]) -> list[list[int]]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    outputs = []
+    for prompt in prompt_list:
+        ids = torch.tensor([prompt])
+        past, new = None, []
+        step_ids = ids
+        for _ in range(NEW_TOKENS):
+            out = model(step_ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = int(out.logits[0, -1].argmax())
+            new.append(token)
+            step_ids = torch.tensor([[token]])
+        outputs.append(new)
+    return outputs
+
+
+def serve_greedy(
+    runner: ModelRunner, prompt_list: list[list[int]], token_budget: int
+) -> list[list[int]]:
+    """A minimal scheduler: one request arrives per iteration; decodes first, then prefill
+    chunks under ``token_budget``; blocks handed out as the sequences grow."""
+    executor = PlanExecutor(runner)
+    bs = runner.tokens_per_block
+    free = list(range(runner.num_blocks - 1, 0, -1))
+    computed = [0] * len(prompt_list)
+    blocks: list[list[int]] = [[] for _ in prompt_list]
+    outputs: list[list[int]] = [[] for _ in prompt_list]
+    admitted, finished_ids = 0, []
+    iteration = 0
+    while any(len(o) < NEW_TOKENS for o in outputs):
+        if admitted < len(prompt_list):
+            admitted += 1
+        new, steps, budget = [], [], token_budget
+        active = [i for i in range(admitted) if len(outputs[i]) < NEW_TOKENS]
+        decodes = [i for i in active if computed[i] >= len(prompt_list[i])]
+        prefills = [i for i in active if computed[i] < len(prompt_list[i])]
+        for i in decodes + prefills:
+            total = len(prompt_list[i]) + len(outputs[i])
+            n = min(total - computed[i], budget)
+            if n <= 0:
+                continue
+            budget -= n
+            grow = [free.pop() for _ in range(math.ceil((computed[i] + n) / bs) - len(blocks[i]))]
+            if computed[i] == 0 and not blocks[i]:
+                blocks[i] = grow
+                new.append(
+                    NewSequence(
+                        request_id=f"r{i}",
+                        prompt_token_ids=prompt_list[i],
+                        sampling=SamplingParams(max_tokens=NEW_TOKENS),
+                        num_cached_tokens=0,
+                        block_ids=grow,
+                    )
+                )
+                steps.append(SequenceStep(f"r{i}", n))
+            else:
+                blocks[i] += grow
+                steps.append(SequenceStep(f"r{i}", n, grow))
+            computed[i] += n
+        plan = StepPlan(iteration=iteration, new=new, steps=steps, finished=finished_ids)
+        result = executor.execute(plan)
+        finished_ids = []
+        for s in result.sampled:
+            i = int(s.request_id[1:])
+            outputs[i].append(s.token_id)
+            if len(outputs[i]) == NEW_TOKENS:
+                finished_ids.append(s.request_id)
+                free.extend(blocks[i])
+        iteration += 1
+    return outputs
+
+
+@pytest.fixture(scope="module", params=list(CHECKPOINTS))
+def checkpoint(request, tmp_path_factory) -> Path:
+    return save_checkpoint(request.param, tmp_path_factory.mktemp("ckpt"))
+
+
+def make_runner(model_dir: Path) -> ModelRunner:
+    kv = KVConfig(tokens_per_block=TOKENS_PER_BLOCK, num_blocks=256)
+    return ModelRunner(ModelConfig(dtype="float32"), kv, model_dir, "cpu")
+
+
+def test_mixed_chunked_greedy_matches_transformers(checkpoint: Path) -> None:
+    runner = make_runner(checkpoint)
+    prompt_list = prompts(runner.vocab_size)
+    assert serve_greedy(runner, prompt_list, token_budget=11) == hf_greedy(checkpoint, prompt_list)
+
+
+def test_chunk_sizes_give_the_same_tokens(checkpoint: Path) -> None:
+    runner = make_runner(checkpoint)
+    prompt_list = prompts(runner.vocab_size)
+    one_shot = serve_greedy(runner, prompt_list, token_budget=1000)
+    for budget in (3, 8, 17):
+        assert serve_greedy(runner, prompt_list, token_budget=budget) == one_shot
+
+
+def test_all_position_logits_match_transformers(checkpoint: Path) -> None:
+    runner = make_runner(checkpoint)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    prompt_list = prompts(runner.vocab_size)[:3]
+    chunks, start = [], 1
+    for p in prompt_list:
+        n_blocks = math.ceil(len(p) / TOKENS_PER_BLOCK)
+        chunks.append(SequenceChunk(p, 0, list(range(start, start + n_blocks))))
+        start += n_blocks
+    logits = runner.forward(ForwardBatch.build(chunks, TOKENS_PER_BLOCK, "cpu", all_logits=True))
+    offset = 0
+    with torch.no_grad():
+        for p in prompt_list:
+            ref = hf(torch.tensor([p])).logits[0].float()
+            torch.testing.assert_close(logits[offset : offset + len(p)], ref, atol=1e-4, rtol=1e-4)
+            offset += len(p)
+
+
+def test_embedded_tiny_model_matches_transformers() -> None:
+    model_dir = tiny_llama_dir()
+    runner = ModelRunner(ModelConfig(), KVConfig(tokens_per_block=16, num_blocks=64), None, "cpu")
+    assert runner.model_name == model_dir.name and runner.vocab_size == 512
+    prompt_list = prompts(runner.vocab_size)[:2]
+    assert serve_greedy(runner, prompt_list, token_budget=16) == hf_greedy(model_dir, prompt_list)
