@@ -176,7 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
         "goodput; write a JSON report and PNG plots. Prompts are synthetic token ids: Mooncake "
         "hash ids become shared 512-token blocks, CSV requests get private random prompts. "
         "Outputs run to exactly max_tokens (ignore_eos).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_arguments(parser)
     return parser
@@ -194,6 +193,7 @@ def connect(address: str, timeout: float) -> Any:
 
 
 async def _replay_with(client: Any, args: argparse.Namespace) -> int:
+    fmt = detect_format(args.trace) if args.format == "auto" else args.format
     max_model_len, vocab_size, model = args.max_model_len, args.vocab_size, None
     if max_model_len is None or vocab_size is None:
         try:
@@ -204,7 +204,6 @@ async def _replay_with(client: Any, args: argparse.Namespace) -> int:
         max_model_len = max_model_len or info.max_model_len
         vocab_size = vocab_size or info.vocab_size
         model = info.model_name
-    fmt = detect_format(args.trace) if args.format == "auto" else args.format
     requests = load_trace(
         args.trace,
         fmt,
