@@ -20,6 +20,7 @@ from greenroom.kv.admission import BatchAdmission
 from greenroom.kv.events import EventLog, EventSink
 from greenroom.kv.invariants import check_manager
 from greenroom.kv.prefix_cache import PrefixCache
+from greenroom.kv.radix_tree import block_hash, extra_key
 from greenroom.kv.request_blocks import RequestBlocks, cache_full_blocks, release_blocks
 
 
@@ -138,6 +139,20 @@ class KVCacheManager:
     def blocks_of(self, request_id: str) -> list[int]:
         req = self.requests.get(request_id)
         return list(req.block_ids) if req is not None else []
+
+    def match_prefix(self, token_ids: list[int], cache_salt: str | None = None) -> int:
+        """Tokens an admit of `token_ids` would find cached now (GPU or host); changes nothing."""
+        if not self.prefix_reuse:
+            return 0
+        tpb, tree = self.tokens_per_block, self.cache.tree
+        extra, node, matched = extra_key(cache_salt), tree.root, 0
+        for i in range(max(0, (len(token_ids) - 1) // tpb)):
+            tokens = tuple(token_ids[i * tpb : (i + 1) * tpb])
+            node = tree.lookup(node, block_hash(node.hash, tokens, extra), tokens)
+            if node is None:
+                break
+            matched += 1
+        return matched * tpb
 
     def evict(self, num_blocks: int) -> int:
         """Evict up to `num_blocks` idle cached blocks (offloading where allowed); returns how
