@@ -1,0 +1,268 @@
+"""ZeroMQ transport driven directly by the asyncio loop.
+
+Each `Channel` wraps one plain (non-asyncio) zmq socket owned by one event loop.
+The loop watches the socket's ZMQ_FD with `add_reader`; a readable callback drains
+every ready message into either a per-channel callback (`on_frames`, the fast
+path the actor layer uses: no future per message) or a bounded inbox read with
+`await recv()`. ZMQ_FD is edge-like: after any operation on the socket the state
+must be re-read from ZMQ_EVENTS, so every send re-checks for input that arrived
+meanwhile.
+
+Rules kept here: addresses are `inproc://`, `ipc://` or `tcp://`; one
+`zmq.Context` per process (`new_context`); finite high-water marks; `LINGER=0`;
+every socket is closed (by `Channel.close` / `Transport.close`) before the
+context terminates. Frames of at least `OOB_THRESHOLD` bytes are sent without a
+copy. A channel is used only from the loop that created it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+
+from greenroom.bus.codec import OOB_THRESHOLD
+
+DEFAULT_HWM = 1024
+SCHEMES = ("inproc://", "ipc://", "tcp://")
+_DRAIN_BATCH = 128  # messages per reader callback before yielding to the loop
+
+OnFrames = Callable[[list[zmq.Frame]], None]
+
+
+class ChannelClosed(ConnectionError):
+    """The channel was closed while waiting on it."""
+
+
+def check_address(address: str) -> str:
+    if not address.startswith(SCHEMES):
+        raise ValueError(f"unsupported address {address!r}; use inproc://, ipc:// or tcp://")
+    return address
+
+
+def new_context(io_threads: int = 1) -> zmq.Context:
+    """The process's zmq context; terminate it only after closing every socket."""
+    ctx = zmq.Context(io_threads=io_threads)
+    ctx.setsockopt(zmq.LINGER, 0)
+    return ctx
+
+
+class Channel:
+    """One zmq socket on one event loop: non-blocking sends, callback or awaited receives."""
+
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        loop: asyncio.AbstractEventLoop,
+        address: str,
+        on_frames: OnFrames | None = None,
+        inbox_size: int = DEFAULT_HWM,
+    ) -> None:
+        self.address = address
+        self._sock: zmq.Socket | None = sock
+        self._loop = loop
+        self._fd = sock.FD
+        self._on_frames = on_frames
+        self._inbox: deque[list[zmq.Frame]] = deque()
+        self._inbox_size = inbox_size
+        self._recv_waiter: asyncio.Future | None = None
+        self._send_waiters: deque[asyncio.Future] = deque()
+        self._paused = False
+        self._drain_scheduled = False
+        # A ROUTER keeps POLLOUT set while one peer is full, so blocked sends retry on a timer.
+        self._retry_s = 0.001 if sock.type == zmq.ROUTER else None
+        loop.add_reader(self._fd, self._on_ready)
+        self._schedule_drain()
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    # ------------------------------------------------------------------ send
+
+    def try_send(self, frames: Sequence[Any]) -> bool:
+        """Send now if the high-water mark allows; False (nothing sent) otherwise.
+
+        A ROUTER drops messages for a peer that is gone (returns True)."""
+        sock = self._sock
+        if sock is None:
+            raise ChannelClosed(self.address)
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                raise
+        if not self._drain_scheduled and sock.get(zmq.EVENTS) & zmq.POLLIN:
+            self._schedule_drain()
+        return True
+
+    async def send(self, frames: Sequence[Any]) -> None:
+        """Send, waiting while the high-water mark is reached (backpressure)."""
+        while not self.try_send(frames):
+            waiter = self._loop.create_future()
+            self._send_waiters.append(waiter)
+            handle = None
+            if self._retry_s is not None:
+                handle = self._loop.call_later(self._retry_s, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                if handle is not None:
+                    handle.cancel()
+
+    # ------------------------------------------------------------------ receive
+
+    async def recv(self) -> list[zmq.Frame]:
+        """Next message (a list of zmq Frames); only for channels without on_frames."""
+        if self._on_frames is not None:
+            raise RuntimeError("this channel delivers frames to its on_frames callback")
+        while not self._inbox:
+            if self._sock is None:
+                raise ChannelClosed(self.address)
+            self._recv_waiter = self._loop.create_future()
+            try:
+                await self._recv_waiter
+            finally:
+                self._recv_waiter = None
+        frames = self._inbox.popleft()
+        if self._paused and len(self._inbox) < self._inbox_size // 2:
+            self.resume_reading()
+        return frames
+
+    def pause_reading(self) -> None:
+        """Stop taking messages off the socket; senders then meet the high-water mark."""
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        self._paused = False
+        self._schedule_drain()
+
+    # ------------------------------------------------------------------ loop integration
+
+    def _schedule_drain(self) -> None:
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._on_ready)
+
+    def _on_ready(self) -> None:
+        self._drain_scheduled = False
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(_DRAIN_BATCH):
+            events = sock.get(zmq.EVENTS)
+            if events & zmq.POLLOUT and self._send_waiters:
+                while self._send_waiters:
+                    _wake(self._send_waiters.popleft())
+            if not events & zmq.POLLIN or self._paused:
+                return
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if self._on_frames is not None:
+                self._on_frames(frames)
+            else:
+                self._inbox.append(frames)
+                if self._recv_waiter is not None:
+                    _wake(self._recv_waiter)
+                if len(self._inbox) >= self._inbox_size:
+                    self._paused = True
+            sock = self._sock
+            if sock is None:
+                return
+        self._schedule_drain()
+
+    # ------------------------------------------------------------------ close
+
+    def close(self) -> None:
+        """Close the socket now (LINGER=0); waiters get ChannelClosed. Idempotent."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        self._loop.remove_reader(self._fd)
+        sock.close(linger=0)
+        for waiter in (self._recv_waiter, *self._send_waiters):
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(ChannelClosed(self.address))
+        self._send_waiters.clear()
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class Transport:
+    """Creates channels on one event loop from a shared context, and closes them."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        hwm: int = DEFAULT_HWM,
+    ) -> None:
+        self.ctx = ctx
+        self.loop = loop or asyncio.get_running_loop()
+        self.hwm = hwm
+        self._channels: set[Channel] = set()
+
+    def bind_router(self, address: str, on_frames: OnFrames | None = None) -> Channel:
+        """A ROUTER: received frames start with the sender's identity; reply with it first."""
+        return self.bind(zmq.ROUTER, address, on_frames)
+
+    def connect_dealer(self, address: str, on_frames: OnFrames | None = None) -> Channel:
+        return self.connect(zmq.DEALER, address, on_frames)
+
+    def bind_pull(self, address: str, on_frames: OnFrames | None = None) -> Channel:
+        return self.bind(zmq.PULL, address, on_frames)
+
+    def connect_push(self, address: str) -> Channel:
+        return self.connect(zmq.PUSH, address)
+
+    def bind(self, kind: int, address: str, on_frames: OnFrames | None = None) -> Channel:
+        sock = self._socket(kind)
+        try:
+            sock.bind(check_address(address))
+            bound = sock.get(zmq.LAST_ENDPOINT).decode()
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        return self._track(Channel(sock, self.loop, bound, on_frames, self.hwm))
+
+    def connect(self, kind: int, address: str, on_frames: OnFrames | None = None) -> Channel:
+        sock = self._socket(kind)
+        try:
+            sock.connect(check_address(address))
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        return self._track(Channel(sock, self.loop, address, on_frames, self.hwm))
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, self.hwm)
+        sock.setsockopt(zmq.RCVHWM, self.hwm)
+        sock.copy_threshold = OOB_THRESHOLD
+        if kind == zmq.ROUTER:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # full peer: EAGAIN, not a silent drop
+        return sock
+
+    def _track(self, channel: Channel) -> Channel:
+        self._channels = {c for c in self._channels if not c.closed}
+        self._channels.add(channel)
+        return channel
+
+    def close(self) -> None:
+        """Close every channel this transport made."""
+        for channel in list(self._channels):
+            channel.close()
+        self._channels.clear()
