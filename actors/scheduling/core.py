@@ -1,0 +1,428 @@
+"""The scheduler's core: request state and plan building, with no I/O.
+
+The scheduler actor drives it per flow: ``build_kv_step`` -> (KV manager) ->
+``apply_kv_result`` -> StepPlan -> (engine) -> ``apply_step_result`` -> OutputBatch.
+Plans are built ahead of results: every scheduled decode is assumed to sample one token.
+Each method leaves the state consistent, so two flows may interleave calls freely.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict, deque
+
+from greenroom.actors.scheduling.budget import FlowBudget, IterationBudget, check_flows
+from greenroom.actors.scheduling.flight import Draft, IssuedPlan, PlanEntry
+from greenroom.actors.scheduling.outputs import ERROR_KINDS, OutputCollector
+from greenroom.actors.scheduling.planner import admit_for, extend_for, select_work
+from greenroom.actors.scheduling.request import FreeState, Request, RequestState
+from greenroom.bus.messages import (
+    KVComputed,
+    KVStep,
+    KVStepResult,
+    OutputBatch,
+    RequestError,
+    SequenceStep,
+    StepPlan,
+    StepResult,
+    SubmitRequest,
+)
+from greenroom.config import SchedulerConfig
+
+
+class SchedulerCore:
+    """Request state machine and plan builder for one ``mixed`` flow or two SM-disagg flows."""
+
+    def __init__(
+        self,
+        sched_cfg: SchedulerConfig,
+        tokens_per_block: int,
+        max_model_len: int,
+        eos_token_ids: list[int],
+        flows: list[FlowBudget],
+    ) -> None:
+        self.cfg = sched_cfg
+        self.tokens_per_block = tokens_per_block
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.flows = check_flows(flows)
+        self._requests: dict[str, Request] = {}  # every request not yet gone (blocks included)
+        self._waiting: OrderedDict[str, Request] = OrderedDict()
+        self._running: dict[str, Request] = {}  # admission order: the last is the newest
+        self._free_ready: dict[str, Request] = {}
+        self._preempting: dict[str, Request] = {}  # preempted, old blocks not yet freed
+        self._finished_ids: dict[str, list[str]] = {f: [] for f in self.flows}
+        self._drafts: dict[str, Draft] = {}
+        self._inflight: dict[str, deque[IssuedPlan]] = {f: deque() for f in self.flows}
+        self._orphan_errors: list[RequestError] = []
+        self._num_active = 0
+        self._iteration = 0
+        self._admit_seq = 0
+        self._counters: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def num_active(self) -> int:
+        """Admitted requests whose blocks are not freed yet (both flows, handoffs included)."""
+        return self._num_active
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def inflight(self, flow: str) -> int:
+        """Plans of ``flow`` issued whose result has not come back."""
+        return len(self._inflight[flow])
+
+    def has_work(self, flow: str) -> bool:
+        """Whether ``build_kv_step(flow)`` would return a step now."""
+        if flow in self._drafts:
+            return False
+        return bool(self._free_ready) or bool(self._select(flow))
+
+    def stats(self) -> dict:
+        running = Counter(r.flow for r in self._running.values())
+        return {
+            "waiting": self.num_waiting,
+            "active": self._num_active,
+            "running": dict(running),
+            "inflight": {f: len(q) for f, q in self._inflight.items()},
+            **self._counters,
+        }
+
+    def request_state(self, request_id: str) -> RequestState | None:
+        r = self._requests.get(request_id)
+        return r.state if r is not None else None
+
+    # ------------------------------------------------------------------ requests in and out
+
+    def submit(self, req: SubmitRequest) -> None:
+        """Queue a request (FCFS). Raises ValueError for a duplicate id or an unusable request."""
+        if req.request_id in self._requests:
+            raise ValueError(f"request {req.request_id!r} is already in the scheduler")
+        r = Request(req, self.max_model_len)
+        self._requests[r.request_id] = r
+        self._waiting[r.request_id] = r
+        self._counters["submitted"] += 1
+
+    def cancel(self, request_ids: list[str], reason: str = "abort") -> OutputBatch:
+        """End requests: ``abort`` gives a final delta, any other reason a RequestError."""
+        out = self._collector()
+        for rid in request_ids:
+            r = self._requests.get(rid)
+            if r is None or r.state.terminal:
+                continue
+            self._end(r, RequestState.ABORTED, "abort")
+            if reason == "abort":
+                out.abort(r)
+            else:
+                kind = reason if reason in ERROR_KINDS else "aborted"
+                out.error(r, kind, f"request {reason}")
+        return out.batch()
+
+    def take_output(self) -> OutputBatch | None:
+        """Errors decided outside a step result (a prompt that can never fit), if any."""
+        if not self._orphan_errors:
+            return None
+        return self._collector().batch()
+
+    # ------------------------------------------------------------------ one iteration
+
+    def build_kv_step(self, flow: str) -> KVStep | None:
+        """The KV changes one iteration of ``flow`` needs; None when there is nothing to do."""
+        if flow in self._drafts:
+            raise RuntimeError(f"flow {flow!r} already has a KVStep awaiting its result")
+        sel = self._select(flow)
+        frees = list(self._free_ready.values())
+        if not sel and not frees:
+            return None
+        self._free_ready.clear()
+        self._iteration += 1
+        step = KVStep(
+            iteration=self._iteration,
+            free=[r.kv_free for r in frees],
+            computed=self._computed(),
+            extend=[e for r, n in sel.steps if (e := extend_for(r, n, self.tokens_per_block))],
+            admit=[admit_for(r, self.cfg.capacity_policy) for r in sel.admits],
+        )
+        for r in frees:
+            r.free_state = FreeState.SENT
+        draft = Draft(flow, step, [(r, r.epoch, n) for r, n in sel.steps], sel.admits, frees)
+        for r in draft.held():
+            r.holds += 1
+        self._drafts[flow] = draft
+        return step
+
+    def apply_kv_result(self, flow: str, result: KVStepResult) -> StepPlan | None:
+        """Finish the plan of the KVStep ``result`` answers; None when it carries nothing."""
+        draft = self._drafts.get(flow)
+        if draft is None or draft.iteration != result.iteration:
+            raise ValueError(f"flow {flow!r}: no KVStep of iteration {result.iteration} is pending")
+        del self._drafts[flow]
+        for r in draft.frees:
+            self._freed(r)
+        stepping = {r.request_id: r for r, _, _ in draft.steps}
+        for rid, blocks in result.extended.items():
+            r = stepping.get(rid)
+            if r is not None and r.free_state is FreeState.NONE:
+                r.block_ids.extend(blocks)
+        newly = self._admit(flow, draft, result)
+        failed = [stepping[rid] for rid in result.failed_extend if rid in stepping]
+        if failed:
+            self._preempt_for(failed)
+        entries = self._fill(flow, draft, newly, set(result.failed_extend))
+        for r in draft.held():
+            r.holds -= 1
+        for e in entries:
+            e.request.holds += 1
+        for r in draft.held():
+            self._settle(r)
+        if not entries and not result.copies:
+            return None
+        return self._issue(flow, result, entries)
+
+    def apply_step_result(self, flow: str, result: StepResult) -> OutputBatch:
+        """Take the engine's sampled tokens: stream them, stop requests, hand off to generation."""
+        queue = self._inflight[flow]
+        if not queue or queue[0].iteration != result.iteration:
+            raise ValueError(f"flow {flow!r}: no plan of iteration {result.iteration} in flight")
+        plan = queue.popleft()
+        out = self._collector()
+        sampled = {s.request_id: s for s in result.sampled}
+        handoffs = {h.request_id: h.event_id for h in result.handoffs}
+        for e in plan.entries:
+            r = e.request
+            if r.epoch != e.epoch or not r.live:
+                continue  # finished, cancelled or preempted since the plan was built
+            if result.error is not None:
+                self._fail(r, out, f"engine error: {result.error}")
+                continue
+            if not e.samples:
+                continue
+            r.pending_samples -= 1
+            s = sampled.get(r.request_id)
+            if s is None:
+                self._fail(r, out, "the engine returned no token for this request")
+                continue
+            r.output.append(s.token_id)
+            self._counters["output_tokens"] += 1
+            reason = r.stop_reason(s.token_id, self.eos_token_ids)
+            if reason is not None:
+                self._end(r, RequestState.FINISHED, reason)
+            out.token(r, s.token_id, s.logprobs)
+            if reason is None and flow == "context":
+                self._handoff(r, handoffs.get(r.request_id, 0))
+        for e in plan.entries:
+            e.request.holds -= 1
+            self._settle(e.request)
+        return out.batch()
+
+    # ------------------------------------------------------------------ failures
+
+    def fail_inflight(self, flow: str, message: str) -> OutputBatch:
+        """The engine of ``flow`` crashed: fail what its plans and its memory held."""
+        out = self._collector()
+        plans = self._inflight[flow]
+        self._inflight[flow] = deque()
+        self._finished_ids[flow] = []  # a restarted engine knows nothing
+        victims: dict[str, Request] = {}
+        for p in plans:
+            for e in p.entries:
+                e.request.holds -= 1
+                if e.request.epoch == e.epoch:
+                    victims[e.request.request_id] = e.request
+        for r in self._running.values():
+            if flow in r.known_by:
+                victims[r.request_id] = r
+        for r in victims.values():
+            r.known_by.discard(flow)
+            if r.live:
+                self._fail(r, out, message)
+        for p in plans:
+            for e in p.entries:
+                self._settle(e.request)
+        return out.batch()
+
+    def fail_all(self, message: str) -> OutputBatch:
+        """Node shutdown (or a lost KV manager): every request ends with an error; pending
+        KVSteps and in-flight plans are forgotten."""
+        out = self._collector()
+        for draft in self._drafts.values():
+            for r in draft.held():
+                r.holds -= 1
+            for r in draft.frees:
+                self._freed(r)
+        self._drafts.clear()
+        for flow in self.flows:
+            for p in self._inflight[flow]:
+                for e in p.entries:
+                    e.request.holds -= 1
+            self._inflight[flow] = deque()
+            self._finished_ids[flow] = []
+        for r in list(self._requests.values()):
+            r.known_by.clear()
+            if not r.state.terminal:
+                self._fail(r, out, message)
+            self._settle(r)
+        return out.batch()
+
+    # ------------------------------------------------------------------ internals
+
+    def _collector(self) -> OutputCollector:
+        out = OutputCollector()
+        out.errors.extend(self._orphan_errors)
+        self._orphan_errors = []
+        return out
+
+    def _select(self, flow: str):
+        fb = self.flows[flow]
+        room = self.cfg.max_num_active_requests - self._num_active if fb.admits else 0
+        return select_work(fb, self._running.values(), self._waiting.values(), room)
+
+    def _computed(self) -> list[KVComputed]:
+        """Prompt tokens covered by issued plans, for requests where that grew since last time.
+
+        Capped at the prompt: the KV manager learns generated tokens only from KVFree.
+        """
+        out = []
+        for r in self._running.values():
+            n = min(r.num_scheduled, len(r.prompt))
+            if n > r.num_reported:
+                out.append(KVComputed(r.request_id, n))
+                r.num_reported = n
+        return out
+
+    def _admit(self, flow: str, draft: Draft, result: KVStepResult) -> list[Request]:
+        candidates = {r.request_id: r for r in draft.admits}
+        newly = []
+        for a in result.admitted:
+            r = candidates.get(a.request_id)
+            if r is None:
+                continue
+            r.has_blocks = True
+            self._num_active += 1
+            if r.state is not RequestState.WAITING:  # cancelled while the KVStep was out
+                r.release_blocks(with_output=False)
+                continue
+            del self._waiting[r.request_id]
+            self._admit_seq += 1
+            r.admitted(a, self._admit_seq, flow)
+            self._running[r.request_id] = r
+            newly.append(r)
+            self._counters["admitted"] += 1
+        if result.rejected and not newly and self._num_active == 0:
+            # nothing holds blocks, so nothing will ever make room for the head request
+            head = next((candidates[i] for i in result.rejected if i in candidates), None)
+            if head is not None and head.state is RequestState.WAITING:
+                out = OutputCollector()
+                self._fail(head, out, f"{len(head.prompt)} tokens do not fit in the KV cache")
+                self._orphan_errors.extend(out.errors)
+        return newly
+
+    def _fill(
+        self, flow: str, draft: Draft, newly: list[Request], failed: set[str]
+    ) -> list[PlanEntry]:
+        """The plan's steps: the draft's steps still valid, then first chunks of admissions."""
+        budget = IterationBudget(self.flows[flow])
+        entries = []
+        for r, epoch, n in draft.steps:
+            if r.epoch != epoch or not r.live or r.flow != flow or r.request_id in failed:
+                continue
+            entries.append(PlanEntry(r, epoch, budget.take(n), False))
+        for r in newly:
+            n = budget.take(r.prompt_left)
+            if n > 0:
+                entries.append(PlanEntry(r, r.epoch, n, False))
+        return entries
+
+    def _issue(self, flow: str, result: KVStepResult, entries: list[PlanEntry]) -> StepPlan:
+        extended = result.extended
+        new, steps = [], []
+        for e in entries:
+            r = e.request
+            if flow in r.known_by:
+                steps.append(
+                    SequenceStep(r.request_id, e.num_tokens, extended.get(r.request_id, []))
+                )
+            else:
+                new.append(r.new_sequence())  # carries every block, this iteration's too
+                r.known_by.add(flow)
+                steps.append(SequenceStep(r.request_id, e.num_tokens))
+            prefill = r.state is RequestState.PREFILL
+            e.samples = r.schedule(e.num_tokens)
+            self._counters["prefill_tokens" if prefill else "decode_tokens"] += e.num_tokens
+        fb = self.flows[flow]
+        num_tokens = sum(s.num_tokens for s in steps)
+        assert num_tokens <= fb.max_num_tokens, (num_tokens, fb)
+        assert len(steps) <= fb.max_batch_size, (len(steps), fb)
+        plan = StepPlan(
+            iteration=result.iteration,
+            new=new,
+            steps=steps,
+            finished=self._finished_ids[flow],
+            copies=list(result.copies),
+            flow=flow,
+        )
+        self._finished_ids[flow] = []
+        self._inflight[flow].append(IssuedPlan(flow, result.iteration, entries))
+        self._counters["plans"] += 1
+        return plan
+
+    def _preempt_for(self, failed: list[Request]) -> None:
+        """Extends failed: preempt the newest running request, unless blocks are on their way
+        back from an earlier preemption (then the failed steps just retry next iteration)."""
+        if self._preempting or not self._running:
+            return
+        victim = next(reversed(self._running.values()))
+        del self._running[victim.request_id]
+        for f in victim.known_by:
+            self._finished_ids[f].append(victim.request_id)
+        victim.preempt()
+        self._waiting[victim.request_id] = victim
+        self._waiting.move_to_end(victim.request_id, last=False)
+        self._preempting[victim.request_id] = victim
+        self._counters["preemptions"] += 1
+        self._settle(victim)
+
+    def _handoff(self, r: Request, event_id: int) -> None:
+        """Context result sampled the first token: the request moves to the generation flow."""
+        r.flow = "generation"
+        r.handoff_event_id = event_id
+        if "context" in r.known_by:
+            r.known_by.discard("context")
+            self._finished_ids["context"].append(r.request_id)
+        self._counters["handoffs"] += 1
+
+    def _end(self, r: Request, state: RequestState, finish_reason: str | None) -> None:
+        r.state = state
+        r.finish_reason = finish_reason
+        self._waiting.pop(r.request_id, None)
+        self._running.pop(r.request_id, None)
+        for f in r.known_by:
+            self._finished_ids[f].append(r.request_id)
+        r.known_by.clear()
+        r.release_blocks(with_output=state is not RequestState.FAILED)
+        self._counters[state.value] += 1
+        self._settle(r)
+
+    def _fail(self, r: Request, out: OutputCollector, message: str) -> None:
+        self._end(r, RequestState.FAILED, None)
+        out.error(r, "failed", message)
+
+    def _freed(self, r: Request) -> None:
+        """The KVStep carrying this request's free came back."""
+        r.has_blocks = False
+        r.free_state = FreeState.NONE
+        r.kv_free = None
+        self._num_active -= 1
+        self._preempting.pop(r.request_id, None)
+        self._settle(r)
+
+    def _settle(self, r: Request) -> None:
+        """Queue the free once nothing holds the request; forget it once it is fully gone."""
+        if r.holds > 0:
+            return
+        if r.free_state is FreeState.PENDING:
+            self._free_ready[r.request_id] = r
+        elif r.state.terminal and not r.has_blocks and self._requests.get(r.request_id) is r:
+            del self._requests[r.request_id]

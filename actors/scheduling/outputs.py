@@ -1,0 +1,45 @@
+"""Collects one call's token deltas and errors into a single OutputBatch."""
+
+from __future__ import annotations
+
+from greenroom.actors.scheduling.request import Request
+from greenroom.bus.messages import OutputBatch, RequestError, TokenDelta, TokenLogprobs
+
+ERROR_KINDS = ("invalid", "overloaded", "timeout", "failed", "aborted")
+
+
+class OutputCollector:
+    __slots__ = ("deltas", "errors")
+
+    def __init__(self) -> None:
+        self.deltas: list[TokenDelta] = []
+        self.errors: list[RequestError] = []
+
+    def token(self, r: Request, token: int, logprobs: TokenLogprobs | None) -> None:
+        """A new token; the final delta carries finish_reason and metrics when finished."""
+        lp = [logprobs] if logprobs is not None and r.sampling.logprobs > 0 else None
+        self.deltas.append(
+            TokenDelta(
+                request_id=r.request_id,
+                token_ids=[token],
+                logprobs=lp,
+                finish_reason=r.finish_reason,
+                metrics=r.metrics() if r.finish_reason else None,
+            )
+        )
+
+    def abort(self, r: Request) -> None:
+        self.deltas.append(
+            TokenDelta(
+                request_id=r.request_id,
+                token_ids=[],
+                finish_reason="abort",
+                metrics=r.metrics(),
+            )
+        )
+
+    def error(self, r: Request, kind: str, message: str) -> None:
+        self.errors.append(RequestError(request_id=r.request_id, kind=kind, message=message))
+
+    def batch(self) -> OutputBatch:
+        return OutputBatch(deltas=self.deltas, errors=self.errors)
