@@ -93,8 +93,8 @@ class Actor:
         return get_logger(type(self).__module__).bind(actor=self.name)
 
     def crash(self, exc: BaseException | None = None) -> NoReturn | None:
-        """Crash this actor. Inside a handler this raises; from another task of the
-        actor's loop it cancels the actor's task, which then ends as crashed."""
+        """Crash this actor. Inside a handler this raises; from anywhere else (another
+        task or thread) it cancels the actor's task, which then ends as crashed."""
         reason = exc if exc is not None else ActorCrash(f"{self.name} crashed")
         if self._cell.is_current_task():
             raise ActorCrash(str(reason)) from reason

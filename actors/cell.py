@@ -97,11 +97,13 @@ class ActorCell:
         self._fail_queued(self.mailbox.close(ActorStopped(f"actor {self.name!r} stopped")))
 
     def crash(self, reason: BaseException) -> None:
-        """Crash from the actor's own loop (outside its task)."""
+        """Crash the actor from outside its task (thread-safe)."""
+        call_on(self.loop, self._crash, reason)
+
+    def _crash(self, reason: BaseException) -> None:
         if self._crash_reason is None:
             self._crash_reason = reason
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        self._cancel()
 
     def kill(self) -> None:
         """Cancel the task now (a stop that does not wait for the handler). Thread-safe."""

@@ -194,16 +194,14 @@ class Runtime:
             sys_path=[p for p in __import__("sys").path if p],
         )
         host = ProcessHost(spec.name, address)
-        target = RemoteTarget(address, self.links)
-        target.dead = ActorStopped(f"actor {spec.name!r} is starting")
-        ref._target = target
         self._entries[spec.name] = host
         try:
             await host.start(pspec, self.start_timeout_s)
-        except ActorError as exc:
-            target.dead = exc
+        except BaseException:
+            self._forget(host)
             raise
-        target.dead = None
+        target = RemoteTarget(address, self.links)
+        ref._target = target
         host.add_exit_callback(self._on_process_exit(target), asyncio.get_running_loop())
         return host
 

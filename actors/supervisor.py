@@ -2,7 +2,8 @@
 
 A crashed child is restarted alone, into the same ActorRef (asks pending on the
 crashed incarnation fail with ActorCrashed; asks sent before the new one is up
-fail the same way). More than `max_restarts` crashes within `period_s` seconds
+fail the same way; over a socket, an ask that reaches the closing server of the
+crashed incarnation is lost and times out). More than `max_restarts` crashes within `period_s` seconds
 escalate: the supervisor stops every child and calls `on_escalate(reason)` —
 normally a clean node shutdown. A child that stops normally is not restarted.
 """

@@ -180,7 +180,9 @@ class _Codec:
             return _tensor_from_buffer(dtype_name, shape, payload)
         dtype = np.dtype(dtype_name)
         _check_dtype(dtype)
-        return np.frombuffer(payload, dtype=dtype).reshape(shape)
+        arr = np.frombuffer(payload, dtype=dtype).reshape(shape)
+        arr.flags.writeable = False
+        return arr
 
     @staticmethod
     def _dec_hook(target: type, obj: Any) -> Any:
