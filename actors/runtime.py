@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
@@ -191,7 +192,7 @@ class Runtime:
             log_format=settings["fmt"],
             log_level=settings["level"],
             log_stream=settings["stream"],
-            sys_path=[p for p in __import__("sys").path if p],
+            sys_path=[p for p in sys.path if p],
         )
         host = ProcessHost(spec.name, address)
         self._entries[spec.name] = host
@@ -342,7 +343,7 @@ class Runtime:
 
     def _close_loop_sockets(self, loop: asyncio.AbstractEventLoop) -> None:
         """Close every server, link and channel on loop (call on that loop)."""
-        for servers in self._servers.values():
+        for servers in list(self._servers.values()):
             for server in [s for s in servers if s.loop is loop]:
                 server.close()
         self.links.close_loop(loop)

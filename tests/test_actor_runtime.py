@@ -245,3 +245,31 @@ def test_context_is_terminated_even_without_a_running_loop() -> None:
     asyncio.run(rt.shutdown())
     with pytest.raises(zmq.ZMQError):
         rt.context.socket(zmq.DEALER)
+
+
+class Hanger(Actor):
+    def __init__(self) -> None:
+        self.stopped = threading.Event()
+
+    @handles(RtSleep)
+    async def hang(self, msg: RtSleep) -> None:
+        await asyncio.sleep(msg.seconds)
+
+    async def on_stop(self) -> None:
+        self.stopped.set()
+
+
+async def test_shutdown_is_bounded_with_hanging_handlers() -> None:
+    rt = Runtime()
+    on_loop = await rt.spawn(Hanger, name="hang-loop")
+    in_thread = await rt.spawn(Ponger, name="hang-thread", host="thread")
+    on_loop.tell_nowait(RtSleep(seconds=60.0))
+    in_thread.tell_nowait(RtSleep(seconds=1.0))  # a blocking call: cannot be interrupted
+    actor = rt.cell("hang-loop").actor
+    await asyncio.sleep(0.05)
+    thread = rt.cell("hang-thread")
+    started = time.monotonic()
+    await rt.shutdown(timeout=0.5)
+    assert time.monotonic() - started < 1.0
+    assert actor.stopped.is_set()  # cancelled, then on_stop ran
+    await asyncio.wait_for(thread.wait_exit(), 3.0)  # the blocked thread ends on its own
