@@ -112,6 +112,7 @@ def test_replay_against_the_simulated_server(tmp_path: Path, capsys) -> None:
     assert json.loads((out / "report.json").read_text())["num_sent"] == 40
     records = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
     assert len(records) == 40 and all(r["max_tokens"] <= 8 for r in records)
+    assert all(r["metrics"]["num_prompt_tokens"] == r["prompt_tokens"] for r in records)
     assert all(r["prompt_tokens"] + r["max_tokens"] <= 1024 for r in records)
     for name in ("latency_cdf.png", "throughput.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

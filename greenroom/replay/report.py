@@ -150,7 +150,10 @@ def write_report(report: ReplayReport, out_dir: str | Path) -> list[Path]:
     enc = msgspec.json.Encoder()
     with open(records, "wb") as f:
         for rec in report.records:
-            f.write(enc.encode(rec) + b"\n")
+            row = msgspec.to_builtins(rec)
+            if rec.metrics is not None:  # an array on the wire; named fields in the file
+                row["metrics"] = msgspec.structs.asdict(rec.metrics)
+            f.write(enc.encode(row) + b"\n")
     return [summary, records]
 
 
