@@ -214,7 +214,9 @@ def sm_partition_interference(device: torch.device, context_percent: float) -> d
                 end.record(dec_stream)
                 events.append((start, end))
         torch.cuda.synchronize()
-        dec_us = statistics.median(s.elapsed_time(e) * 1e3 for s, e in events[5:])
+        dec_us = (
+            statistics.median(s.elapsed_time(e) * 1e3 for s, e in events[5:]) if events else 0.0
+        )
         pre_tflops = None
         if pre_stream is not None:
             pre_tflops = n_pre * prefill_flops / (pre_start.elapsed_time(pre_end) / 1e3) / 1e12
