@@ -203,6 +203,9 @@ class Sim:
 
     def apply_kv(self, flow: str) -> StepPlan | None:
         plan = self.core.apply_kv_result(flow, self.kv_results.pop(flow))
+        orphans = self.core.take_output()
+        if orphans is not None:
+            self.record(orphans)
         if plan is not None:
             b = self.budgets[flow]
             assert sum(s.num_tokens for s in plan.steps) <= b.max_num_tokens

@@ -54,6 +54,7 @@ class SchedulerCore:
         self._drafts: dict[str, Draft] = {}
         self._inflight: dict[str, deque[IssuedPlan]] = {f: deque() for f in self.flows}
         self._orphan_errors: list[RequestError] = []
+        self._head_rejected: str | None = None  # the queue head the KV manager last turned down
         self._num_active = 0
         self._iteration = 0
         self._admit_seq = 0
@@ -277,6 +278,9 @@ class SchedulerCore:
     def _select(self, flow: str):
         fb = self.flows[flow]
         room = self.cfg.max_num_active_requests - self._num_active if fb.admits else 0
+        if self._waiting and next(iter(self._waiting)) == self._head_rejected:
+            # alone, so that later candidates' prefix claims cannot crowd it out again
+            room = min(room, 1)
         return select_work(fb, self._running.values(), self._waiting.values(), room)
 
     def _computed(self) -> list[KVComputed]:
@@ -310,13 +314,17 @@ class SchedulerCore:
             self._running[r.request_id] = r
             newly.append(r)
             self._counters["admitted"] += 1
-        if result.rejected and not newly and self._num_active == 0:
-            # nothing holds blocks, so nothing will ever make room for the head request
-            head = next((candidates[i] for i in result.rejected if i in candidates), None)
-            if head is not None and head.state is RequestState.WAITING:
-                out = OutputCollector()
-                self._fail(head, out, f"{len(head.prompt)} tokens do not fit in the KV cache")
-                self._orphan_errors.extend(out.errors)
+        head = draft.admits[0] if draft.admits else None
+        if head is None or head.request_id not in result.rejected:
+            self._head_rejected = None
+        elif len(draft.admits) > 1 or self._num_active > 0 or head.state.terminal:
+            self._head_rejected = head.request_id  # retry it alone
+        else:
+            # asked alone while nothing holds blocks: nothing will ever make room for it
+            self._head_rejected = None
+            out = OutputCollector()
+            self._fail(head, out, f"{len(head.prompt)} tokens do not fit in the KV cache")
+            self._orphan_errors.extend(out.errors)
         return newly
 
     def _fill(
