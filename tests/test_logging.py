@@ -7,6 +7,7 @@ import json
 import logging
 
 import pytest
+import structlog
 
 from greenroom.actors import Actor, Runtime, handles
 from greenroom.bus.messages import CancelRequests, SamplingParams, SubmitRequest, TokenDelta
@@ -17,7 +18,10 @@ from greenroom.logging import configure_logging, get_logger
 def stream():
     buf = io.StringIO()
     yield buf
-    configure_logging("console", "info", stream=io.StringIO())
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_greenroom", False)]:
+        root.removeHandler(handler)
+    structlog.reset_defaults()
 
 
 def lines(buf: io.StringIO) -> list[dict]:
