@@ -151,3 +151,29 @@ def test_shared_ancestor_is_evicted_after_all_its_branches():
     assert cached_blocks(mgr, root_block + [2, 2, 2, 2]) == 1
     mgr.evict(1)
     assert cached_blocks(mgr, root_block) == 0
+
+
+def test_a_hash_collision_is_a_miss_and_stops_caching(monkeypatch):
+    import greenroom.kv.admission as admission
+    import greenroom.kv.manager as manager
+    import greenroom.kv.request_blocks as request_blocks
+
+    colliding = {(5, 5, 5, 5), (6, 6, 6, 6)}
+
+    def weak_hash(parent: int, tokens: tuple[int, ...], extra: int) -> int:
+        return 4242 if tokens in colliding else block_hash(parent, tokens, extra)
+
+    for module in (admission, manager, request_blocks):
+        monkeypatch.setattr(module, "block_hash", weak_hash)
+    mgr = make(17)
+    cache_prompt(mgr, "five", [5, 5, 5, 5])
+    (six,) = step(
+        mgr, admit=[KVAdmit(request_id="six", token_ids=[6] * 4 + [1] * 5, reserve_tokens=9)]
+    ).admitted
+    assert six.num_cached_tokens == 0  # same key, other tokens: never a wrong prefix
+    step(mgr, computed=[KVComputed("six", 9)])
+    assert mgr.requests["six"].sealed and mgr.requests["six"].nodes == []
+    step(mgr, free=[KVFree("six")])
+    assert mgr.match_prefix([6] * 4 + [1] * 5) == 0
+    assert mgr.match_prefix([5, 5, 5, 5, 0]) == 4
+    assert mgr.num_free_blocks == 16
