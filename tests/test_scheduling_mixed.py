@@ -408,3 +408,83 @@ def test_host_tier_copies_ride_on_the_plan_of_their_iteration():
     for rid in sim.prompts:
         assert sim.tokens[rid] == sim.expected(rid)[0]
     sim.drained()
+
+
+def test_a_rejected_queue_head_is_retried_alone():
+    # later candidates' prefix claims can crowd out the head; alone it fits
+    sim = Sim(
+        mixed(tokens=40, batch=4),
+        num_blocks=8,
+        capacity_policy="guaranteed_no_evict",
+        max_num_active_requests=2,
+    )
+    sim.submit("warm", [42] * 11 + [1], max_tokens=1)
+    sim.run()
+    sim.submit("big", prompt(5, 16), max_tokens=5, ignore_eos=True)
+    sim.submit("small", [42] * 11 + [2], max_tokens=1, ignore_eos=True)
+    admits = []
+    orig = sim.kv.step
+
+    def spy(step):
+        result = orig(step)
+        if step.admit:
+            admits.append(([a.request_id for a in step.admit], result.rejected))
+        return result
+
+    sim.kv.step = spy
+    sim.run()
+    assert admits[0] == (["big", "small"], ["big", "small"])
+    assert admits[1] == (["big"], [])
+    assert sim.tokens["big"] == sim.expected("big")[0]
+    assert sim.tokens["small"] == sim.expected("small")[0]
+    sim.drained()
+
+
+def test_an_engine_error_fails_the_requests_of_that_plan():
+    sim = Sim(mixed(tokens=64), plans_in_flight=1)
+    sim.submit("a", prompt(1, 6), max_tokens=5, ignore_eos=True)
+    sim.iterate("mixed")
+    sim.submit("b", prompt(2, 6), max_tokens=5, ignore_eos=True)
+    sim.build("mixed")
+    plan = sim.apply_kv("mixed")
+    assert {s.request_id for s in plan.steps} == {"a", "b"}
+    sim.queued["mixed"].clear()
+    sim.record(
+        sim.core.apply_step_result(
+            "mixed", sim_mod.StepResult(iteration=plan.iteration, error="out of memory")
+        )
+    )
+    assert sim.final == {"a": "error:failed", "b": "error:failed"}
+    assert "out of memory" in sim.errors["a"]
+    sim.run()
+    sim.drained()
+
+
+def test_a_request_admitted_in_the_step_whose_extend_failed_is_the_victim():
+    core = SchedulerCore(SchedulerConfig(), 4, 128, [0], [FlowBudget("mixed", 64, 8)])
+    sp = SamplingParams(max_tokens=8, ignore_eos=True)
+    core.submit(SubmitRequest(request_id="r", prompt_token_ids=[1, 2, 3, 4], sampling=sp))
+    step = core.build_kv_step("mixed")
+    adm = KVAdmitted(request_id="r", block_ids=[1], num_cached_tokens=0)
+    plan = core.apply_kv_result("mixed", KVStepResult(iteration=1, admitted=[adm]))
+    core.apply_step_result("mixed", StepResult(iteration=1, sampled=[SampledToken("r", 5)]))
+    core.submit(SubmitRequest(request_id="s", prompt_token_ids=[6, 7], sampling=sp))
+    step = core.build_kv_step("mixed")
+    assert [e.request_id for e in step.extend] == ["r"] and [a.request_id for a in step.admit] == [
+        "s"
+    ]
+    adm = KVAdmitted(request_id="s", block_ids=[2], num_cached_tokens=0)
+    plan = core.apply_kv_result(
+        "mixed", KVStepResult(iteration=step.iteration, admitted=[adm], failed_extend=["r"])
+    )
+    assert plan is None  # r could not grow and s, the newest, was preempted at once
+    assert core.request_state("s") is RequestState.WAITING
+    step = core.build_kv_step("mixed")
+    assert [f.request_id for f in step.free] == ["s"] and not step.admit
+    assert [e.request_id for e in step.extend] == ["r"]
+    plan = core.apply_kv_result(
+        "mixed", KVStepResult(iteration=step.iteration, extended={"r": [2]})
+    )
+    assert [(s.request_id, s.new_block_ids) for s in plan.steps] == [("r", [2])]
+    step = core.build_kv_step("mixed")
+    assert [a.request_id for a in step.admit] == ["s"]

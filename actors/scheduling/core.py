@@ -168,9 +168,8 @@ class SchedulerCore:
             if r is not None and r.free_state is FreeState.NONE:
                 r.block_ids.extend(blocks)
         newly = self._admit(flow, draft, result)
-        failed = [stepping[rid] for rid in result.failed_extend if rid in stepping]
-        if failed:
-            self._preempt_for(failed)
+        if any(rid in stepping and stepping[rid].live for rid in result.failed_extend):
+            self._preempt_newest()
         entries = self._fill(flow, draft, newly, set(result.failed_extend))
         for r in draft.held():
             r.holds -= 1
@@ -338,6 +337,8 @@ class SchedulerCore:
                 continue
             entries.append(PlanEntry(r, epoch, budget.take(n), False))
         for r in newly:
+            if not r.live:
+                continue  # preempted right away by this step's failed extends
             n = budget.take(r.prompt_left)
             if n > 0:
                 entries.append(PlanEntry(r, r.epoch, n, False))
@@ -376,7 +377,7 @@ class SchedulerCore:
         self._counters["plans"] += 1
         return plan
 
-    def _preempt_for(self, failed: list[Request]) -> None:
+    def _preempt_newest(self) -> None:
         """Extends failed: preempt the newest running request, unless blocks are on their way
         back from an earlier preemption (then the failed steps just retry next iteration)."""
         if self._preempting or not self._running:

@@ -46,7 +46,3 @@ class IssuedPlan:
     flow: str
     iteration: int
     entries: list[PlanEntry]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(e.num_tokens for e in self.entries)

@@ -116,11 +116,6 @@ class Request:
     # ------------------------------------------------------------------ positions
 
     @property
-    def seq_len(self) -> int:
-        """Tokens known to the scheduler (prompt plus confirmed output)."""
-        return self.num_original_prompt + len(self.output)
-
-    @property
     def prompt_left(self) -> int:
         """Prompt tokens no plan has scheduled yet."""
         return max(0, len(self.prompt) - self.num_scheduled)
