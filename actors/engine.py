@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from greenroom.actors.core import Actor, handles
+from greenroom.actors import Actor, handles
 from greenroom.bus.messages import (
     EngineInfo,
     EngineInfoQuery,

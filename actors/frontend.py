@@ -8,17 +8,13 @@ send to a vanished peer fail, so a disconnect is noticed at the request's next d
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 
 import msgspec
-import zmq
-import zmq.asyncio
 
-from greenroom.actors.core import Actor, ActorRef, handles
+from greenroom.actors import Actor, ActorRef, MailboxFull, handles
 from greenroom.bus.messages import (
     AbortRequest,
     CancelRequests,
@@ -31,6 +27,7 @@ from greenroom.bus.messages import (
     SubmitRequest,
     TokenDelta,
 )
+from greenroom.bus.transport import Channel
 from greenroom.logging import get_logger
 
 log = get_logger(__name__)
@@ -90,9 +87,7 @@ class Frontend(Actor):
         self.info = info
         self.tokenizer = tokenizer
         self.scheduler: ActorRef | None = None
-        self._ctx: zmq.asyncio.Context | None = None
-        self._sock: zmq.asyncio.Socket | None = None
-        self._reader: asyncio.Task | None = None
+        self._channel: Channel | None = None
         self._owner: dict[str, bytes] = {}  # request id -> client identity
         self.bound_address: str = address
         self.stats = defaultdict(int)
@@ -101,47 +96,27 @@ class Frontend(Actor):
         self.scheduler = scheduler
 
     async def on_start(self) -> None:
-        self._ctx = zmq.asyncio.Context()
-        sock = self._ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
-        if self.address.startswith("tcp://") and self.address.endswith(":0"):
-            port = sock.bind_to_random_port(self.address.rsplit(":", 1)[0])
-            self.bound_address = f"{self.address.rsplit(':', 1)[0]}:{port}"
-        else:
-            sock.bind(self.address)
-            self.bound_address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._sock = sock
-        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        transport = self.runtime.transport()
+        self._channel = transport.bind_router(self.address, on_frames=self._on_frames)
+        self.bound_address = self._channel.address
 
     async def on_stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
-        if self._sock is not None:
-            self._sock.close(linger=0)
-        if self._ctx is not None:
-            self._ctx.term()
+        if self._channel is not None:
+            self._channel.close()
 
     # ------------------------------------------------------------------ client side
 
-    async def _read_loop(self) -> None:
-        assert self._sock is not None
-        while True:
-            frames = await self._sock.recv_multipart()
-            if len(frames) != 2:
-                self.stats["malformed"] += 1
-                continue
-            ident, payload = frames
-            try:
-                await self._on_client_frame(ident, payload)
-            except Exception as exc:  # one bad frame never stops the frontend
-                log.warning("client frame failed", error=repr(exc))
+    def _on_frames(self, frames: list) -> None:
+        if len(frames) != 2:
+            self.stats["malformed"] += 1
+            return
+        ident, payload = bytes(frames[0]), frames[1].bytes
+        try:
+            self._on_client_frame(ident, payload)
+        except Exception as exc:  # one bad frame never stops the frontend
+            log.warning("client frame failed", error=repr(exc))
 
-    async def _on_client_frame(self, ident: bytes, payload: bytes) -> None:
+    def _on_client_frame(self, ident: bytes, payload: bytes) -> None:
         try:
             msg = _decoder.decode(payload)
         except msgspec.DecodeError as exc:
@@ -158,16 +133,14 @@ class Frontend(Actor):
                 )
             return
         if isinstance(msg, GenerateRequest):
-            await self._on_generate(ident, msg)
+            self._on_generate(ident, msg)
         elif isinstance(msg, AbortRequest):
             if self._owner.get(msg.request_id) == ident and self.scheduler is not None:
-                await self.scheduler.tell(
-                    CancelRequests(request_ids=[msg.request_id], reason="abort")
-                )
+                self._to_scheduler(CancelRequests(request_ids=[msg.request_id], reason="abort"))
         elif isinstance(msg, ServerInfoQuery):
             self._reply(ident, [msgspec.structs.replace(self.info, request_id=msg.request_id)])
 
-    async def _on_generate(self, ident: bytes, req: GenerateRequest) -> None:
+    def _on_generate(self, ident: bytes, req: GenerateRequest) -> None:
         rid = req.request_id
         if rid in self._owner:
             self._reply(
@@ -216,7 +189,7 @@ class Frontend(Actor):
         assert self.scheduler is not None
         self._owner[rid] = ident
         self.stats["submitted"] += 1
-        await self.scheduler.tell(
+        self._to_scheduler(
             SubmitRequest(
                 request_id=rid,
                 prompt_token_ids=list(prompt_ids),
@@ -227,14 +200,29 @@ class Frontend(Actor):
             )
         )
 
-    def _reply(self, ident: bytes, items: list) -> bool:
-        """Send one frame to a client; False when the client is gone."""
-        assert self._sock is not None
+    def _to_scheduler(self, msg) -> None:
         try:
-            self._sock.send_multipart([ident, _encoder.encode(items)], flags=zmq.NOBLOCK)
-            return True
-        except zmq.ZMQError:  # EHOSTUNREACH: disconnected; EAGAIN: hopelessly behind
-            return False
+            self.scheduler.tell_nowait(msg)
+        except MailboxFull:
+            if isinstance(msg, SubmitRequest):
+                ident = self._owner.pop(msg.request_id)
+                self._reply(
+                    ident,
+                    [
+                        RequestError(
+                            request_id=msg.request_id,
+                            kind="overloaded",
+                            message="overloaded: the scheduler's mailbox is full; retry later",
+                        )
+                    ],
+                )
+            else:  # an abort must not be lost: deliver it as soon as there is room
+                self.spawn_task(self.scheduler.tell(msg))
+
+    def _reply(self, ident: bytes, items: list) -> bool:
+        """Send one frame to a client; False when the client is gone or hopelessly behind."""
+        assert self._channel is not None
+        return bool(self._channel.try_send_to_peer([ident, _encoder.encode(items)]))
 
     # ------------------------------------------------------------------ scheduler side
 

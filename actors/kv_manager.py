@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import msgspec
 import zmq
-import zmq.asyncio
 
-from greenroom.actors.core import Actor, handles
+from greenroom.actors import Actor, handles
 from greenroom.bus.messages import KVEvent, KVStats, KVStatsQuery, KVStep, KVStepResult
+from greenroom.bus.transport import Channel
 from greenroom.config import KVConfig
 
 
@@ -24,8 +24,7 @@ class KVManager(Actor):
         self.cfg = cfg
         self.num_gpu_blocks = num_gpu_blocks
         self.events_address = events_address
-        self._pub: zmq.asyncio.Socket | None = None
-        self._ctx: zmq.asyncio.Context | None = None
+        self._pub: Channel | None = None
         self._encoder = msgspec.msgpack.Encoder()
         self.manager = None
 
@@ -34,25 +33,17 @@ class KVManager(Actor):
 
         sink = None
         if self.events_address:
-            self._ctx = zmq.asyncio.Context()
-            self._pub = self._ctx.socket(zmq.PUB)
-            self._pub.setsockopt(zmq.LINGER, 0)
-            self._pub.setsockopt(zmq.SNDHWM, 10_000)
-            self._pub.bind(self.events_address)
+            self._pub = self.runtime.transport().bind(zmq.PUB, self.events_address)
             sink = self._publish
         self.manager = KVCacheManager(self.cfg, self.num_gpu_blocks, event_sink=sink)
 
     async def on_stop(self) -> None:
         if self._pub is not None:
-            self._pub.close(linger=0)
-        if self._ctx is not None:
-            self._ctx.term()
+            self._pub.close()
 
     def _publish(self, event: KVEvent) -> None:
-        try:
-            self._pub.send(self._encoder.encode(event), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # a slow subscriber loses events; the KV manager never waits for one
+        # a slow subscriber loses events (PUB drops at its high-water mark); never wait for one
+        self._pub.try_send([self._encoder.encode(event)])
 
     @handles(KVStep)
     async def step(self, msg: KVStep) -> KVStepResult:

@@ -13,11 +13,12 @@ import asyncio
 import contextlib
 from collections import deque
 
-from greenroom.actors.core import Actor, ActorCrashed, ActorError, ActorRef, handles
+from greenroom.actors import Actor, ActorCrashed, ActorError, ActorRef, handles
 from greenroom.actors.scheduling import FlowBudget, SchedulerCore
 from greenroom.bus.messages import (
     CancelRequests,
     EngineInfo,
+    EngineInfoQuery,
     Message,
     OutputBatch,
     RequestError,
@@ -32,6 +33,7 @@ log = get_logger(__name__)
 
 KV_TIMEOUT_S = 30.0
 STEP_TIMEOUT_S = 600.0
+ENGINE_RESTART_S = 300.0
 
 
 class SchedulerStatsQuery(Message):
@@ -174,7 +176,7 @@ class Scheduler(Actor):
                     pending.append(fut)
                     continue
             if pending and pending[0].done():
-                await self._consume(flow, pending.popleft())
+                await self._consume(flow, pending)
                 continue
             wake.clear()
             if pending and pending[0].done():
@@ -196,18 +198,40 @@ class Scheduler(Actor):
             log.error("kv manager failed", flow=flow, error=repr(exc))
             await self._emit(self.core.fail_all(f"KV manager failed: {exc}"))
             return None
-        return self.core.apply_kv_result(flow, result)
+        plan = self.core.apply_kv_result(flow, result)
+        await self._emit(self.core.take_output())  # e.g. a prompt that can never fit the pool
+        return plan
 
-    async def _consume(self, flow: str, fut: asyncio.Future) -> None:
+    async def _consume(self, flow: str, pending: deque[asyncio.Future]) -> None:
+        """Apply the oldest plan's result; on an engine failure, settle every plan in flight
+        first (they went to the same engine) and fail their requests once."""
+        fut = pending.popleft()
         try:
             result: StepResult = fut.result()
-        except ActorCrashed as exc:
-            log.error("engine crashed", flow=flow, error=str(exc))
-            out = self.core.fail_inflight(flow, f"the engine crashed: {exc}")
         except (ActorError, TimeoutError) as exc:
-            log.error("step failed", flow=flow, error=repr(exc))
-            out = self.core.fail_inflight(flow, f"the engine step failed: {exc}")
-        else:
-            out = self.core.apply_step_result(flow, result)
-        await self._emit(out)
+            crashed = isinstance(exc, ActorCrashed)
+            log.error("engine crashed" if crashed else "step failed", flow=flow, error=repr(exc))
+            while pending:
+                with contextlib.suppress(Exception):
+                    await pending.popleft()
+            what = "crashed" if crashed else "step failed"
+            await self._emit(self.core.fail_inflight(flow, f"the engine {what}: {exc}"))
+            if crashed:
+                await self._await_engine(flow)
+            self._wake_all()
+            return
+        await self._emit(self.core.apply_step_result(flow, result))
         self._wake_all()
+
+    async def _await_engine(self, flow: str, deadline_s: float = ENGINE_RESTART_S) -> None:
+        """Hold the flow until the supervisor's restarted engine answers (bounded)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline_s
+        while loop.time() < end:
+            try:
+                await self.engines[flow].ask(EngineInfoQuery(), timeout=max(0.1, end - loop.time()))
+                log.info("engine back", flow=flow)
+                return
+            except (ActorError, TimeoutError):
+                await asyncio.sleep(0.05)
+        log.error("engine did not come back", flow=flow, waited_s=deadline_s)

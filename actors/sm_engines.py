@@ -9,7 +9,7 @@ handoff event. On a CPU the same two-engine protocol runs on two threads without
 
 from __future__ import annotations
 
-from greenroom.actors.core import ActorRef, Supervisor
+from greenroom.actors import ActorRef, Supervisor
 from greenroom.actors.engine import Engine, HandoffEvents
 from greenroom.config import NodeConfig
 from greenroom.logging import get_logger

@@ -102,6 +102,21 @@ class Channel:
             self._schedule_drain()
         return True
 
+    def try_send_to_peer(self, frames: Sequence[Any]) -> bool | None:
+        """ROUTER only: True when sent, False when the peer is full, None when it is gone."""
+        sock = self._sock
+        if sock is None:
+            raise ChannelClosed(self.address)
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                raise
+            return None
+        return True
+
     async def send(self, frames: Sequence[Any]) -> None:
         """Send, waiting while the high-water mark is reached (backpressure)."""
         while not self.try_send(frames):

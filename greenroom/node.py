@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from greenroom.actors.core import ActorRef, Runtime, Supervisor
+from greenroom.actors import ActorRef, Runtime, Supervisor
 from greenroom.actors.engine import Engine
 from greenroom.actors.frontend import Frontend, FrontendLimits
 from greenroom.actors.kv_manager import KVManager

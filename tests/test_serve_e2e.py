@@ -10,7 +10,7 @@ import zmq
 import zmq.asyncio
 
 from greenroom.actors.engine import InjectFault
-from greenroom.bus.messages import KVStats, KVStatsQuery, SamplingParams
+from greenroom.bus.messages import ClientReply, KVStats, KVStatsQuery, RequestError, SamplingParams
 from greenroom.client import AsyncClient, Overloaded, RequestFailed, RequestRejected
 from greenroom.config import load_config
 from greenroom.node import Node
@@ -167,9 +167,11 @@ async def test_bad_inputs_get_errors_while_others_finish() -> None:
                 "bogus": 1,
             }
             await sock.send(msgspec.msgpack.encode(raw))
-            reply = msgspec.msgpack.decode(await asyncio.wait_for(sock.recv(), 5))
-            assert reply[0]["type"] == "RequestError" and reply[0]["kind"] == "invalid"
-            assert "bogus" in reply[0]["message"]
+            reply = msgspec.msgpack.decode(
+                await asyncio.wait_for(sock.recv(), 5), type=list[ClientReply]
+            )
+            assert isinstance(reply[0], RequestError) and reply[0].kind == "invalid"
+            assert "bogus" in reply[0].message
             await sock.send(b"\xc1 not msgpack")  # malformed: dropped, the frontend lives on
             sock.close(linger=0)
             ctx.term()
