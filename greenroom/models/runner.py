@@ -12,7 +12,8 @@ from greenroom.models.batch import ForwardBatch
 from greenroom.models.cuda_graphs import DecodeGraphs, default_batch_sizes
 from greenroom.models.kv_pool import allocate_kv_pool, bytes_per_block, plan_num_blocks
 from greenroom.models.llama import LlamaModel
-from greenroom.models.loader import ModelWeights, load_weights
+from greenroom.models.loader import ModelWeights, load_weights, random_weights
+from greenroom.models.presets import is_preset, preset_config
 from greenroom.models.tiny import tiny_llama_dir
 
 
@@ -47,6 +48,13 @@ class ModelRunner:
         device: str | torch.device | None = None,
     ) -> None:
         device = resolve_device(device if device is not None else model_cfg.device)
+        source = str(model_dir or model_cfg.path or "")
+        if is_preset(source):  # random weights of a named shape, made on the device
+            arch = ArchConfig.from_dict(preset_config(source), source=source)
+            dtype = resolve_dtype(model_cfg.dtype, arch, device)
+            weights = random_weights(arch, dtype, device, seed=model_cfg.seed)
+            self._setup(model_cfg, kv_cfg, arch, weights, dtype, device, source)
+            return
         path = Path(model_dir or model_cfg.path or tiny_llama_dir())
         arch = ArchConfig.from_dir(path)
         dtype = resolve_dtype(model_cfg.dtype, arch, device)
