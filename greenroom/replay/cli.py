@@ -192,7 +192,7 @@ def connect(address: str, timeout: float) -> Any:
     return AsyncClient(address, timeout=timeout)
 
 
-async def _replay_with(client: Any, args: argparse.Namespace) -> int:
+async def replay_with(client: Any, args: argparse.Namespace) -> int:
     fmt = detect_format(args.trace) if args.format == "auto" else args.format
     max_model_len, vocab_size, model = args.max_model_len, args.vocab_size, None
     if max_model_len is None or vocab_size is None:
@@ -261,7 +261,7 @@ async def _replay_with(client: Any, args: argparse.Namespace) -> int:
 async def _run_async(args: argparse.Namespace) -> int:
     client = connect(args.server, args.timeout)
     async with client:
-        return await _replay_with(client, args)
+        return await replay_with(client, args)
 
 
 def run(args: argparse.Namespace) -> int:
