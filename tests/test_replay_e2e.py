@@ -13,6 +13,7 @@ import pytest
 
 from greenroom.client import AsyncClient
 from greenroom.config import load_config
+from greenroom.node import Node
 from greenroom.replay import cli as replay_cli
 from greenroom.replay import load_trace, replay
 from greenroom.replay.readers import TraceRow
@@ -20,7 +21,6 @@ from greenroom.replay.trace import build_requests
 
 pytestmark = pytest.mark.slow
 
-Node = pytest.importorskip("greenroom.node", reason="the node runtime is not importable").Node
 
 
 @pytest.fixture
