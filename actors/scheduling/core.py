@@ -362,6 +362,8 @@ class SchedulerCore:
             self._counters["prefill_tokens" if prefill else "decode_tokens"] += e.num_tokens
         fb = self.flows[flow]
         num_tokens = sum(s.num_tokens for s in steps)
+        self._counters["max_plan_tokens"] = max(self._counters["max_plan_tokens"], num_tokens)
+        self._counters["plans_over_budget"] += num_tokens > fb.max_num_tokens
         assert num_tokens <= fb.max_num_tokens, (num_tokens, fb)
         assert len(steps) <= fb.max_batch_size, (len(steps), fb)
         plan = StepPlan(
