@@ -1,0 +1,1 @@
+"""Benchmark helpers: the library code behind scripts/bench_*.py."""
