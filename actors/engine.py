@@ -12,6 +12,7 @@ that event before the first plan that reads the handed-off request's KV.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -41,11 +42,17 @@ class EngineCrashed(RuntimeError):
 
 
 class HandoffEvents:
-    """CUDA events of finished prefills, by id; shared by the two engines of one process."""
+    """CUDA events of finished prefills, by id; shared by the two engines of one process.
 
-    def __init__(self) -> None:
-        self._events: dict[int, Any] = {}
+    One event covers every request a context plan handed off, and those requests may reach
+    the generation engine in different plans (or never: finished at the first token, aborted),
+    so waiting does not consume an event; the oldest are forgotten past ``capacity``.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._events: OrderedDict[int, Any] = OrderedDict()
         self._next = 1
+        self.capacity = capacity
 
     def record(self, stream) -> int:
         import torch
@@ -54,10 +61,13 @@ class HandoffEvents:
         event.record(stream)
         eid, self._next = self._next, self._next + 1
         self._events[eid] = event
+        while len(self._events) > self.capacity:
+            _, old = self._events.popitem(last=False)
+            old.synchronize()  # long done in practice; never drop one still pending
         return eid
 
     def wait(self, eid: int, stream) -> None:
-        event = self._events.pop(eid, None)
+        event = self._events.get(eid)
         if event is not None:
             stream.wait_event(event)
 

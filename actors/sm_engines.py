@@ -9,6 +9,8 @@ handoff event. On a CPU the same two-engine protocol runs on two threads without
 
 from __future__ import annotations
 
+from functools import partial
+
 from greenroom.actors import ActorRef, Supervisor
 from greenroom.actors.engine import Engine, HandoffEvents
 from greenroom.config import NodeConfig
@@ -27,7 +29,13 @@ def _partition_streams(cfg: NodeConfig, runner) -> tuple[object, object]:
     props = torch.cuda.get_device_properties(runner.device)
     ctx_sms, _ = choose_sm_split(props.multi_processor_count, cfg.sm_disagg.context_sm_percent)
     ctx_stream, gen_stream, info = create_sm_partitions(ctx_sms, device=runner.device.index or 0)
-    log.info("sm partitions", requested_percent=cfg.sm_disagg.context_sm_percent, **dict(info))
+    log.info(
+        "sm partitions",
+        requested_percent=cfg.sm_disagg.context_sm_percent,
+        total_sms=info.total_sms,
+        context_engine_sms=info.context_sms,
+        generation_engine_sms=info.generation_sms,
+    )
     return ctx_stream, gen_stream
 
 
@@ -37,31 +45,29 @@ async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> dict[str, ActorR
 
     runner = ModelRunner(cfg.model, cfg.kv, cfg.model.path)
     ctx_stream, gen_stream = _partition_streams(cfg, runner)
-    if gen_stream is not None and hasattr(runner, "capture_cuda_graphs"):
-        runner.capture_cuda_graphs(stream=gen_stream)
+    # Decode graphs are captured once, here, on the generation partition's stream (a graph keeps
+    # the SM partition it was captured on); a restarted generation engine replays the same
+    # graphs. The context engine runs eagerly on its own stream and never touches them.
+    if gen_stream is not None:
+        sizes = runner.capture_cuda_graphs(stream=gen_stream)
+        log.info("decode graphs captured on the generation stream", batch_sizes=len(sizes))
     handoffs = HandoffEvents()
 
-    def make_executor():
-        return PlanExecutor(runner, host_blocks=cfg.kv.host_blocks)
+    def make_executor(role: str) -> PlanExecutor:
+        return PlanExecutor(
+            runner, host_blocks=cfg.kv.host_blocks, use_cuda_graphs=role == "generation"
+        )
 
-    context = await sup.start_child(
-        Engine,
-        cfg,
-        "context",
-        make_executor,
-        ctx_stream,
-        handoffs,
-        name="context-engine",
-        host="thread",
-    )
-    generation = await sup.start_child(
-        Engine,
-        cfg,
-        "generation",
-        make_executor,
-        gen_stream,
-        handoffs,
-        name="generation-engine",
-        host="thread",
-    )
-    return {"context": context, "generation": generation}
+    refs = {}
+    for role, stream in (("context", ctx_stream), ("generation", gen_stream)):
+        refs[role] = await sup.start_child(
+            Engine,
+            cfg,
+            role,
+            partial(make_executor, role),
+            stream,
+            handoffs,
+            name=f"{role}-engine",
+            host="thread",
+        )
+    return refs

@@ -49,8 +49,12 @@ class PlanExecutor:
         runner: ModelRunner,
         host_blocks: int = 0,
         graph_stream: torch.cuda.Stream | None = None,
+        use_cuda_graphs: bool = True,
     ) -> None:
+        """``use_cuda_graphs`` False runs every forward eagerly (an SM-disaggregation context
+        engine: its stream is not the one the runner's graphs were captured on)."""
         self.runner = runner
+        self.use_cuda_graphs = use_cuda_graphs
         self.sequences: dict[str, Sequence] = {}
         self.host_pool: torch.Tensor | None = None
         if host_blocks:
@@ -67,7 +71,8 @@ class PlanExecutor:
         )
         # Called with each sequence whose prompt completed this step (SM-disaggregation hook).
         self.on_sequence_ready: Callable[[Sequence], None] | None = None
-        runner.capture_cuda_graphs(graph_stream)
+        if use_cuda_graphs and runner.graphs is None:
+            runner.capture_cuda_graphs(graph_stream)
 
     # ------------------------------------------------------------------ plan phases
 
@@ -159,7 +164,8 @@ class PlanExecutor:
         if len(set(ids)) != len(ids):
             raise PlanError(f"plan {plan.iteration} steps a request more than once: {ids}")
         chunks = [self._chunk(s.request_id, s.num_tokens, s.new_block_ids) for s in plan.steps]
-        logits = self.runner.forward(self.runner.build_batch(chunks))
+        batch = self.runner.build_batch(chunks)
+        logits = self.runner.forward(batch, use_graphs=self.use_cuda_graphs)
         ready_rows, ready = [], []
         for row, step in enumerate(plan.steps):
             seq = self.sequences[step.request_id]

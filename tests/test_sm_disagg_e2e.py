@@ -1,0 +1,301 @@
+"""SM-level disaggregation end to end: real nodes, the client, two engines on the tiny model.
+
+On a CPU the context and generation engines run the same two-engine protocol (two threads, one
+shared runner and KV pool, handoffs between the flows) without streams, so these tests cover
+the flows, handoffs, aborts at each stage and crash recovery that the GPU path relies on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+
+import pytest
+
+from greenroom.actors.engine import InjectFault
+from greenroom.actors.scheduler import SchedulerStatsQuery
+from greenroom.bus.messages import KVStats, KVStatsQuery, SamplingParams
+from greenroom.client import AsyncClient, RequestFailed
+from greenroom.config import load_config
+from greenroom.models.executor import PlanExecutor
+from greenroom.node import Node
+
+pytestmark = pytest.mark.slow
+
+
+def node_config(sm: bool, **overrides):
+    base = {
+        "port": 0,
+        "kv.num_blocks": 256,
+        "kv.enable_prefix_reuse": False,
+        "scheduler.max_num_tokens": 64,
+        "scheduler.max_batch_size": 16,
+        "sm_disagg.enabled": sm,
+        "sm_disagg.context_max_num_tokens": 48,
+        "sm_disagg.context_max_batch_size": 4,
+        "log_level": "warning",
+    }
+    base.update(overrides)
+    return load_config(overrides=base)
+
+
+def workload(n: int = 24, seed: int = 7) -> list[tuple[list[int], int]]:
+    """Varied prompts (1 to 150 tokens, so some prefill in several chunks) and output lengths
+    (1: finishes on the context engine's token; 2: one generation step after the handoff)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        length = rng.choice([1, 3, 17, 40, 64, 97, 150])
+        prompt = [rng.randrange(1, 512) for _ in range(length)]
+        out.append((prompt, [1, 2, 5, 12, 20][i % 5]))
+    return out
+
+
+async def run_all(node: Node, requests: list[tuple[list[int], int]]) -> list[list[list[int]]]:
+    """Every request streamed concurrently; per request, the token ids of each delta."""
+    async with AsyncClient(node.address, timeout=60) as client:
+
+        async def one(prompt: list[int], max_tokens: int) -> list[list[int]]:
+            deltas = []
+            async for delta in client.stream(
+                prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+            ):
+                if delta.token_ids:
+                    deltas.append(list(delta.token_ids))
+                if delta.finish_reason:
+                    assert delta.finish_reason == "length"
+            return deltas
+
+        return await asyncio.gather(*(one(p, m) for p, m in requests))
+
+
+async def kv_stats(node: Node) -> KVStats:
+    return await node.refs["kv"].ask(KVStatsQuery(), timeout=5.0)
+
+
+async def wait_all_free(node: Node, timeout: float = 10.0) -> KVStats:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        stats = await kv_stats(node)
+        if stats.free_blocks == stats.total_blocks:
+            return stats
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"blocks not freed: {stats}")
+        await asyncio.sleep(0.02)
+
+
+async def scheduler_stats(node: Node) -> dict:
+    return await node.refs["scheduler"].ask(SchedulerStatsQuery(), timeout=5.0)
+
+
+@pytest.fixture(scope="module")
+def mixed_outputs() -> list[list[int]]:
+    """Greedy outputs of the same workload in mixed (chunked prefill) mode: the reference."""
+
+    async def run() -> list[list[int]]:
+        node = await Node.start(node_config(sm=False))
+        try:
+            return [sum(d, []) for d in await run_all(node, workload())]
+        finally:
+            await node.stop()
+
+    return asyncio.run(run())
+
+
+async def test_greedy_outputs_equal_mixed_mode_under_concurrent_load(mixed_outputs) -> None:
+    requests = workload()
+    node = await Node.start(node_config(sm=True))
+    try:
+        assert set(node.refs) >= {"context", "generation"}
+        results = await run_all(node, requests)
+        for i, ((_, max_tokens), deltas) in enumerate(zip(requests, results, strict=True)):
+            tokens = sum(deltas, [])
+            assert len(tokens) == max_tokens, f"request {i}"
+            assert tokens == mixed_outputs[i], f"request {i}"
+            # the context engine's sampled token streams first, on its own
+            assert deltas[0] == tokens[:1], f"request {i}: {deltas}"
+        stats = await scheduler_stats(node)
+        assert stats["handoffs"] == sum(1 for _, m in requests if m > 1)
+        assert stats["prefill_tokens"] == sum(len(p) for p, _ in requests)
+        await wait_all_free(node)
+        assert (await scheduler_stats(node))["active"] == 0
+    finally:
+        await node.stop()
+
+
+async def test_first_token_survives_the_handoff(mixed_outputs) -> None:
+    """The generation engine decodes from the token the context engine sampled: with two output
+    tokens, the second is right only if the first reached the generation engine intact."""
+    requests = [(p, 2) for p, _ in workload()[:8]]
+    node = await Node.start(node_config(sm=True))
+    try:
+        results = await run_all(node, requests)
+        mixed = await _mixed_prefixes(requests)
+        for i, deltas in enumerate(results):
+            assert sum(deltas, []) == mixed[i], f"request {i}"
+        assert (await scheduler_stats(node))["handoffs"] == len(requests)
+        await wait_all_free(node)
+    finally:
+        await node.stop()
+
+
+async def _mixed_prefixes(requests: list[tuple[list[int], int]]) -> list[list[int]]:
+    node = await Node.start(node_config(sm=False))
+    try:
+        return [sum(d, []) for d in await run_all(node, requests)]
+    finally:
+        await node.stop()
+
+
+class FlowGate:
+    """Holds the plans of one flow inside the engine (its thread blocks) until opened."""
+
+    def __init__(self, monkeypatch, flow: str) -> None:
+        self.flow = flow
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        execute = PlanExecutor.execute
+
+        def gated(executor, plan):
+            if plan.flow == self.flow and plan.steps and not self.open.is_set():
+                self.entered.set()
+                self.open.wait(timeout=20)
+            return execute(executor, plan)
+
+        monkeypatch.setattr(PlanExecutor, "execute", gated)
+
+    async def wait_entered(self, timeout: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, self.entered.wait, timeout), "no gated plan"
+
+
+async def _abort_while_gated(node: Node, gate: FlowGate, stage: str) -> None:
+    """Abort a request while a plan holding it waits in the engine: its blocks stay allocated
+    until that plan comes back, then everything is free."""
+    async with AsyncClient(node.address, timeout=60) as client:
+        stream = client.stream(
+            list(range(1, 120)), SamplingParams(max_tokens=50, ignore_eos=True), request_id=stage
+        )
+        if stage == "prefill":
+            first = asyncio.ensure_future(stream.__anext__())
+            await gate.wait_entered()
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+        else:
+            delta = await stream.__anext__()  # the context engine's token
+            assert len(delta.token_ids) == 1
+            await gate.wait_entered()  # its first decode is inside the generation engine
+        await stream.aclose()  # leaving the stream aborts the request
+        await asyncio.sleep(0.2)
+        held = await kv_stats(node)
+        assert held.free_blocks < held.total_blocks, "blocks freed under an in-flight plan"
+        gate.open.set()
+        await wait_all_free(node)
+        # the node still serves
+        ok = await client.generate([1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
+        assert len(ok.token_ids) == 4
+    await wait_all_free(node)
+    stats = await scheduler_stats(node)
+    assert stats["active"] == 0 and not any(stats["running"].values())
+
+
+async def test_abort_during_prefill_frees_everything(monkeypatch) -> None:
+    gate = FlowGate(monkeypatch, "context")
+    node = await Node.start(node_config(sm=True))
+    try:
+        await _abort_while_gated(node, gate, "prefill")
+        assert (await scheduler_stats(node))["handoffs"] == 1  # only the later request's
+    finally:
+        gate.open.set()
+        await node.stop()
+
+
+async def test_abort_between_prefill_and_first_decode_frees_everything(monkeypatch) -> None:
+    gate = FlowGate(monkeypatch, "generation")
+    node = await Node.start(node_config(sm=True))
+    try:
+        await _abort_while_gated(node, gate, "handoff")
+    finally:
+        gate.open.set()
+        await node.stop()
+
+
+async def test_abort_during_decode_frees_everything() -> None:
+    node = await Node.start(node_config(sm=True))
+    try:
+        async with AsyncClient(node.address, timeout=60) as client:
+
+            async def abort_after(n: int, prompt_len: int) -> int:
+                got = 0
+                async for delta in client.stream(
+                    list(range(1, prompt_len + 1)),
+                    SamplingParams(max_tokens=1000, ignore_eos=True),
+                ):
+                    got += len(delta.token_ids)
+                    if got >= n:
+                        break  # leaving the stream aborts the request
+                return got
+
+            got = await asyncio.gather(*(abort_after(3 + i, 10 + 20 * i) for i in range(6)))
+            assert all(g >= 3 for g in got)
+        await wait_all_free(node)
+        stats = await scheduler_stats(node)
+        assert stats["handoffs"] == 6 and stats["active"] == 0
+    finally:
+        await node.stop()
+
+
+async def _long_decodes(client: AsyncClient, n: int, max_tokens: int) -> list[asyncio.Future]:
+    """Start n requests and return once each has its first token (all are in generation)."""
+    firsts = [asyncio.get_running_loop().create_future() for _ in range(n)]
+
+    async def one(i: int) -> int:
+        count = 0
+        async for delta in client.stream(
+            [i + 1, 2, 3, 4], SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        ):
+            count += len(delta.token_ids)
+            if not firsts[i].done():
+                firsts[i].set_result(None)
+        return count
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
+    await asyncio.wait_for(asyncio.gather(*firsts), timeout=20)
+    return tasks
+
+
+async def test_context_engine_crash_fails_its_requests_and_the_node_recovers() -> None:
+    node = await Node.start(node_config(sm=True))
+    try:
+        async with AsyncClient(node.address, timeout=60) as client:
+            decoding = await _long_decodes(client, 3, max_tokens=300)
+            await node.refs["context"].tell(InjectFault(reason="context crash"))
+            with pytest.raises(RequestFailed, match="crash"):
+                await client.generate(list(range(1, 30)), SamplingParams(max_tokens=5))
+            # requests already handed off live in the generation engine: they finish
+            assert await asyncio.gather(*decoding) == [300, 300, 300]
+            ok = await client.generate([5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True))
+            assert len(ok.token_ids) == 6
+        await wait_all_free(node)
+    finally:
+        await node.stop()
+
+
+async def test_generation_engine_crash_fails_its_requests_and_the_node_recovers() -> None:
+    node = await Node.start(node_config(sm=True))
+    try:
+        async with AsyncClient(node.address, timeout=60) as client:
+            decoding = await _long_decodes(client, 3, max_tokens=1500)
+            await node.refs["generation"].tell(InjectFault(reason="generation crash"))
+            results = await asyncio.gather(*decoding, return_exceptions=True)
+            assert all(isinstance(r, RequestFailed) for r in results), results
+            ok = await client.generate([5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True))
+            assert len(ok.token_ids) == 6
+            # the restarted generation engine decodes what the context engine hands it
+            again = await run_all(node, workload(6, seed=3))
+            assert [len(sum(d, [])) for d in again] == [m for _, m in workload(6, seed=3)]
+        await wait_all_free(node)
+    finally:
+        await node.stop()
