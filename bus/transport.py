@@ -88,22 +88,10 @@ class Channel:
         """Send now if the high-water mark allows; False (nothing sent) otherwise.
 
         A ROUTER drops messages for a peer that is gone (returns True)."""
-        sock = self._sock
-        if sock is None:
-            raise ChannelClosed(self.address)
-        try:
-            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return False
-        except zmq.ZMQError as exc:
-            if exc.errno != errno.EHOSTUNREACH:
-                raise
-        if not self._drain_scheduled and sock.get(zmq.EVENTS) & zmq.POLLIN:
-            self._schedule_drain()
-        return True
+        return self.try_send_to_peer(frames) is not False
 
     def try_send_to_peer(self, frames: Sequence[Any]) -> bool | None:
-        """ROUTER only: True when sent, False when the peer is full, None when it is gone."""
+        """Like try_send, but None when a ROUTER's peer is gone (the message is dropped)."""
         sock = self._sock
         if sock is None:
             raise ChannelClosed(self.address)
@@ -115,6 +103,14 @@ class Channel:
             if exc.errno != errno.EHOSTUNREACH:
                 raise
             return None
+        finally:
+            # the socket's fd is edge-triggered: a send can hide pending input, so look now
+            if (
+                self._sock is not None
+                and not self._drain_scheduled
+                and sock.get(zmq.EVENTS) & zmq.POLLIN
+            ):
+                self._schedule_drain()
         return True
 
     async def send(self, frames: Sequence[Any]) -> None:

@@ -23,31 +23,10 @@ from greenroom.kernels import ops
 from greenroom.models.arch import ArchConfig
 from greenroom.models.batch import ForwardBatch, SequenceChunk
 from greenroom.models.loader import ModelWeights, random_weights
+from greenroom.models.presets import PRESETS
 from greenroom.models.runner import ModelRunner
 
-LLAMA_8B = {
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "rms_norm_eps": 1e-5,
-    "max_position_embeddings": 131072,
-    "rope_parameters": {
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
-    "tie_word_embeddings": False,
-    "eos_token_id": [128001, 128008, 128009],
-    "torch_dtype": "bfloat16",
-}
+LLAMA_8B = PRESETS["llama-3.1-8b"]
 
 TINY = {
     **LLAMA_8B,

@@ -225,7 +225,7 @@ async def test_remote_tell_backpressure_reaches_the_sender(tmp_path) -> None:
     try:
         ref = await rt.spawn(Ponger, name="slow", host="thread", mailbox_size=2)
         remote = await rt.connect(await rt.expose(ref, f"ipc://{tmp_path}/slow.sock"))
-        await remote.tell(RtSleep(seconds=0.5))
+        await remote.tell(RtSleep(seconds=3.0))
         sent = 0
         deadline = time.monotonic() + 0.3
         while time.monotonic() < deadline:
