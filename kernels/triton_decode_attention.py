@@ -7,6 +7,8 @@ the rows of the score tile, so each K/V tile is read from HBM once per group. Sp
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -122,6 +124,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
     return max(1, min(wanted, by_length, _MAX_SPLITS))
 
 
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
