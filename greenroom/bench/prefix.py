@@ -1,0 +1,214 @@
+"""Prefix-reuse benchmark helpers: Mooncake trace requests at a chosen block scale, the ideal
+hit rate of an unbounded cache, and one replay per KV mode against a real node.
+
+Mooncake rows name one hash id per 512-token prompt block. ``tokens_per_hash_block`` maps each
+of those blocks to fewer tokens (16 on CPU: one KV block per hash block) and scales prompt
+lengths by the same factor, so the trace's sharing structure stays exactly as recorded while
+prefills shrink. At 512 the prompts equal the replay tool's (``build_requests``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from greenroom.replay.readers import TraceRow
+from greenroom.replay.tokens import BLOCK_TOKENS, BlockTokenCache, request_tokens
+from greenroom.replay.trace import TraceRequest, fit_lengths
+
+MODES = ("no_reuse", "gpu_reuse", "host_tier")
+
+
+def select_conversations(rows: Sequence[TraceRow], stride: int) -> list[TraceRow]:
+    """Rows whose first hash id is a multiple of ``stride``: every turn of one conversation
+    starts with the same block, so whole conversations are kept or dropped together."""
+    if stride < 1:
+        raise ValueError(f"stride must be at least 1, got {stride}")
+    if stride == 1:
+        return list(rows)
+    return [r for r in rows if r.hash_ids and r.hash_ids[0] % stride == 0]
+
+
+def scaled_requests(
+    rows: Sequence[TraceRow],
+    *,
+    vocab_size: int,
+    tokens_per_hash_block: int = BLOCK_TOKENS,
+    max_model_len: int | None = None,
+    max_input_len: int | None = None,
+    max_output_len: int | None = None,
+    seed: int = 0,
+) -> list[TraceRequest]:
+    """Requests in arrival order; each hash id becomes its block's first
+    ``tokens_per_hash_block`` tokens and input lengths scale by ``tokens_per_hash_block/512``."""
+    k = tokens_per_hash_block
+    if not 1 <= k <= BLOCK_TOKENS:
+        raise ValueError(f"tokens_per_hash_block must be in [1, {BLOCK_TOKENS}], got {k}")
+    blocks = BlockTokenCache(vocab_size, seed)
+    out = []
+    for index, row in enumerate(rows):
+        scaled = max(1, -(-row.input_length * k // BLOCK_TOKENS))
+        length, max_tokens, clipped, capped = fit_lengths(
+            scaled,
+            row.output_length,
+            max_model_len=max_model_len,
+            max_input_len=max_input_len,
+            max_output_len=max_output_len,
+        )
+        n_blocks = min(len(row.hash_ids), -(-length // k))
+        parts = [blocks.get(h)[:k] for h in row.hash_ids[:n_blocks]]
+        if n_blocks * k < length:
+            parts.append(request_tokens(index, length - n_blocks * k, vocab_size, seed))
+        out.append(
+            TraceRequest(
+                arrival_s=0.0 if row.arrival_s is None else row.arrival_s,
+                prompt_token_ids=np.concatenate(parts)[:length],
+                max_tokens=max_tokens,
+                clipped=clipped,
+                capped=capped,
+                index=index,
+                trace_input_length=row.input_length,
+                trace_output_length=row.output_length,
+            )
+        )
+    out.sort(key=lambda r: r.arrival_s)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class IdealHits:
+    """Block lookups and hits of an unbounded cache, and the blocks it ends up holding."""
+
+    lookup_blocks: int
+    hit_blocks: int
+    distinct_blocks: int
+
+    @property
+    def rate(self) -> float:
+        return self.hit_blocks / self.lookup_blocks if self.lookup_blocks else 0.0
+
+
+def ideal_hits(prompts: Iterable[Sequence[int] | np.ndarray], tokens_per_block: int) -> IdealHits:
+    """Replay ``prompts`` in order through a cache that never evicts, counted as the server
+    counts: a lookup covers the whole blocks short of the last prompt token and stops at the
+    first miss; every full prompt block is cached afterwards (keyed by its whole prefix)."""
+    tpb = tokens_per_block
+    seen: set[int] = set()
+    lookups = hits = 0
+    for prompt in prompts:
+        arr = np.asarray(prompt, dtype=np.int64)
+        eligible = max(0, (len(arr) - 1) // tpb)
+        key, matching = 0, True
+        for i in range(len(arr) // tpb):
+            key = hash((key, arr[i * tpb : (i + 1) * tpb].tobytes()))
+            if i < eligible:
+                lookups += 1
+                matching = matching and key in seen
+                hits += matching
+            seen.add(key)
+    return IdealHits(lookups, hits, len(seen))
+
+
+def trace_ideal_hits(rows: Iterable[TraceRow]) -> IdealHits:
+    """The trace's own measure: 512-token hash blocks, every listed block looked up in order,
+    hits up to the first hash id not seen in an earlier row."""
+    seen: set[int] = set()
+    lookups = hits = 0
+    for row in rows:
+        matching = True
+        for h in row.hash_ids:
+            lookups += 1
+            matching = matching and h in seen
+            hits += matching
+        seen.update(row.hash_ids)
+    return IdealHits(lookups, hits, len(seen))
+
+
+def mode_overrides(mode: str, gpu_blocks: int, host_blocks: int) -> dict[str, Any]:
+    """Config overrides of one benchmark mode (``gpu_blocks`` 0: sized from memory)."""
+    base: dict[str, Any] = {"kv.num_blocks": gpu_blocks}
+    if mode == "no_reuse":
+        return {**base, "kv.enable_prefix_reuse": False, "kv.host_blocks": 0}
+    if mode == "gpu_reuse":
+        return {**base, "kv.enable_prefix_reuse": True, "kv.host_blocks": 0}
+    if mode == "host_tier":
+        return {**base, "kv.enable_prefix_reuse": True, "kv.host_blocks": host_blocks}
+    raise ValueError(f"mode {mode!r} is invalid: one of {MODES}")
+
+
+async def run_mode(
+    overrides: dict[str, Any],
+    requests: Sequence[TraceRequest],
+    *,
+    time_scale: float,
+    timeout_s: float = 600.0,
+):
+    """Start a node with ``overrides``, replay ``requests`` against it, and return the replay
+    report with the node's KV and scheduler counters in ``report.run``."""
+    from greenroom.actors.scheduler import SchedulerStatsQuery
+    from greenroom.bus.messages import KVStatsQuery
+    from greenroom.client import AsyncClient
+    from greenroom.config import load_config
+    from greenroom.node import Node
+    from greenroom.replay import replay
+
+    cfg = load_config(overrides={"port": 0, **overrides})
+    started = time.perf_counter()
+    node = await Node.start(cfg)
+    start_s = time.perf_counter() - started
+    try:
+        async with AsyncClient(node.address, timeout=timeout_s) as client:
+            report = await replay(requests, client, time_scale=time_scale)
+        kv = await node.refs["kv"].ask(KVStatsQuery(), timeout=30.0)
+        sched = await node.refs["scheduler"].ask(SchedulerStatsQuery(), timeout=30.0)
+    finally:
+        await node.stop()
+    report.run = {
+        "overrides": dict(overrides),
+        "node_start_s": start_s,
+        "device": node.info.device,
+        "num_gpu_blocks": node.info.num_blocks,
+        "kv_stats": msgspec.structs.asdict(kv),
+        "scheduler_stats": sched,
+    }
+    return report
+
+
+def mode_summary(report, max_num_tokens: int, ideal_rate: float) -> dict[str, Any]:
+    """The numbers the benchmark compares across modes, from one mode's report."""
+    kv, sched, p = report.run["kv_stats"], report.run["scheduler_stats"], report.prefix
+    node_rate = kv["hit_blocks"] / kv["lookups_blocks"] if kv["lookups_blocks"] else 0.0
+    hit_rate = p.hit_rate or 0.0
+    return {
+        "completed": report.num_completed,
+        "failed": report.num_failed,
+        "failures": dict(report.failures),
+        "duration_s": round(report.duration_s, 3),
+        "hit_rate": round(hit_rate, 4),
+        "hit_rate_of_ideal": round(hit_rate / ideal_rate, 4) if ideal_rate else None,
+        "node_hit_rate": round(node_rate, 4),
+        "reused_blocks": p.reused_blocks,
+        "onboarded_blocks": p.onboarded_blocks,
+        "missed_blocks": p.missed_blocks,
+        "node_onboarded_blocks": kv["onboarded_blocks"],
+        "node_offloaded_blocks": kv["offloaded_blocks"],
+        "cached_token_fraction": p.cached_token_fraction,
+        "prefill_tokens": sched.get("prefill_tokens", 0),
+        "decode_tokens": sched.get("decode_tokens", 0),
+        "plans": sched.get("plans", 0),
+        "max_plan_tokens": sched.get("max_plan_tokens", 0),
+        "max_num_tokens": max_num_tokens,
+        "plans_over_budget": sched.get("plans_over_budget", 0),
+        "preemptions": sched.get("preemptions", 0),
+        "ttft_ms_p50": report.ttft_ms.p50,
+        "ttft_ms_p99": report.ttft_ms.p99,
+        "ttft_ms_mean": report.ttft_ms.mean,
+        "e2e_ms_p50": report.e2e_ms.p50,
+        "num_gpu_blocks": report.run["num_gpu_blocks"],
+        "host_blocks": kv["host_blocks"],
+    }

@@ -1,0 +1,207 @@
+"""SM-level disaggregation against mixed chunked prefill: load points, Pareto curves, the target.
+
+A serving mode is mixed chunked prefill (``sm_percent`` None) or SM disaggregation with a
+context-engine share of the SMs. Each mode runs the same request sets at several Poisson loads;
+a point is (output tokens/s per GPU, tokens/s per user = 1000 / mean TPOT ms, TTFT p50/p99).
+The comparison interpolates the mixed curve at an SM point's throughput, so both are read at
+equal tokens/s per GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from greenroom.replay import ReplayReport
+
+TARGET_USER_SPEEDUP = 1.3
+TARGET_MAX_TTFT_P99_RATIO = 1.5
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    sm_percent: float | None  # None: mixed chunked prefill
+
+    @classmethod
+    def mixed(cls) -> Mode:
+        return cls("mixed", None)
+
+    @classmethod
+    def sm(cls, percent: float) -> Mode:
+        return cls(f"sm{round(percent * 100)}", percent)
+
+
+def node_overrides(mode: Mode, base: dict) -> dict:
+    """Config overrides of one mode: ``base`` (model, pool, budgets) plus the SM switch."""
+    out = dict(base)
+    out["sm_disagg.enabled"] = mode.sm_percent is not None
+    if mode.sm_percent is not None:
+        out["sm_disagg.context_sm_percent"] = mode.sm_percent
+    return out
+
+
+@dataclass(frozen=True)
+class Point:
+    mode: str
+    mix: str
+    rate: float  # offered requests/s (Poisson)
+    num_requests: int
+    num_failed: int
+    duration_s: float
+    output_tokens_per_s_per_gpu: float
+    tokens_per_s_per_user: float | None  # 1000 / mean TPOT ms
+    tpot_mean_ms: float | None
+    ttft_p50_ms: float | None
+    ttft_p99_ms: float | None
+    itl_p99_ms: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def point_from_report(
+    mode: str, mix: str, rate: float, report: ReplayReport, num_gpus: int = 1
+) -> Point:
+    tpot = report.tpot_ms.mean
+    return Point(
+        mode=mode,
+        mix=mix,
+        rate=rate,
+        num_requests=report.num_sent,
+        num_failed=report.num_failed,
+        duration_s=round(report.duration_s, 3),
+        output_tokens_per_s_per_gpu=report.output_throughput / num_gpus,
+        tokens_per_s_per_user=1000.0 / tpot if tpot else None,
+        tpot_mean_ms=tpot,
+        ttft_p50_ms=report.ttft_ms.p50,
+        ttft_p99_ms=report.ttft_ms.p99,
+        itl_p99_ms=report.itl_ms.p99,
+    )
+
+
+def pareto_front(points: Sequence[Point]) -> list[Point]:
+    """Points no other point beats on both tokens/s per GPU and tokens/s per user, sorted by
+    throughput."""
+    pts = [p for p in points if p.tokens_per_s_per_user is not None]
+    front = []
+    for p in pts:
+        dominated = any(
+            q is not p
+            and q.output_tokens_per_s_per_gpu >= p.output_tokens_per_s_per_gpu
+            and q.tokens_per_s_per_user >= p.tokens_per_s_per_user
+            and (
+                q.output_tokens_per_s_per_gpu > p.output_tokens_per_s_per_gpu
+                or q.tokens_per_s_per_user > p.tokens_per_s_per_user
+            )
+            for q in pts
+        )
+        if not dominated:
+            front.append(p)
+    return sorted(front, key=lambda p: p.output_tokens_per_s_per_gpu)
+
+
+def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float | None:
+    """Piecewise-linear y at x over points sorted by x; None outside [min x, max x]."""
+    pairs = sorted(zip(xs, ys, strict=True))
+    if not pairs or not pairs[0][0] <= x <= pairs[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(pairs, pairs[1:], strict=False):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pairs[0][1]
+
+
+def compare_at_equal_throughput(mixed: Sequence[Point], sm: Sequence[Point]) -> list[dict]:
+    """Per SM point: the mixed curve read at the same tokens/s per GPU (linear between mixed
+    load points), the user-speed ratio and the TTFT p99 ratio; None where the SM point's
+    throughput lies outside the mixed curve's range."""
+    curve = [p for p in mixed if p.tokens_per_s_per_user is not None and p.ttft_p99_ms]
+    xs = [p.output_tokens_per_s_per_gpu for p in curve]
+    out = []
+    for p in sm:
+        x = p.output_tokens_per_s_per_gpu
+        user = interpolate(xs, [q.tokens_per_s_per_user for q in curve], x)
+        ttft = interpolate(xs, [q.ttft_p99_ms for q in curve], x)
+        speedup = p.tokens_per_s_per_user / user if user and p.tokens_per_s_per_user else None
+        ttft_ratio = p.ttft_p99_ms / ttft if ttft and p.ttft_p99_ms else None
+        out.append(
+            {
+                "mode": p.mode,
+                "rate": p.rate,
+                "tokens_per_s_per_gpu": x,
+                "sm_tokens_per_s_per_user": p.tokens_per_s_per_user,
+                "mixed_tokens_per_s_per_user": user,
+                "user_speedup": speedup,
+                "sm_ttft_p99_ms": p.ttft_p99_ms,
+                "mixed_ttft_p99_ms": ttft,
+                "ttft_p99_ratio": ttft_ratio,
+                "meets_target": speedup is not None
+                and ttft_ratio is not None
+                and speedup >= TARGET_USER_SPEEDUP
+                and ttft_ratio <= TARGET_MAX_TTFT_P99_RATIO,
+            }
+        )
+    return out
+
+
+def best_comparison(rows: Sequence[dict]) -> dict | None:
+    """The comparable row with the highest user speedup among those within the TTFT bound
+    (else the highest speedup overall)."""
+    rows = [r for r in rows if r["user_speedup"] is not None]
+    if not rows:
+        return None
+    ok = [
+        r
+        for r in rows
+        if r["ttft_p99_ratio"] is not None and r["ttft_p99_ratio"] <= TARGET_MAX_TTFT_P99_RATIO
+    ]
+    return max(ok or rows, key=lambda r: r["user_speedup"])
+
+
+def plot_pareto(points: Sequence[Point], path: str, title: str) -> None:
+    """tokens/s per GPU against tokens/s per user, one line per mode (its Pareto front), the
+    SM modes' joint front drawn bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    modes = sorted({p.mode for p in points}, key=lambda m: (m != "mixed", m))
+    for mode in modes:
+        pts = sorted(
+            (p for p in points if p.mode == mode and p.tokens_per_s_per_user),
+            key=lambda p: p.tokens_per_s_per_user,
+        )
+        style = {"color": "black", "linewidth": 2.5} if mode == "mixed" else {"alpha": 0.6}
+        ax.plot(
+            [p.tokens_per_s_per_user for p in pts],
+            [p.output_tokens_per_s_per_gpu for p in pts],
+            marker="o",
+            label="mixed chunked prefill" if mode == "mixed" else f"SM disagg {mode[2:]}% ctx",
+            **style,
+        )
+    front = pareto_front([p for p in points if p.mode != "mixed"])
+    if front:
+        ax.plot(
+            [p.tokens_per_s_per_user for p in front],
+            [p.output_tokens_per_s_per_gpu for p in front],
+            color="tab:red",
+            linewidth=2.5,
+            linestyle="--",
+            label="SM disagg (best of splits)",
+        )
+    ax.set_xlabel("tokens/s per user (1000 / mean TPOT)")
+    ax.set_ylabel("output tokens/s per GPU")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(value, 3)

@@ -1,0 +1,308 @@
+"""Serving-path benchmark: runtime overhead, a trace load sweep and the transformers peer,
+all measured in one run on one device.
+
+(a) overhead: 64 requests decoding together, steady state (prefill and the first decode steps
+    left out). greenroom = a node (frontend, scheduler, KV manager, engine actors) driven by
+    AsyncClient streams; baseline = a bare loop calling PlanExecutor.execute directly with
+    the same plans on the same model. Ratio greenroom / bare (target >= 0.95 on a GPU).
+(b) load sweep: the first --sweep-requests rows of the Azure conversation trace replayed at
+    several multiples of their recorded arrival rate; output tokens/s, TTFT and TPOT p99 per
+    load. Each load gets its own prompts (no KV reuse between loads).
+(c) peer: the first --peer-requests rows of the OpenOrca length set (all sent at once) through
+    the node and through transformers' continuous batching on the same weights; ratio of
+    output tokens/s greenroom / transformers (target >= 10).
+
+GPU (default when CUDA is present): random bf16 weights of --model (Llama-3.1-8B shape), made
+on the device; 64 requests x 2048-token prompts for (a). --quick: the small preset on CPU with
+tiny shapes (< 90 s). Prints one JSON object as its last stdout line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from greenroom.bench.serve import (
+    DecodeWorkload,
+    bare_decode,
+    load_sweep,
+    offline_throughput,
+    served_decode,
+)
+from greenroom.bus.messages import SamplingParams
+from greenroom.config import KVConfig, ModelConfig, load_config
+from greenroom.logging import configure_logging
+from greenroom.models.arch import ArchConfig
+from greenroom.models.executor import PlanExecutor
+from greenroom.models.loader import random_weights
+from greenroom.models.presets import preset_config
+from greenroom.models.runner import ModelRunner, resolve_dtype
+
+TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
+AZURE = TRACES / "AzureLLMInferenceTrace_conv.csv"
+OPENORCA = TRACES / "openorca_mlperf_llama2-70b_isl_osl.csv"
+TOKENS_PER_BLOCK = 16
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="small preset on CPU, tiny shapes (< 90 s)")
+    p.add_argument("--model", default=None, help="random-weight preset (GPU: random:llama-3.1-8b)")
+    p.add_argument("--batch", type=int, default=64, help="(a) requests decoding together")
+    p.add_argument("--context", type=int, default=None, help="(a) prompt tokens (GPU 2048)")
+    p.add_argument("--decode-tokens", type=int, default=None, help="(a) tokens per request")
+    p.add_argument("--warmup-tokens", type=int, default=None, help="(a) tokens left out")
+    p.add_argument("--repeats", type=int, default=None, help="(a) runs of each side; best kept")
+    p.add_argument("--azure-trace", default=str(AZURE), help="(b) Azure conversation CSV")
+    p.add_argument("--sweep-requests", type=int, default=None, help="(b) trace rows replayed")
+    p.add_argument("--loads", default=None, help="(b) comma-separated arrival-rate multiples")
+    p.add_argument("--peer-trace", default=str(OPENORCA), help="(c) input/output length CSV")
+    p.add_argument("--peer-requests", type=int, default=None, help="(c) rows of the length set")
+    p.add_argument("--max-input-len", type=int, default=None, help="cap trace prompts (quick)")
+    p.add_argument("--max-output-len", type=int, default=None, help="cap trace outputs (quick)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--no-sweep", action="store_true", help="skip (b)")
+    p.add_argument("--no-transformers", action="store_true", help="skip transformers in (c)")
+    return p.parse_args()
+
+
+def settings(args: argparse.Namespace) -> dict:
+    quick = args.quick or not torch.cuda.is_available()
+    gpu = {
+        "device": "cuda",
+        "model": "random:llama-3.1-8b",
+        "context": 2048,
+        "decode_tokens": 256,
+        "warmup_tokens": 16,
+        "repeats": 2,
+        "sweep_requests": 200,
+        "loads": "2,4,8,16",
+        "peer_requests": 256,
+        "max_input_len": None,
+        "max_output_len": None,
+        "max_model_len": 16384,
+    }
+    cpu = {
+        "device": "cpu",
+        "model": "random:small",
+        "context": 32,
+        "decode_tokens": 48,
+        "warmup_tokens": 8,
+        "repeats": 3,
+        "sweep_requests": 12,
+        "loads": "8,32",
+        "peer_requests": 12,
+        "max_input_len": 64,
+        "max_output_len": 16,
+        "max_model_len": 1024,
+    }
+    s = cpu if quick else gpu
+    given = {k: getattr(args, k) for k in s if getattr(args, k, None) is not None}
+    return {**s, **given, "quick": quick}
+
+
+def progress(phase: str, data) -> None:
+    """One line per finished phase on stderr (stdout's last line is the result)."""
+    print(f"bench_serve: {phase}: {json.dumps(data)}", file=sys.stderr, flush=True)
+
+
+def free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def trace_requests(path: str, s: dict, n: int, vocab: int, seed: int = 0):
+    from greenroom.replay import load_trace
+
+    return load_trace(
+        path,
+        vocab_size=vocab,
+        max_model_len=s["max_model_len"],
+        seed=seed,
+        max_requests=n,
+        max_input_len=s["max_input_len"],
+        max_output_len=s["max_output_len"],
+    )
+
+
+async def serve_phase(s: dict, args, work: DecodeWorkload, prompt_sets, peer_requests) -> dict:
+    from greenroom.client import AsyncClient
+    from greenroom.node import Node
+
+    overrides = {
+        "port": 0,
+        "log_level": "warning",
+        "model.path": s["model"],
+        "model.max_model_len": s["max_model_len"],
+        "model.cuda_graph_max_batch_size": 256,
+        "kv.tokens_per_block": TOKENS_PER_BLOCK,
+    }
+    cfg = load_config(overrides=overrides)
+    configure_logging(cfg.log_format, cfg.log_level)
+    t0 = time.perf_counter()
+    node = await Node.start(cfg)
+    out: dict = {"node_start_s": time.perf_counter() - t0, "node_kv_blocks": node.info.num_blocks}
+    try:
+        async with AsyncClient(node.address) as client:
+            warm = [p[-8:] for p in prompt_sets[0][:4]]  # not a prefix of any measured prompt
+            await asyncio.gather(*(client.generate(p, SamplingParams(max_tokens=4)) for p in warm))
+            runs = [
+                await served_decode(client, prompts, work, tag=f"decode{r}")
+                for r, prompts in enumerate(prompt_sets)
+            ]
+            out["served_runs"] = [r.tokens_per_s for r in runs]
+            out["served"] = max(runs, key=lambda r: r.tokens_per_s).to_dict()
+            progress("greenroom decode", out["served_runs"])
+            if not args.no_sweep:
+                loads = [float(x) for x in s["loads"].split(",")]
+                sets = [
+                    trace_requests(
+                        args.azure_trace, s, s["sweep_requests"], node.info.vocab_size, seed=1 + i
+                    )
+                    for i in range(len(loads))
+                ]
+                t = time.perf_counter()
+                out["sweep"] = await load_sweep(client, sets, loads)
+                out["sweep_s"] = time.perf_counter() - t
+                progress("sweep", out["sweep"])
+            out["peer"] = await offline_throughput(client, peer_requests)
+            progress("greenroom peer set", out["peer"])
+    finally:
+        await node.stop()
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    s = settings(args)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
+    device = torch.device(s["device"])
+    if device.type == "cpu":
+        # one intra-op thread: the engine thread and the event loop each get a core on a
+        # 2-core machine, and a busy machine does not stall a spinning thread pool
+        torch.set_num_threads(1)
+    preset = s["model"]
+    arch_dict = preset_config(preset)
+    arch = ArchConfig.from_dict(arch_dict, source=preset)
+    dtype = resolve_dtype("auto", arch, device)
+    work = DecodeWorkload(args.batch, s["context"], s["decode_tokens"], s["warmup_tokens"])
+    # a fresh prompt set per repeat, so the node's prefix cache cannot carry one over
+    prompt_sets = [work.prompts(arch.vocab_size, seed=r) for r in range(s["repeats"])]
+    timings: dict[str, float] = {}
+
+    # (a) the bare loop: weights made once, shared with the transformers peer below
+    t = time.perf_counter()
+    weights = random_weights(arch, dtype, device, seed=0)
+    model_cfg = ModelConfig(
+        path=preset, max_model_len=s["max_model_len"], cuda_graph_max_batch_size=256
+    )
+    per_request = -(-(work.prompt_len + work.max_tokens) // TOKENS_PER_BLOCK)
+    kv_cfg = KVConfig(
+        tokens_per_block=TOKENS_PER_BLOCK, num_blocks=2 + work.num_requests * per_request
+    )
+    runner = ModelRunner.from_weights(model_cfg, kv_cfg, arch, weights, device, preset)
+    executor = PlanExecutor(runner)
+    bare_decode(executor, prompt_sets[0][:4], DecodeWorkload(4, work.prompt_len, 8, 2))  # warm
+    bare_runs = [bare_decode(executor, prompts, work) for prompts in prompt_sets]
+    bare = max(bare_runs, key=lambda r: r.tokens_per_s)
+    progress("bare decode", [r.tokens_per_s for r in bare_runs])
+    del executor, runner
+    free_device_memory()
+    timings["bare_s"] = time.perf_counter() - t
+
+    # (c) transformers on the same weights and request subset
+    peer_requests = trace_requests(args.peer_trace, s, s["peer_requests"], arch.vocab_size)
+    hf: dict = {"skipped": True}
+    if not args.no_transformers:
+        from greenroom.bench.transformers_peer import generate_continuous, hf_llama
+
+        t = time.perf_counter()
+        model = hf_llama(arch_dict, arch, weights, device)
+        cb = {"num_blocks": 256, "max_batch_tokens": 512} if device.type == "cpu" else {}
+        try:
+            hf = generate_continuous(
+                model,
+                [r.prompt_token_ids.tolist() for r in peer_requests],
+                [r.max_tokens for r in peer_requests],
+                cb,
+            )
+        except Exception as exc:  # the peer must not hide greenroom's own numbers
+            hf = {"error": f"{type(exc).__name__}: {exc}"}
+        progress("transformers peer set", hf)
+        del model
+        timings["transformers_s"] = time.perf_counter() - t
+    del weights
+    free_device_memory()
+
+    # node: (a) through the actors, (b) sweep, (c) greenroom on the peer's request set
+    t = time.perf_counter()
+    served = asyncio.run(serve_phase(s, args, work, prompt_sets, peer_requests))
+    timings["node_s"] = time.perf_counter() - t
+
+    overhead_ratio = served["served"]["tokens_per_s"] / bare.tokens_per_s
+    peer_ratio = (
+        served["peer"]["output_tokens_per_s"] / hf["output_tokens_per_s"]
+        if "output_tokens_per_s" in hf
+        else None
+    )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = {
+        "benchmark": "bench_serve",
+        "device": name,
+        "model": preset,
+        "dtype": str(dtype).removeprefix("torch."),
+        "quick": s["quick"],
+        "overhead": {
+            "batch": work.num_requests,
+            "context": work.prompt_len,
+            "decode_tokens": work.max_tokens,
+            "warmup_tokens": work.warmup_tokens,
+            "repeats": len(bare_runs),
+            "bare": bare.to_dict(),
+            "bare_runs_tokens_per_s": [r.tokens_per_s for r in bare_runs],
+            "greenroom": served["served"],
+            "greenroom_runs_tokens_per_s": served["served_runs"],
+            "ratio": overhead_ratio,
+        },
+        "sweep": {
+            "trace": Path(args.azure_trace).name,
+            "requests_per_load": s["sweep_requests"],
+            "rows": served.get("sweep", []),
+        },
+        "peer": {
+            "trace": Path(args.peer_trace).name,
+            "subset": f"first {len(peer_requests)} rows, all sent at once",
+            "mean_prompt_tokens": sum(r.prompt_length for r in peer_requests) / len(peer_requests),
+            "mean_output_tokens": sum(r.max_tokens for r in peer_requests) / len(peer_requests),
+            "greenroom": served["peer"],
+            "transformers": hf,
+            "ratio": peer_ratio,
+        },
+        "ratios": {
+            "greenroom_over_bare": overhead_ratio,
+            "greenroom_over_transformers": peer_ratio,
+        },
+        "targets": {
+            "greenroom_over_bare": {"target": 0.95, "value": overhead_ratio},
+            "greenroom_over_transformers": {"target": 10.0, "value": peer_ratio},
+        },
+        "node": {"start_s": served["node_start_s"], "kv_blocks": served["node_kv_blocks"]},
+        "phase_seconds": timings,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
