@@ -1,1 +1,1 @@
-"""Benchmark helpers shared by the scripts in `scripts/bench_*.py`."""
+"""Benchmark helpers: the library code behind scripts/bench_*.py."""
