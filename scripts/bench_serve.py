@@ -72,6 +72,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-output-len", type=int, default=None, help="cap trace outputs (quick)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-sweep", action="store_true", help="skip (b)")
+    p.add_argument(
+        "--transformers-timeout", type=float, default=180.0, help="(c) seconds before giving up"
+    )
     p.add_argument("--no-transformers", action="store_true", help="skip transformers in (c)")
     return p.parse_args()
 
@@ -237,6 +240,7 @@ def main() -> None:
                 [r.prompt_token_ids.tolist() for r in peer_requests],
                 [r.max_tokens for r in peer_requests],
                 cb,
+                result_timeout_s=args.transformers_timeout,
             )
         except Exception as exc:  # the peer must not hide greenroom's own numbers
             hf = {"error": f"{type(exc).__name__}: {exc}"}
