@@ -82,6 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure onboarding copy bandwidth (auto: on CUDA only)",
     )
     p.add_argument("--out", default=None, help="directory for per-mode report JSON files")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra node config override for every mode, e.g. model.cuda_graphs=false",
+    )
     if p.parse_args(argv).quick:
         p.set_defaults(**QUICK)  # flags given explicitly still win
     return p.parse_args(argv)
@@ -109,6 +116,7 @@ async def run(args) -> dict:
         select_conversations,
         trace_ideal_hits,
     )
+    from greenroom.config import parse_override
     from greenroom.models.arch import ArchConfig
     from greenroom.models.presets import is_preset, preset_config
     from greenroom.models.tiny import tiny_llama_dir
@@ -158,6 +166,7 @@ async def run(args) -> dict:
         "kv.tokens_per_block": tpb,
         "scheduler.max_num_tokens": args.max_num_tokens,
         "log_level": "warning",
+        **dict(parse_override(item) for item in args.set),
     }
     results, reports = {}, {}
     for mode in modes:
