@@ -299,3 +299,20 @@ async def test_generation_engine_crash_fails_its_requests_and_the_node_recovers(
         await wait_all_free(node)
     finally:
         await node.stop()
+
+
+def test_bench_compares_sm_points_with_the_mixed_curve_at_equal_throughput() -> None:
+    from greenroom.bench.sm_disagg import Point, best_comparison, compare_at_equal_throughput
+
+    def point(mode: str, tput: float, user: float, ttft_p99: float) -> Point:
+        return Point(mode, "openorca", 1.0, 10, 0, 1.0, tput, user, 1000 / user, 1.0, ttft_p99, 1.0)
+
+    mixed = [point("mixed", 1000, 100, 50), point("mixed", 3000, 60, 150)]
+    sm = [point("sm30", 2000, 104, 120), point("sm30", 500, 120, 10), point("sm50", 1500, 80, 300)]
+    rows = compare_at_equal_throughput(mixed, sm)
+    assert rows[0]["mixed_tokens_per_s_per_user"] == pytest.approx(80)
+    assert rows[0]["user_speedup"] == pytest.approx(1.3)
+    assert rows[0]["ttft_p99_ratio"] == pytest.approx(1.2) and rows[0]["meets_target"]
+    assert rows[1]["user_speedup"] is None  # below the mixed curve's range: not compared
+    assert rows[2]["ttft_p99_ratio"] == pytest.approx(4.0) and not rows[2]["meets_target"]
+    assert best_comparison(rows)["mode"] == "sm30"
