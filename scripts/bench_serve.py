@@ -4,7 +4,8 @@ all measured in one run on one device.
 (a) overhead: 64 requests decoding together, steady state (prefill and the first decode steps
     left out). greenroom = a node (frontend, scheduler, KV manager, engine actors) driven by
     AsyncClient streams; baseline = a bare loop calling PlanExecutor.execute directly with
-    the same plans on the same model. Ratio greenroom / bare (target >= 0.95 on a GPU).
+    the same plans on the same model. Ratio greenroom / bare (target >= 0.95 on a GPU), for
+    the default engine on a thread and again with the engine in its own process.
 (b) load sweep: the first --sweep-requests rows of the Azure conversation trace replayed at
     several multiples of their recorded arrival rate; output tokens/s, TTFT and TPOT p99 per
     load. Each load gets its own prompts (no KV reuse between loads).
@@ -24,6 +25,7 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,6 +74,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-output-len", type=int, default=None, help="cap trace outputs (quick)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-sweep", action="store_true", help="skip (b)")
+    p.add_argument(
+        "--no-process-engine", action="store_true", help="(a): skip the process-hosted engine"
+    )
     p.add_argument(
         "--transformers-timeout", type=float, default=180.0, help="(c) seconds before giving up"
     )
@@ -139,34 +144,58 @@ def trace_requests(path: str, s: dict, n: int, vocab: int, seed: int = 0):
     )
 
 
-async def serve_phase(s: dict, args, work: DecodeWorkload, prompt_sets, peer_requests) -> dict:
+def node_config(s: dict, engine_host: str):
+    return load_config(
+        overrides={
+            "port": 0,
+            "log_level": "warning",
+            "engine_host": engine_host,
+            "model.path": s["model"],
+            "model.max_model_len": s["max_model_len"],
+            "model.cuda_graph_max_batch_size": 256,
+            "kv.tokens_per_block": TOKENS_PER_BLOCK,
+        }
+    )
+
+
+async def node_decode(client, work: DecodeWorkload, prompt_sets, host: str) -> dict:
+    """(a) through a node: best of one run per prompt set, after a short warm-up."""
+    warm = [p[-8:] for p in prompt_sets[0][:4]]  # not a prefix of any measured prompt
+    await asyncio.gather(*(client.generate(p, SamplingParams(max_tokens=4)) for p in warm))
+    runs = [
+        await served_decode(client, prompts, work, tag=f"decode{r}")
+        for r, prompts in enumerate(prompt_sets)
+    ]
+    progress(f"greenroom decode, engine on a {host}", [r.tokens_per_s for r in runs])
+    best = max(runs, key=lambda r: r.tokens_per_s).to_dict()
+    return {**best, "engine_host": host, "runs_tokens_per_s": [r.tokens_per_s for r in runs]}
+
+
+async def decode_phase(s: dict, work: DecodeWorkload, prompt_sets, host: str) -> dict:
     from greenroom.client import AsyncClient
     from greenroom.node import Node
 
-    overrides = {
-        "port": 0,
-        "log_level": "warning",
-        "model.path": s["model"],
-        "model.max_model_len": s["max_model_len"],
-        "model.cuda_graph_max_batch_size": 256,
-        "kv.tokens_per_block": TOKENS_PER_BLOCK,
-    }
-    cfg = load_config(overrides=overrides)
+    node = await Node.start(node_config(s, host))
+    try:
+        async with AsyncClient(node.address) as client:
+            return await node_decode(client, work, prompt_sets, host)
+    finally:
+        await node.stop()
+
+
+async def serve_phase(s: dict, args, work: DecodeWorkload, prompt_sets, peer_requests) -> dict:
+    """The thread-hosted node (the default): (a), then (b) and greenroom's side of (c)."""
+    from greenroom.client import AsyncClient
+    from greenroom.node import Node
+
+    cfg = node_config(s, "thread")
     configure_logging(cfg.log_format, cfg.log_level)
     t0 = time.perf_counter()
     node = await Node.start(cfg)
     out: dict = {"node_start_s": time.perf_counter() - t0, "node_kv_blocks": node.info.num_blocks}
     try:
         async with AsyncClient(node.address) as client:
-            warm = [p[-8:] for p in prompt_sets[0][:4]]  # not a prefix of any measured prompt
-            await asyncio.gather(*(client.generate(p, SamplingParams(max_tokens=4)) for p in warm))
-            runs = [
-                await served_decode(client, prompts, work, tag=f"decode{r}")
-                for r, prompts in enumerate(prompt_sets)
-            ]
-            out["served_runs"] = [r.tokens_per_s for r in runs]
-            out["served"] = max(runs, key=lambda r: r.tokens_per_s).to_dict()
-            progress("greenroom decode", out["served_runs"])
+            out["served"] = await node_decode(client, work, prompt_sets, "thread")
             if not args.no_sweep:
                 loads = [float(x) for x in s["loads"].split(",")]
                 sets = [
@@ -196,6 +225,7 @@ def main() -> None:
         # one intra-op thread: the engine thread and the event loop each get a core on a
         # 2-core machine, and a busy machine does not stall a spinning thread pool
         torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"  # the same for a process-hosted engine
     preset = s["model"]
     arch_dict = preset_config(preset)
     arch = ArchConfig.from_dict(arch_dict, source=preset)
@@ -250,12 +280,19 @@ def main() -> None:
     del weights
     free_device_memory()
 
-    # node: (a) through the actors, (b) sweep, (c) greenroom on the peer's request set
+    # (a) with the engine in its own process (its memory goes with the process), then the
+    # default thread-hosted node for (a), (b) and greenroom's side of (c)
     t = time.perf_counter()
+    process = None
+    if not args.no_process_engine:
+        configure_logging("auto", "warning")
+        process = asyncio.run(decode_phase(s, work, prompt_sets, "process"))
+        free_device_memory()
     served = asyncio.run(serve_phase(s, args, work, prompt_sets, peer_requests))
     timings["node_s"] = time.perf_counter() - t
 
     overhead_ratio = served["served"]["tokens_per_s"] / bare.tokens_per_s
+    process_ratio = process["tokens_per_s"] / bare.tokens_per_s if process else None
     peer_ratio = (
         served["peer"]["output_tokens_per_s"] / hf["output_tokens_per_s"]
         if "output_tokens_per_s" in hf
@@ -277,8 +314,9 @@ def main() -> None:
             "bare": bare.to_dict(),
             "bare_runs_tokens_per_s": [r.tokens_per_s for r in bare_runs],
             "greenroom": served["served"],
-            "greenroom_runs_tokens_per_s": served["served_runs"],
             "ratio": overhead_ratio,
+            "greenroom_process_engine": process,
+            "ratio_process_engine": process_ratio,
         },
         "sweep": {
             "trace": Path(args.azure_trace).name,

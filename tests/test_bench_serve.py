@@ -90,6 +90,9 @@ def test_quick_run_prints_one_json_result():
     assert overhead["ratio"] == pytest.approx(
         overhead["greenroom"]["tokens_per_s"] / overhead["bare"]["tokens_per_s"]
     )
+    process = overhead["greenroom_process_engine"]
+    assert process["engine_host"] == "process" and process["batch"] == 16
+    assert overhead["ratio_process_engine"] > 0
     rows = result["sweep"]["rows"]
     assert [r["load"] for r in rows] == [8.0, 32.0]
     assert all(r["num_completed"] == r["num_sent"] and r["num_failed"] == 0 for r in rows)
