@@ -223,4 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from greenroom.logging import configure_logging
+
+    configure_logging("console", "warning", stream=sys.stderr)  # stdout: the JSON line only
     sys.exit(main())
