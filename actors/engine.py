@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from greenroom.actors import Actor, handles
+from greenroom.actors.step_profile import EngineProfileQuery, StepProfile
 from greenroom.bus.messages import (
     EngineInfo,
     EngineInfoQuery,
@@ -94,6 +95,7 @@ class Engine(Actor):
         self.handoffs = handoffs
         self.executor = None
         self._fault: str | None = None
+        self.profile = StepProfile()
 
     async def on_start(self) -> None:
         t0 = time.perf_counter()
@@ -132,14 +134,25 @@ class Engine(Actor):
     async def inject(self, msg: InjectFault) -> None:
         self._fault = msg.reason
 
+    @handles(EngineProfileQuery)
+    def profile_query(self, msg: EngineProfileQuery) -> dict:
+        out = self.profile.summary()
+        if msg.reset:
+            self.profile.reset()
+        self.executor.time_forwards = msg.gpu_timing
+        return out
+
     @handles(StepPlan)
-    async def step(self, plan: StepPlan) -> StepResult:
+    def step(self, plan: StepPlan) -> StepResult:
         if self._fault is not None:
             self.crash(EngineCrashed(self._fault))
+        start, gap_ms = self.profile.begin()
         if self.stream is None:
             result = self.executor.execute(plan)
         else:
             result = self._execute_on_stream(plan)
+        if plan.steps:
+            self._record(plan, start, gap_ms)
         if self.role == "context" and result.sampled:
             eid = self.handoffs.record(self.stream) if self.stream is not None else 0
             result = StepResult(
@@ -150,6 +163,15 @@ class Engine(Actor):
                 duration_s=result.duration_s,
             )
         return result
+
+    def _record(self, plan: StepPlan, start: float, gap_ms: float) -> None:
+        gpu_ms = None
+        events = self.executor.forward_events
+        if self.executor.time_forwards and events is not None:
+            events[1].synchronize()  # done already: sampling read the logits back
+            gpu_ms = events[0].elapsed_time(events[1])
+        decode_only = all(s.num_tokens == 1 for s in plan.steps)
+        self.profile.end(start, gap_ms, decode_only, len(plan.steps), gpu_ms)
 
     def _execute_on_stream(self, plan: StepPlan) -> StepResult:
         import torch
@@ -168,4 +190,4 @@ def _node_config(data: dict) -> NodeConfig:
     return build_config(data)
 
 
-__all__ = ["Engine", "EngineCrashed", "HandoffEvents", "InjectFault"]
+__all__ = ["Engine", "EngineCrashed", "EngineProfileQuery", "HandoffEvents", "InjectFault"]

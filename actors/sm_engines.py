@@ -18,14 +18,18 @@ from greenroom.logging import get_logger
 
 log = get_logger(__name__)
 
+# Capture the decode graphs with cuBLASLt sized for the generation partition (A/B switch for
+# benchmarks; split-K attention always follows the partition).
+BLAS_SM_TARGET = True
 
-def _partition_streams(cfg: NodeConfig, runner) -> tuple[object, object]:
+
+def _partition_streams(cfg: NodeConfig, runner) -> tuple[object, object, int | None]:
     import torch
 
     from greenroom.kernels.sm_partition import choose_sm_split, create_sm_partitions
 
     if runner.device.type != "cuda":
-        return None, None
+        return None, None, None
     props = torch.cuda.get_device_properties(runner.device)
     ctx_sms, _ = choose_sm_split(props.multi_processor_count, cfg.sm_disagg.context_sm_percent)
     ctx_stream, gen_stream, info = create_sm_partitions(ctx_sms, device=runner.device.index or 0)
@@ -36,7 +40,7 @@ def _partition_streams(cfg: NodeConfig, runner) -> tuple[object, object]:
         context_engine_sms=info.context_sms,
         generation_engine_sms=info.generation_sms,
     )
-    return ctx_stream, gen_stream
+    return ctx_stream, gen_stream, info.generation_sms
 
 
 async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> dict[str, ActorRef]:
@@ -44,12 +48,17 @@ async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> dict[str, ActorR
     from greenroom.models.runner import ModelRunner
 
     runner = ModelRunner(cfg.model, cfg.kv, cfg.model.path)
-    ctx_stream, gen_stream = _partition_streams(cfg, runner)
+    ctx_stream, gen_stream, gen_sms = _partition_streams(cfg, runner)
     # Decode graphs are captured once, here, on the generation partition's stream (a graph keeps
     # the SM partition it was captured on); a restarted generation engine replays the same
     # graphs. The context engine runs eagerly on its own stream and never touches them.
+    # Launch shapes (split-K attention, matmul kernels) are fixed at capture: size them for the
+    # partition's SMs, not the device's.
     if gen_stream is not None:
-        sizes = runner.capture_cuda_graphs(stream=gen_stream)
+        from greenroom.models.cuda_graphs import partition_sizing
+
+        with partition_sizing(gen_sms, BLAS_SM_TARGET):
+            sizes = runner.capture_cuda_graphs(stream=gen_stream)
         log.info("decode graphs captured on the generation stream", batch_sizes=len(sizes))
     handoffs = HandoffEvents()
 

@@ -7,7 +7,10 @@ the rows of the score tile, so each K/V tile is read from HBM once per group. Sp
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 import triton
@@ -19,6 +22,19 @@ _LOG2E = 1.4426950408889634
 # Below this many tokens per split the merge and launch overheads outweigh extra parallelism.
 _MIN_TOKENS_PER_SPLIT = 256
 _MAX_SPLITS = 32
+# SMs the caller's kernels run on, when a partition (green context) gives it fewer than the
+# device has; split-K and launch shapes are sized for that many.
+_SM_BUDGET: ContextVar[int | None] = ContextVar("decode_sm_budget", default=None)
+
+
+@contextlib.contextmanager
+def sm_budget(num_sms: int | None) -> Iterator[None]:
+    """Size decode launches in this context for ``num_sms`` SMs (None: the whole device)."""
+    token = _SM_BUDGET.set(num_sms)
+    try:
+        yield
+    finally:
+        _SM_BUDGET.reset(token)
 
 
 @triton.jit
@@ -114,12 +130,20 @@ def _decode_kernel(
         tl.store(lse_ptr + split * stride_ls + b * stride_lb + heads, lse, mask=gmask)
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
-    """Splits per (request, kv head) for about two programs per SM; depends only on shapes."""
+def choose_num_splits(
+    batch: int,
+    num_kv_heads: int,
+    max_context: int,
+    device: torch.device,
+    sm_count: int | None = None,
+) -> int:
+    """Splits per (request, kv head) for about two programs per SM; depends only on shapes.
+
+    ``sm_count`` None: the ``sm_budget`` in effect, else the device's SM count."""
     if device.type != "cuda":
         return 1
     programs = max(batch * num_kv_heads, 1)
-    wanted = round(2 * _sm_count(device) / programs)
+    wanted = round(2 * (sm_count or _available_sms(device)) / programs)
     by_length = max(max_context // _MIN_TOKENS_PER_SPLIT, 1)
     return max(1, min(wanted, by_length, _MAX_SPLITS))
 
@@ -129,10 +153,15 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _available_sms(device: torch.device) -> int:
+    budget = _SM_BUDGET.get()
+    return min(budget, _sm_count(device)) if budget else _sm_count(device)
+
+
 def _default_launch(batch: int, num_kv_heads: int, device: torch.device) -> dict[str, int]:
     # Measured on an H200 (bench_kernels --tune): with fewer (request, kv head) programs than
     # SMs, longer tiles and more warps keep enough loads in flight per SM.
-    if device.type == "cuda" and batch * num_kv_heads < _sm_count(device):
+    if device.type == "cuda" and batch * num_kv_heads < _available_sms(device):
         return dict(block_n=128, num_warps=8, num_stages=3)
     return dict(block_n=64, num_warps=4, num_stages=3)
 

@@ -53,6 +53,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--heavy-requests", type=int, default=64)
     ap.add_argument("--prefill-heavy", default="2048,16,6", help="input,output,rate")
     ap.add_argument("--decode-heavy", default="64,512,8", help="input,output,rate")
+    ap.add_argument("--balanced", default="2048,256,6", help="input,output,rate")
+    ap.add_argument(
+        "--mixes",
+        default="openorca,prefill_heavy,decode_heavy",
+        help="request sets to run, of openorca, prefill_heavy, decode_heavy, balanced",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="per point, each engine's step timings: wall, forward (CUDA events), idle gap",
+    )
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip points past this")
     ap.add_argument("--gil-switch-ms", type=float, default=0.0, help="0: Python's default")
     ap.add_argument("--out", default="sm_disagg_results.json")
@@ -91,12 +102,21 @@ def request_sets(args: argparse.Namespace, vocab_size: int, max_model_len: int) 
     fit = {"vocab_size": vocab_size, "max_model_len": max_model_len, "seed": 0}
     if args.quick:
         fit.update(max_input_len=64, max_output_len=16)
-    rows = read_rows(args.trace, "lengths", limit=args.requests)
-    sets = [
-        ("openorca", rate, build_requests(rows, rate=rate, **fit))
-        for rate in (float(r) for r in args.rates.split(","))
-    ]
-    for mix, spec in (("prefill_heavy", args.prefill_heavy), ("decode_heavy", args.decode_heavy)):
+    mixes = args.mixes.split(",")
+    sets = []
+    if "openorca" in mixes:
+        rows = read_rows(args.trace, "lengths", limit=args.requests)
+        sets += [
+            ("openorca", rate, build_requests(rows, rate=rate, **fit))
+            for rate in (float(r) for r in args.rates.split(","))
+        ]
+    for mix, spec in (
+        ("prefill_heavy", args.prefill_heavy),
+        ("decode_heavy", args.decode_heavy),
+        ("balanced", args.balanced),
+    ):
+        if mix not in mixes:
+            continue
         isl, osl, rate = (float(x) for x in spec.split(","))
         heavy = [TraceRow(None, int(isl), int(osl)) for _ in range(args.heavy_requests)]
         sets.append((mix, rate, build_requests(heavy, vocab_size=vocab_size, rate=rate, seed=1)))
@@ -129,13 +149,23 @@ async def run_mode(mode: Mode, args, deadline: float, log) -> tuple[list[Point],
             t0 = time.perf_counter()
             await replay(build_requests(warm, vocab_size=node.info.vocab_size, seed=9), client)
             info["warmup_s"] = round(time.perf_counter() - t0, 1)
+            engines = {
+                k: node.refs[k] for k in ("mixed", "context", "generation") if k in node.refs
+            }
+            profiles = info.setdefault("profiles", {}) if args.profile else None
             for mix, rate, reqs in sets:
                 if time.perf_counter() > deadline:
                     log(f"{mode.name} {mix}@{rate}: skipped (budget)")
                     continue
+                if profiles is not None:
+                    await _profile(engines, gpu_timing=True)  # reset: this point's steps only
                 report = await replay(reqs, client)
                 p = point_from_report(mode.name, mix, rate, report)
                 points.append(p)
+                if profiles is not None:
+                    prof = await _profile(engines, gpu_timing=False)
+                    profiles[f"{mix}@{rate:g}"] = prof
+                    log(f"{mode.name:6s} {mix:13s} rate {rate:5.1f} steps: {json.dumps(prof)}")
                 log(
                     f"{mode.name:6s} {mix:13s} rate {rate:5.1f}: {p.output_tokens_per_s_per_gpu:7.0f} "
                     f"tok/s/gpu  {p.tokens_per_s_per_user or 0:6.1f} tok/s/user  TTFT p50 "
@@ -149,6 +179,13 @@ async def run_mode(mode: Mode, args, deadline: float, log) -> tuple[list[Point],
     return points, info
 
 
+async def _profile(engines: dict, gpu_timing: bool) -> dict:
+    from greenroom.actors.step_profile import EngineProfileQuery
+
+    query = EngineProfileQuery(reset=True, gpu_timing=gpu_timing)
+    return {name: await ref.ask(query, timeout=10) for name, ref in engines.items()}
+
+
 def _stats_query():
     from greenroom.actors.scheduler import SchedulerStatsQuery
 
@@ -158,7 +195,7 @@ def _stats_query():
 def heavy_summary(points: list[Point]) -> dict:
     """Per heavy mix: each SM mode against mixed at the same offered load."""
     out = {}
-    for mix in ("prefill_heavy", "decode_heavy"):
+    for mix in ("prefill_heavy", "decode_heavy", "balanced"):
         base = next((p for p in points if p.mix == mix and p.mode == "mixed"), None)
         if base is None:
             continue

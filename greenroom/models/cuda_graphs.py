@@ -4,15 +4,54 @@ Graphs are captured on a caller-given stream: a graph keeps the SM partition of 
 it was captured on, so an engine on a green-context stream captures on that stream. Each
 graph reads static input buffers; a replay copies the batch in, pads the remaining rows to
 the null block (position 0, slot 0, context length 1) and returns the first B logit rows.
+
+Launch shapes are fixed at capture: on an SM partition, capture inside `partition_sizing` so
+split-K attention and cuBLASLt's kernel choice are sized for the partition's SMs (a grid sized
+for the whole GPU runs in two waves on a part of it).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
 from greenroom.models.batch import ForwardBatch
 from greenroom.models.kv_pool import NULL_BLOCK
 from greenroom.models.llama import LlamaModel
+
+
+@contextlib.contextmanager
+def partition_sizing(num_sms: int | None, blas_sm_target: bool = True) -> Iterator[None]:
+    """Size the kernels launched (or captured) in this block for ``num_sms`` SMs.
+
+    Decode attention's split-K follows ``num_sms``; with ``blas_sm_target`` matmuls go through
+    cuBLASLt with its SM-count target set (torch's SM carveout). Both settings are process-wide
+    while the block runs: use it where nothing else launches (graph capture at start-up).
+    """
+    from greenroom.kernels.triton_decode_attention import sm_budget
+
+    if num_sms is None or not torch.cuda.is_available():
+        yield
+        return
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    carve = (
+        blas_sm_target and num_sms < total and hasattr(torch._C, "_set_sm_carveout_experimental")
+    )
+    with sm_budget(num_sms):
+        if not carve:
+            yield
+            return
+        prev_lib = torch.backends.cuda.preferred_blas_library()
+        prev_carveout = torch._C._get_sm_carveout_experimental()
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        torch._C._set_sm_carveout_experimental(total - num_sms)
+        try:
+            yield
+        finally:
+            torch._C._set_sm_carveout_experimental(prev_carveout)
+            torch.backends.cuda.preferred_blas_library(prev_lib)
 
 
 def default_batch_sizes(max_batch_size: int) -> list[int]:

@@ -71,6 +71,9 @@ class PlanExecutor:
         )
         # Called with each sequence whose prompt completed this step (SM-disaggregation hook).
         self.on_sequence_ready: Callable[[Sequence], None] | None = None
+        # Profiling: when True, each forward is bracketed by CUDA events (``forward_events``).
+        self.time_forwards = False
+        self.forward_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         if use_cuda_graphs and runner.graphs is None:
             runner.capture_cuda_graphs(graph_stream)
 
@@ -165,7 +168,16 @@ class PlanExecutor:
             raise PlanError(f"plan {plan.iteration} steps a request more than once: {ids}")
         chunks = [self._chunk(s.request_id, s.num_tokens, s.new_block_ids) for s in plan.steps]
         batch = self.runner.build_batch(chunks)
+        timed = self.time_forwards and self.runner.device.type == "cuda"
+        if timed:
+            self.forward_events = (
+                torch.cuda.Event(enable_timing=True),
+                torch.cuda.Event(enable_timing=True),
+            )
+            self.forward_events[0].record()
         logits = self.runner.forward(batch, use_graphs=self.use_cuda_graphs)
+        if timed:
+            self.forward_events[1].record()
         ready_rows, ready = [], []
         for row, step in enumerate(plan.steps):
             seq = self.sequences[step.request_id]

@@ -1,0 +1,77 @@
+"""Per-step engine timings: where a decode step's time goes (host, GPU, waiting for a plan).
+
+An engine records, per plan: the wall time of the step, the gap since its previous step ended
+(the engine idles there unless the next plan was already queued), and, when GPU timing is on,
+the forward's device time from CUDA events. ``summary()`` splits decode-only plans from the
+rest; host overhead of a step is its wall time minus the forward's device time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from greenroom.bus.messages import Message
+
+
+class EngineProfileQuery(Message):
+    """Reply: the timings since the last query (``reset`` clears them); ``gpu_timing`` turns
+    CUDA-event timing of each forward on or off from now on."""
+
+    reset: bool = True
+    gpu_timing: bool = False
+
+
+@dataclass
+class StepProfile:
+    max_steps: int = 100_000
+    decode: list[tuple[float, float, float | None, int]] = field(default_factory=list)
+    other: list[tuple[float, float, float | None, int]] = field(default_factory=list)
+    _last_end: float | None = None
+
+    def begin(self) -> tuple[float, float]:
+        """(start time, gap since the previous step's end in ms)."""
+        now = time.perf_counter()
+        gap = (now - self._last_end) * 1e3 if self._last_end is not None else 0.0
+        return now, gap
+
+    def end(
+        self, start: float, gap_ms: float, decode_only: bool, batch: int, gpu_ms: float | None
+    ) -> None:
+        self._last_end = time.perf_counter()
+        rows = self.decode if decode_only else self.other
+        if len(rows) < self.max_steps:
+            rows.append(((self._last_end - start) * 1e3, gap_ms, gpu_ms, batch))
+
+    def reset(self) -> None:
+        self.decode.clear()
+        self.other.clear()
+        self._last_end = None
+
+    def summary(self) -> dict:
+        return {"decode": _summarize(self.decode), "other": _summarize(self.other)}
+
+
+def _summarize(rows: list[tuple[float, float, float | None, int]]) -> dict:
+    if not rows:
+        return {"steps": 0}
+    walls = [r[0] for r in rows]
+    # the first step after a pause waits for work, not for the scheduler: only gaps < 50 ms
+    gaps = [r[1] for r in rows if r[1] < 50.0]
+    gpus = [r[2] for r in rows if r[2] is not None]
+    out = {
+        "steps": len(rows),
+        "batch_mean": round(statistics.fmean(r[3] for r in rows), 1),
+        "wall_ms_mean": round(statistics.fmean(walls), 3),
+        "wall_ms_p50": round(statistics.median(walls), 3),
+        "gap_ms_mean": round(statistics.fmean(gaps), 3) if gaps else None,
+        "gap_ms_p50": round(statistics.median(gaps), 3) if gaps else None,
+    }
+    if gpus:
+        out["forward_gpu_ms_mean"] = round(statistics.fmean(gpus), 3)
+        out["host_ms_mean"] = round(out["wall_ms_mean"] - out["forward_gpu_ms_mean"], 3)
+    return out
+
+
+__all__ = ["EngineProfileQuery", "StepProfile"]

@@ -1,0 +1,92 @@
+"""SM-disaggregation performance plumbing: engine step profiles, partition-sized launches."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from greenroom.actors.step_profile import EngineProfileQuery, StepProfile
+from greenroom.bus.messages import SamplingParams
+from greenroom.client import AsyncClient
+from greenroom.config import load_config
+from greenroom.kernels import triton_decode_attention as tda
+from greenroom.models.cuda_graphs import partition_sizing
+from greenroom.node import Node
+
+
+def test_step_profile_splits_decode_from_other_steps() -> None:
+    p = StepProfile()
+    for decode_only, batch, gpu in ((True, 4, 2.0), (True, 6, 3.0), (False, 2, None)):
+        start, gap = p.begin()
+        p.end(start, gap, decode_only, batch, gpu)
+    s = p.summary()
+    assert s["decode"]["steps"] == 2 and s["other"]["steps"] == 1
+    assert s["decode"]["batch_mean"] == 5.0
+    assert s["decode"]["forward_gpu_ms_mean"] == 2.5
+    assert s["decode"]["host_ms_mean"] == pytest.approx(s["decode"]["wall_ms_mean"] - 2.5, abs=1e-3)
+    assert "forward_gpu_ms_mean" not in s["other"]
+    p.reset()
+    assert p.summary() == {"decode": {"steps": 0}, "other": {"steps": 0}}
+    assert p.begin()[1] == 0.0  # no previous step: no gap
+
+
+def test_split_k_follows_the_partition(monkeypatch) -> None:
+    cuda = torch.device("cuda")
+    # 16 requests x 8 kv heads = 128 programs: two per SM wants 2 splits on 132 SMs, 1 on 68
+    assert tda.choose_num_splits(16, 8, 4096, cuda, sm_count=132) == 2
+    assert tda.choose_num_splits(16, 8, 4096, cuda, sm_count=68) == 1
+    monkeypatch.setattr(tda, "_sm_count", lambda _device: 132)
+    assert tda.choose_num_splits(16, 8, 4096, cuda) == 2
+    with tda.sm_budget(68):
+        assert tda.choose_num_splits(16, 8, 4096, cuda) == 1
+        assert tda._default_launch(16, 8, cuda)["block_n"] == 64  # 128 programs >= 68 SMs
+    assert tda._default_launch(16, 8, cuda)["block_n"] == 128  # 128 programs < 132 SMs
+    assert tda.choose_num_splits(16, 8, 4096, cuda) == 2
+    assert tda.choose_num_splits(16, 8, 4096, torch.device("cpu")) == 1
+
+
+def test_partition_sizing_is_a_no_op_without_a_partition() -> None:
+    before = torch._C._get_sm_carveout_experimental()
+    with partition_sizing(None):
+        assert tda._SM_BUDGET.get() is None
+    assert torch._C._get_sm_carveout_experimental() == before
+
+
+@pytest.mark.parametrize("sm", [False, True])
+async def test_engines_report_step_profiles(sm: bool) -> None:
+    cfg = load_config(
+        overrides={
+            "port": 0,
+            "kv.num_blocks": 128,
+            "kv.enable_prefix_reuse": False,
+            "scheduler.max_num_tokens": 32,
+            "scheduler.max_batch_size": 8,
+            "sm_disagg.enabled": sm,
+            "log_level": "warning",
+        }
+    )
+    node = await Node.start(cfg)
+    try:
+        names = ["context", "generation"] if sm else ["mixed"]
+        for name in names:
+            await node.refs[name].ask(EngineProfileQuery(reset=True), timeout=10)
+        async with AsyncClient(node.address, timeout=60) as client:
+            await asyncio.gather(
+                *(
+                    client.generate(list(range(1, 20 + i)), SamplingParams(max_tokens=6))
+                    for i in range(4)
+                )
+            )
+        profiles = {
+            n: await node.refs[n].ask(EngineProfileQuery(reset=True), timeout=10) for n in names
+        }
+    finally:
+        await node.stop()
+    decoder = profiles["generation" if sm else "mixed"]["decode"]
+    assert decoder["steps"] >= 5  # 6 tokens each, the first from the prefill step
+    assert decoder["wall_ms_mean"] > 0 and decoder["gap_ms_mean"] is not None
+    if sm:
+        assert profiles["context"]["decode"]["steps"] == 0
+        assert profiles["context"]["other"]["steps"] >= 1
