@@ -334,10 +334,12 @@ def main() -> None:
         },
         "ratios": {
             "greenroom_over_bare": overhead_ratio,
+            "greenroom_process_engine_over_bare": process_ratio,
             "greenroom_over_transformers": peer_ratio,
         },
         "targets": {
             "greenroom_over_bare": {"target": 0.95, "value": overhead_ratio},
+            "greenroom_process_engine_over_bare": {"target": 0.95, "value": process_ratio},
             "greenroom_over_transformers": {"target": 10.0, "value": peer_ratio},
         },
         "node": {"start_s": served["node_start_s"], "kv_blocks": served["node_kv_blocks"]},

@@ -93,6 +93,9 @@ def test_quick_run_prints_one_json_result():
     process = overhead["greenroom_process_engine"]
     assert process["engine_host"] == "process" and process["batch"] == 16
     assert overhead["ratio_process_engine"] > 0
+    assert (
+        result["ratios"]["greenroom_process_engine_over_bare"] == overhead["ratio_process_engine"]
+    )
     rows = result["sweep"]["rows"]
     assert [r["load"] for r in rows] == [8.0, 32.0]
     assert all(r["num_completed"] == r["num_sent"] and r["num_failed"] == 0 for r in rows)
