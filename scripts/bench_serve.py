@@ -52,6 +52,7 @@ TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
 AZURE = TRACES / "AzureLLMInferenceTrace_conv.csv"
 OPENORCA = TRACES / "openorca_mlperf_llama2-70b_isl_osl.csv"
 TOKENS_PER_BLOCK = 16
+DECODE_SEED = 1000
 
 
 def parse_args() -> argparse.Namespace:
@@ -94,7 +95,7 @@ def settings(args: argparse.Namespace) -> dict:
         "warmup_tokens": 16,
         "repeats": 2,
         "sweep_requests": 200,
-        "loads": "2,4,8,16",
+        "loads": "4,8,16",
         "peer_requests": 256,
         "max_input_len": None,
         "max_output_len": None,
@@ -231,8 +232,10 @@ def main() -> None:
     arch = ArchConfig.from_dict(arch_dict, source=preset)
     dtype = resolve_dtype("auto", arch, device)
     work = DecodeWorkload(args.batch, s["context"], s["decode_tokens"], s["warmup_tokens"])
-    # a fresh prompt set per repeat, so the node's prefix cache cannot carry one over
-    prompt_sets = [work.prompts(arch.vocab_size, seed=r) for r in range(s["repeats"])]
+    # a fresh prompt set per repeat, so the node's prefix cache cannot carry one over; seeds
+    # apart from the trace prompts' (0 for the peer set, 1.. for the sweep loads): equal seeds
+    # make a shorter prompt of the same index a prefix of a longer one
+    prompt_sets = [work.prompts(arch.vocab_size, seed=DECODE_SEED + r) for r in range(s["repeats"])]
     timings: dict[str, float] = {}
 
     # (a) the bare loop: weights made once, shared with the transformers peer below
