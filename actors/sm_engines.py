@@ -18,12 +18,18 @@ from greenroom.logging import get_logger
 
 log = get_logger(__name__)
 
-# Capture the decode graphs with cuBLASLt sized for the generation partition (A/B switch for
-# benchmarks; split-K attention always follows the partition).
-BLAS_SM_TARGET = True
+# Decode graphs are captured with launch shapes (split-K attention, cuBLASLt's kernel choice)
+# sized for the generation partition when it holds at least this share of the SMs. Measured on
+# an H200 (scripts/bench_sm_streams.py, batch 16 / 64 at 2k context): on 108 of 132 SMs sizing
+# cuts a decode step from 6.71 to 6.30 ms / 11.61 to 10.96 ms; on 68 SMs it slows it from 7.05
+# to 8.31 ms / 11.79 to 12.78 ms (a memory-bound step on few SMs needs the extra CTAs in flight
+# per SM that whole-device shapes give).
+SIZE_FOR_PARTITION_MIN_SHARE = 0.75
 
 
 def _partition_streams(cfg: NodeConfig, runner) -> tuple[object, object, int | None]:
+    """(context stream, generation stream, SMs to size decode launches for, or None for the
+    whole device's); all None on a CPU."""
     import torch
 
     from greenroom.kernels.sm_partition import choose_sm_split, create_sm_partitions
@@ -40,7 +46,8 @@ def _partition_streams(cfg: NodeConfig, runner) -> tuple[object, object, int | N
         context_engine_sms=info.context_sms,
         generation_engine_sms=info.generation_sms,
     )
-    return ctx_stream, gen_stream, info.generation_sms
+    sized = info.generation_sms >= SIZE_FOR_PARTITION_MIN_SHARE * info.total_sms
+    return ctx_stream, gen_stream, info.generation_sms if sized else None
 
 
 async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> dict[str, ActorRef]:
@@ -52,14 +59,17 @@ async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> dict[str, ActorR
     # Decode graphs are captured once, here, on the generation partition's stream (a graph keeps
     # the SM partition it was captured on); a restarted generation engine replays the same
     # graphs. The context engine runs eagerly on its own stream and never touches them.
-    # Launch shapes (split-K attention, matmul kernels) are fixed at capture: size them for the
-    # partition's SMs, not the device's.
+    # Launch shapes (split-K attention, matmul kernels) are fixed at capture.
     if gen_stream is not None:
         from greenroom.models.cuda_graphs import partition_sizing
 
-        with partition_sizing(gen_sms, BLAS_SM_TARGET):
+        with partition_sizing(gen_sms):
             sizes = runner.capture_cuda_graphs(stream=gen_stream)
-        log.info("decode graphs captured on the generation stream", batch_sizes=len(sizes))
+        log.info(
+            "decode graphs captured on the generation stream",
+            batch_sizes=len(sizes),
+            launches_sized_for_sms=gen_sms or "device",
+        )
     handoffs = HandoffEvents()
 
     def make_executor(role: str) -> PlanExecutor:

@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="per point, each engine's step timings: wall, forward (CUDA events), idle gap",
     )
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip points past this")
+    ap.add_argument("--sm-only", action="store_true", help="skip the mixed baseline")
     ap.add_argument("--gil-switch-ms", type=float, default=0.0, help="0: Python's default")
     ap.add_argument("--out", default="sm_disagg_results.json")
     ap.add_argument("--plot", default="sm_disagg_pareto.png")
@@ -237,7 +238,9 @@ async def main(args: argparse.Namespace) -> dict:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    modes = [Mode.mixed()] + [Mode.sm(float(p)) for p in args.sm_percents.split(",")]
+    modes = ([] if args.sm_only else [Mode.mixed()]) + [
+        Mode.sm(float(p)) for p in args.sm_percents.split(",")
+    ]
     points: list[Point] = []
     modes_info = []
     result: dict = {}
