@@ -25,7 +25,12 @@ _NODE_FLAGS: list[tuple[str, str, type, str]] = [
     ),
     ("--host", "host", str, "address the frontend binds (loopback by default)"),
     ("--port", "port", int, "frontend port (0: pick a free one)"),
-    ("--engine-host", "engine_host", str, "run the engine on a 'thread' or in a 'process'"),
+    (
+        "--engine-host",
+        "engine_host",
+        str,
+        "run the engine on a 'thread', in a 'process', or 'auto' (process on a GPU)",
+    ),
     ("--max-num-tokens", "scheduler.max_num_tokens", int, "token budget per iteration"),
     ("--max-batch-size", "scheduler.max_batch_size", int, "requests per iteration"),
     (

@@ -94,7 +94,9 @@ class NodeConfig(_Section):
     role: Literal["mixed", "context", "generation"] = "mixed"
     host: str = "127.0.0.1"
     port: Port = 7700  # frontend's client port (0: pick a free one)
-    engine_host: Literal["thread", "process"] = "thread"
+    # auto: its own process on a GPU (no GIL shared with the routing loops: measured 0.97 of a
+    # bare loop vs 0.93 on a thread), a thread on the CPU and with SM disaggregation
+    engine_host: Literal["auto", "thread", "process"] = "auto"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
@@ -115,7 +117,7 @@ class NodeConfig(_Section):
                     f"sm_disagg.enabled with role = {self.role!r} is not supported: "
                     "SM-level disaggregation runs inside one mixed-role node"
                 )
-            if self.engine_host != "thread":
+            if self.engine_host == "process":
                 raise ValueError(
                     "sm_disagg.enabled with engine_host = 'process' is not supported: the two "
                     "engines share weights and the KV pool inside one process (engine_host = 'thread')"
@@ -126,6 +128,13 @@ class NodeConfig(_Section):
                     "yet: the host tier is not shared between the context and generation engines "
                     "(set kv.host_blocks = 0)"
                 )
+
+    def resolved_engine_host(self, cuda_available: bool) -> str:
+        """Where the engine runs once `auto` is decided."""
+        if self.engine_host != "auto":
+            return self.engine_host
+        on_gpu = cuda_available and self.model.device != "cpu"
+        return "process" if on_gpu and not self.sm_disagg.enabled else "thread"
 
     @property
     def client_address(self) -> str:

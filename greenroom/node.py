@@ -142,7 +142,9 @@ class Node:
 
 async def _start_engines(cfg: NodeConfig, sup: Supervisor) -> dict[str, ActorRef]:
     if not cfg.sm_disagg.enabled:
-        if cfg.engine_host == "process":
+        import torch
+
+        if cfg.resolved_engine_host(torch.cuda.is_available()) == "process":
             ref = await sup.start_child(
                 "greenroom.actors.engine:Engine",
                 msgspec.to_builtins(cfg),

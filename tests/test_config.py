@@ -83,3 +83,16 @@ def test_bad_files(tmp_path) -> None:
         load_config(broken)
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(overrides=["scheduler.max_num_tokens"])
+
+
+def test_engine_host_auto_picks_a_process_on_the_gpu_only() -> None:
+    cfg = load_config()
+    assert cfg.engine_host == "auto"
+    assert cfg.resolved_engine_host(cuda_available=True) == "process"
+    assert cfg.resolved_engine_host(cuda_available=False) == "thread"
+    cpu = load_config(overrides={"model.device": "cpu"})
+    assert cpu.resolved_engine_host(cuda_available=True) == "thread"
+    sm = load_config(overrides={"sm_disagg.enabled": True})
+    assert sm.resolved_engine_host(cuda_available=True) == "thread"
+    pinned = load_config(overrides={"engine_host": "thread"})
+    assert pinned.resolved_engine_host(cuda_available=True) == "thread"
