@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
+from greenroom.bench.timing import median_seconds
+from greenroom.bench.transformers_peer import hf_llama
 from greenroom.config import KVConfig, ModelConfig
 from greenroom.kernels import ops
 from greenroom.models.arch import ArchConfig
@@ -43,29 +43,7 @@ TINY = {
 
 def timer(device: torch.device) -> Callable[[Callable[[], object], int, int], float]:
     """Median seconds of ``fn`` over ``reps`` runs after ``warmup`` (device events on CUDA)."""
-
-    def run(fn: Callable[[], object], reps: int, warmup: int) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                start, end = (
-                    torch.cuda.Event(enable_timing=True),
-                    torch.cuda.Event(enable_timing=True),
-                )
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    return run
+    return lambda fn, reps, warmup: median_seconds(fn, device, reps, warmup)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, timed) -> float:
@@ -121,42 +99,6 @@ def decode_batch(runner: ModelRunner, batch: int, context: int) -> ForwardBatch:
 
 
 # --------------------------------------------------------------------------- transformers
-
-
-def hf_model(arch_dict: dict, arch: ArchConfig, w: ModelWeights, device: torch.device):
-    """LlamaForCausalLM whose parameters are views of ``w`` (no second copy of the weights)."""
-    import transformers
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    cfg = {k: v for k, v in arch_dict.items() if k not in ("architectures", "torch_dtype")}
-    config = transformers.LlamaConfig(**cfg, dtype=w.embed.dtype)
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(config)
-
-    def put(module, tensor):
-        module.weight = torch.nn.Parameter(tensor, requires_grad=False)
-
-    q, kv, inter = arch.q_size, arch.kv_size, arch.intermediate_size
-    put(model.model.embed_tokens, w.embed)
-    put(model.lm_head, w.lm_head)
-    put(model.model.norm, w.norm)
-    for layer, lw in zip(model.model.layers, w.layers, strict=True):
-        attn, mlp = layer.self_attn, layer.mlp
-        put(attn.q_proj, lw.qkv[:q])
-        put(attn.k_proj, lw.qkv[q : q + kv])
-        put(attn.v_proj, lw.qkv[q + kv :])
-        put(attn.o_proj, lw.o)
-        put(mlp.gate_proj, lw.gate_up[:inter])
-        put(mlp.up_proj, lw.gate_up[inter:])
-        put(mlp.down_proj, lw.down)
-        put(layer.input_layernorm, lw.input_norm)
-        put(layer.post_attention_layernorm, lw.post_norm)
-    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"transformers model still has meta tensors: {left[:5]}")
-    return model.eval(), config
 
 
 def hf_decode_seconds(model, config, arch: ArchConfig, batch: int, context: int, timed) -> float:
@@ -278,7 +220,8 @@ def main() -> None:
         del runner.graphs
         runner.graphs = None
         try:
-            model, config = hf_model(arch_dict, arch, weights, device)
+            model = hf_llama(arch_dict, arch, weights, device, attn_implementation="sdpa")
+            config = model.config
             for row in decode:
                 if row["batch"] <= args.hf_max_batch:
                     hf_s = hf_decode_seconds(model, config, arch, row["batch"], context, timed)

@@ -13,13 +13,21 @@ from greenroom.models.arch import ArchConfig
 from greenroom.models.loader import ModelWeights
 
 
-def hf_llama(arch_dict: dict[str, Any], arch: ArchConfig, w: ModelWeights, device: torch.device):
+def hf_llama(
+    arch_dict: dict[str, Any],
+    arch: ArchConfig,
+    w: ModelWeights,
+    device: torch.device,
+    attn_implementation: str | None = None,
+):
     """``LlamaForCausalLM`` whose parameters are views of ``w`` (no second copy)."""
     import transformers
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     cfg = {k: v for k, v in arch_dict.items() if k not in ("architectures", "torch_dtype")}
     config = transformers.LlamaConfig(**cfg, dtype=w.embed.dtype)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
 
