@@ -23,8 +23,8 @@ from greenroom.actors import ActorRef, Runtime, Supervisor
 from greenroom.actors.engine import Engine
 from greenroom.actors.frontend import Frontend, FrontendLimits
 from greenroom.actors.kv_manager import KVManager
-from greenroom.actors.scheduler import Drain, Scheduler
-from greenroom.bus.messages import EngineInfo, EngineInfoQuery, ServerInfo
+from greenroom.actors.scheduler import Drain, Scheduler, SchedulerStatsQuery
+from greenroom.bus.messages import EngineInfo, EngineInfoQuery, KVStats, KVStatsQuery, ServerInfo
 from greenroom.config import ConfigError, NodeConfig
 from greenroom.logging import configure_logging, get_logger
 
@@ -125,6 +125,26 @@ class Node:
             num_blocks=info.num_blocks,
         )
         return node
+
+    async def kv_stats(self) -> KVStats:
+        """The KV manager's node-level counters (blocks, hit rate, host-tier traffic)."""
+        return await self.refs["kv"].ask(KVStatsQuery(), timeout=30.0)
+
+    async def scheduler_stats(self) -> dict:
+        """The scheduler's counters (requests by state, plans, budget use)."""
+        return await self.refs["scheduler"].ask(SchedulerStatsQuery(), timeout=30.0)
+
+    async def wait_blocks_free(self, timeout: float = 10.0) -> KVStats:
+        """Wait until no request holds a KV block (all finished, aborted or failed)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            stats = await self.kv_stats()
+            if stats.free_blocks == stats.total_blocks:
+                return stats
+            if loop.time() > deadline:
+                raise TimeoutError(f"KV blocks still held after {timeout} s: {stats}")
+            await asyncio.sleep(0.02)
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Fail in-flight requests with a clear error, then stop every actor (idempotent)."""

@@ -11,8 +11,7 @@ import asyncio
 
 import pytest
 
-from greenroom.actors.scheduler import SchedulerStatsQuery
-from greenroom.bus.messages import KVStats, KVStatsQuery, SamplingParams
+from greenroom.bus.messages import SamplingParams
 from greenroom.client import AsyncClient, GenerationResult
 from greenroom.config import load_config
 from greenroom.node import Node
@@ -53,15 +52,11 @@ async def generate_in_order(node: Node, prompts: list[list[int]]) -> list[Genera
         return [await client.generate(p, sampling) for p in prompts]
 
 
-async def kv_stats(node: Node) -> KVStats:
-    return await node.refs["kv"].ask(KVStatsQuery(), timeout=5.0)
-
-
 async def reference(prompts: list[list[int]]) -> list[list[int]]:
     node = await Node.start(node_config(**{"kv.enable_prefix_reuse": False}))
     try:
         results = await generate_in_order(node, prompts)
-        stats = await kv_stats(node)
+        stats = await node.kv_stats()
     finally:
         await node.stop()
     assert stats.hit_blocks == 0 and stats.lookups_blocks == 0
@@ -80,8 +75,8 @@ async def test_shared_prefix_reuses_gpu_blocks_with_unchanged_tokens() -> None:
     node = await Node.start(node_config())
     try:
         first, second, again = await generate_in_order(node, prompts)
-        stats = await kv_stats(node)
-        sched = await node.refs["scheduler"].ask(SchedulerStatsQuery(), timeout=5.0)
+        stats = await node.kv_stats()
+        sched = await node.scheduler_stats()
     finally:
         await node.stop()
     assert [first.token_ids, second.token_ids, again.token_ids] == expected
@@ -135,8 +130,8 @@ async def test_host_tier_offloads_and_onboards_with_unchanged_tokens() -> None:
     node = await Node.start(node_config(**{"kv.num_blocks": 32, "kv.host_blocks": 64}))
     try:
         results = await generate_in_order(node, prompts)
-        stats = await kv_stats(node)
-        sched = await node.refs["scheduler"].ask(SchedulerStatsQuery(), timeout=5.0)
+        stats = await node.kv_stats()
+        sched = await node.scheduler_stats()
     finally:
         await node.stop()
     assert [r.token_ids for r in results] == expected
@@ -160,7 +155,7 @@ async def test_without_host_tier_the_evicted_prefix_is_recomputed() -> None:
     node = await Node.start(node_config(**{"kv.num_blocks": 32}))
     try:
         results = await generate_in_order(node, prompts)
-        stats = await kv_stats(node)
+        stats = await node.kv_stats()
     finally:
         await node.stop()
     m = results[2].metrics

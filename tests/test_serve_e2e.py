@@ -10,7 +10,7 @@ import zmq
 import zmq.asyncio
 
 from greenroom.actors.engine import InjectFault
-from greenroom.bus.messages import ClientReply, KVStats, KVStatsQuery, RequestError, SamplingParams
+from greenroom.bus.messages import ClientReply, RequestError, SamplingParams
 from greenroom.client import AsyncClient, Overloaded, RequestFailed, RequestRejected
 from greenroom.config import load_config
 from greenroom.node import Node
@@ -52,21 +52,6 @@ def reference_tokens() -> dict[int, list[int]]:
     return out
 
 
-async def kv_stats(node: Node) -> KVStats:
-    return await node.refs["kv"].ask(KVStatsQuery(), timeout=5.0)
-
-
-async def wait_all_free(node: Node, timeout: float = 5.0) -> KVStats:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        stats = await kv_stats(node)
-        if stats.free_blocks == stats.total_blocks:
-            return stats
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"blocks not freed: {stats}")
-        await asyncio.sleep(0.02)
-
-
 @pytest.mark.parametrize("engine_host", ["thread", "process"])
 async def test_concurrent_streams_match_transformers(engine_host, reference_tokens) -> None:
     node = await Node.start(
@@ -89,7 +74,7 @@ async def test_concurrent_streams_match_transformers(engine_host, reference_toke
             results = await asyncio.gather(*(one(i) for i in range(20)))
         for i, tokens in enumerate(results):
             assert tokens == reference_tokens[i % len(PROMPTS)], f"request {i}"
-        await wait_all_free(node)
+        await node.wait_blocks_free()
     finally:
         await node.stop()
 
@@ -105,7 +90,7 @@ async def test_abort_and_disconnect_free_blocks() -> None:
                 got += len(delta.token_ids)
                 if got >= 3:
                     break  # leaving the stream aborts the request
-        await wait_all_free(node)
+        await node.wait_blocks_free()
 
         client = AsyncClient(node.address, timeout=60)
         client.connect()
@@ -115,7 +100,7 @@ async def test_abort_and_disconnect_free_blocks() -> None:
         client._sock.close(linger=0)
         client._closed = True
         client._reader.cancel()
-        await wait_all_free(node, timeout=10)
+        await node.wait_blocks_free(timeout=10)
         assert node.frontend.in_flight() == 0
     finally:
         await node.stop()
@@ -200,7 +185,7 @@ async def test_overloaded_when_the_queue_is_full() -> None:
         done = [r for r in results if not isinstance(r, BaseException)]
         assert overloaded and done
         assert len(overloaded) + len(done) == 12
-        await wait_all_free(node)
+        await node.wait_blocks_free()
     finally:
         await node.stop()
 
@@ -222,7 +207,7 @@ async def test_engine_crash_fails_inflight_then_recovers() -> None:
             # the supervisor restarted the engine: new work succeeds
             ok = await client.generate([1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
             assert len(ok.token_ids) == 5
-        await wait_all_free(node)
+        await node.wait_blocks_free()
     finally:
         await node.stop()
 

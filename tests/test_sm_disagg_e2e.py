@@ -14,8 +14,7 @@ import threading
 import pytest
 
 from greenroom.actors.engine import InjectFault
-from greenroom.actors.scheduler import SchedulerStatsQuery
-from greenroom.bus.messages import KVStats, KVStatsQuery, SamplingParams
+from greenroom.bus.messages import SamplingParams
 from greenroom.client import AsyncClient, RequestFailed
 from greenroom.config import load_config
 from greenroom.models.executor import PlanExecutor
@@ -70,25 +69,6 @@ async def run_all(node: Node, requests: list[tuple[list[int], int]]) -> list[lis
         return await asyncio.gather(*(one(p, m) for p, m in requests))
 
 
-async def kv_stats(node: Node) -> KVStats:
-    return await node.refs["kv"].ask(KVStatsQuery(), timeout=5.0)
-
-
-async def wait_all_free(node: Node, timeout: float = 10.0) -> KVStats:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        stats = await kv_stats(node)
-        if stats.free_blocks == stats.total_blocks:
-            return stats
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"blocks not freed: {stats}")
-        await asyncio.sleep(0.02)
-
-
-async def scheduler_stats(node: Node) -> dict:
-    return await node.refs["scheduler"].ask(SchedulerStatsQuery(), timeout=5.0)
-
-
 @pytest.fixture(scope="module")
 def mixed_outputs() -> list[list[int]]:
     """Greedy outputs of the same workload in mixed (chunked prefill) mode: the reference."""
@@ -115,11 +95,11 @@ async def test_greedy_outputs_equal_mixed_mode_under_concurrent_load(mixed_outpu
             assert tokens == mixed_outputs[i], f"request {i}"
             # the context engine's sampled token streams first, on its own
             assert deltas[0] == tokens[:1], f"request {i}: {deltas}"
-        stats = await scheduler_stats(node)
+        stats = await node.scheduler_stats()
         assert stats["handoffs"] == sum(1 for _, m in requests if m > 1)
         assert stats["prefill_tokens"] == sum(len(p) for p, _ in requests)
-        await wait_all_free(node)
-        assert (await scheduler_stats(node))["active"] == 0
+        await node.wait_blocks_free()
+        assert (await node.scheduler_stats())["active"] == 0
     finally:
         await node.stop()
 
@@ -134,8 +114,8 @@ async def test_first_token_survives_the_handoff(mixed_outputs) -> None:
         mixed = await _mixed_prefixes(requests)
         for i, deltas in enumerate(results):
             assert sum(deltas, []) == mixed[i], f"request {i}"
-        assert (await scheduler_stats(node))["handoffs"] == len(requests)
-        await wait_all_free(node)
+        assert (await node.scheduler_stats())["handoffs"] == len(requests)
+        await node.wait_blocks_free()
     finally:
         await node.stop()
 
@@ -189,15 +169,15 @@ async def _abort_while_gated(node: Node, gate: FlowGate, stage: str) -> None:
             await gate.wait_entered()  # its first decode is inside the generation engine
         await stream.aclose()  # leaving the stream aborts the request
         await asyncio.sleep(0.2)
-        held = await kv_stats(node)
+        held = await node.kv_stats()
         assert held.free_blocks < held.total_blocks, "blocks freed under an in-flight plan"
         gate.open.set()
-        await wait_all_free(node)
+        await node.wait_blocks_free()
         # the node still serves
         ok = await client.generate([1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
         assert len(ok.token_ids) == 4
-    await wait_all_free(node)
-    stats = await scheduler_stats(node)
+    await node.wait_blocks_free()
+    stats = await node.scheduler_stats()
     assert stats["active"] == 0 and not any(stats["running"].values())
 
 
@@ -206,7 +186,7 @@ async def test_abort_during_prefill_frees_everything(monkeypatch) -> None:
     node = await Node.start(node_config(sm=True))
     try:
         await _abort_while_gated(node, gate, "prefill")
-        assert (await scheduler_stats(node))["handoffs"] == 1  # only the later request's
+        assert (await node.scheduler_stats())["handoffs"] == 1  # only the later request's
     finally:
         gate.open.set()
         await node.stop()
@@ -240,8 +220,8 @@ async def test_abort_during_decode_frees_everything() -> None:
 
             got = await asyncio.gather(*(abort_after(3 + i, 10 + 20 * i) for i in range(6)))
             assert all(g >= 3 for g in got)
-        await wait_all_free(node)
-        stats = await scheduler_stats(node)
+        await node.wait_blocks_free()
+        stats = await node.scheduler_stats()
         assert stats["handoffs"] == 6 and stats["active"] == 0
     finally:
         await node.stop()
@@ -278,7 +258,7 @@ async def test_context_engine_crash_fails_its_requests_and_the_node_recovers() -
             assert await asyncio.gather(*decoding) == [300, 300, 300]
             ok = await client.generate([5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True))
             assert len(ok.token_ids) == 6
-        await wait_all_free(node)
+        await node.wait_blocks_free()
     finally:
         await node.stop()
 
@@ -296,7 +276,7 @@ async def test_generation_engine_crash_fails_its_requests_and_the_node_recovers(
             # the restarted generation engine decodes what the context engine hands it
             again = await run_all(node, workload(6, seed=3))
             assert [len(sum(d, [])) for d in again] == [m for _, m in workload(6, seed=3)]
-        await wait_all_free(node)
+        await node.wait_blocks_free()
     finally:
         await node.stop()
 

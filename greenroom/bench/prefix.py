@@ -150,8 +150,6 @@ async def run_mode(
 ):
     """Start a node with ``overrides``, replay ``requests`` against it, and return the replay
     report with the node's KV and scheduler counters in ``report.run``."""
-    from greenroom.actors.scheduler import SchedulerStatsQuery
-    from greenroom.bus.messages import KVStatsQuery
     from greenroom.client import AsyncClient
     from greenroom.config import load_config
     from greenroom.node import Node
@@ -164,8 +162,8 @@ async def run_mode(
     try:
         async with AsyncClient(node.address, timeout=timeout_s) as client:
             report = await replay(requests, client, time_scale=time_scale)
-        kv = await node.refs["kv"].ask(KVStatsQuery(), timeout=30.0)
-        sched = await node.refs["scheduler"].ask(SchedulerStatsQuery(), timeout=30.0)
+        kv = await node.kv_stats()
+        sched = await node.scheduler_stats()
     finally:
         await node.stop()
     report.run = {
