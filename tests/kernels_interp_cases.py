@@ -6,13 +6,11 @@ with TRITON_INTERPRET=1, which must be set before triton is first imported.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import kernels_inputs as inputs  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -28,16 +26,6 @@ from greenroom.kernels.triton_prefill_attention import paged_prefill_attention  
 from greenroom.kernels.triton_rms_norm import fused_add_rms_norm, rms_norm  # noqa: E402
 from greenroom.kernels.triton_rotary import apply_rotary  # noqa: E402
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-inputs = _load("kernels_inputs")
 TOL = 1e-4
 HEAD_DIM = 32
 

@@ -5,10 +5,7 @@ Outputs are NaN-filled before each call so an unwritten element fails the test.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import kernels_inputs as inputs
 import pytest
 import torch
 
@@ -18,15 +15,6 @@ pytestmark = [
 ]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-inputs = _load("kernels_inputs")
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-4}
 DTYPES = [torch.bfloat16, torch.float32]
 HEAD_DIM = 128

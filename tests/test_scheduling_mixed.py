@@ -3,11 +3,8 @@ engine whose tokens depend only on (request id, position)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from scheduling_sim import Sim, expected_output, mixed, prompt
 
 from greenroom.actors.scheduling import FlowBudget, RequestState, SchedulerCore
 from greenroom.bus.messages import (
@@ -21,31 +18,12 @@ from greenroom.bus.messages import (
 from greenroom.config import SchedulerConfig
 
 
-def _load_sim():
-    """The shared simulator (tests/test_scheduling_sim.py), loaded once by path."""
-    name = "scheduling_sim"
-    if name not in sys.modules:
-        path = Path(__file__).with_name("test_scheduling_sim.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-sim_mod = _load_sim()
-Sim, mixed = sim_mod.Sim, sim_mod.mixed
-
-
 def steps_of(plans, rid):
     return [s.num_tokens for p in plans for s in p.steps if s.request_id == rid]
 
 
 def news_of(plans, rid):
     return [n for p in plans for n in p.new if n.request_id == rid]
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    return [1 + (seed * 31 + i * 7) % 50 for i in range(n)]
 
 
 def test_chunked_prefill_covers_each_prompt_once_then_one_token_per_decode():
@@ -103,18 +81,14 @@ def test_stops_on_max_tokens_stop_ids_eos_and_ignores_eos(plans_in_flight):
     # with 5 tokens EOS (0) comes soon; find requests whose closed-form output shows it
     eos_at = {}
     for i in range(40):
-        out, _ = sim_mod.expected_output(
-            f"q{i}", 8, SamplingParams(max_tokens=20, ignore_eos=True), 5, 256
-        )
+        out, _ = expected_output(f"q{i}", 8, SamplingParams(max_tokens=20, ignore_eos=True), 5, 256)
         if 0 in out[2:]:
             eos_at[f"q{i}"] = out.index(0)
     eos_rid, k = next(iter(eos_at.items()))
     sim.submit(eos_rid, prompt(0, 8), max_tokens=20)
     sim.submit("ign", prompt(0, 8), max_tokens=20, ignore_eos=True)
     sim.submit("len", prompt(0, 8), max_tokens=1, ignore_eos=True)
-    stop_out, _ = sim_mod.expected_output(
-        "stp", 8, SamplingParams(max_tokens=20, ignore_eos=True), 5, 256
-    )
+    stop_out, _ = expected_output("stp", 8, SamplingParams(max_tokens=20, ignore_eos=True), 5, 256)
     sim.submit("stp", prompt(0, 8), max_tokens=20, stop_token_ids=[stop_out[1]], ignore_eos=True)
     sim.run()
     assert sim.tokens[eos_rid][-1] == 0 and len(sim.tokens[eos_rid]) == k + 1
@@ -296,7 +270,7 @@ def test_cancel_with_another_reason_is_an_error():
 
 def test_free_waits_for_the_second_plan_in_flight():
     sim = Sim(mixed(), vocab=64)
-    first = sim_mod.expected_output("r", 6, SamplingParams(ignore_eos=True), 64, 256)[0][0]
+    first = expected_output("r", 6, SamplingParams(ignore_eos=True), 64, 256)[0][0]
     sim.submit("r", prompt(1, 6), max_tokens=30, stop_token_ids=[first], ignore_eos=True)
     sim.submit("long", prompt(2, 6), max_tokens=30, ignore_eos=True)
     sim.build("mixed"), sim.apply_kv("mixed")  # plan 1: prefill, samples the stop token
@@ -451,7 +425,7 @@ def test_an_engine_error_fails_the_requests_of_that_plan():
     sim.queued["mixed"].clear()
     sim.record(
         sim.core.apply_step_result(
-            "mixed", sim_mod.StepResult(iteration=plan.iteration, error="out of memory")
+            "mixed", StepResult(iteration=plan.iteration, error="out of memory")
         )
     )
     assert sim.final == {"a": "error:failed", "b": "error:failed"}

@@ -2,26 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-
-def _load_sim():
-    """The shared simulator (tests/test_scheduling_sim.py), loaded once by path."""
-    name = "scheduling_sim"
-    if name not in sys.modules:
-        path = Path(__file__).with_name("test_scheduling_sim.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-sim_mod = _load_sim()
+from scheduling_sim import Sim, mixed
 
 request = st.tuples(
     st.integers(0, 6),  # arrival round
@@ -46,8 +29,8 @@ request = st.tuples(
 def test_budgets_hold_and_outputs_match_under_random_load(
     requests, max_num_tokens, max_batch_size, num_blocks, policy, in_flight, cap
 ):
-    sim = sim_mod.Sim(
-        sim_mod.mixed(max_num_tokens, max_batch_size),
+    sim = Sim(
+        mixed(max_num_tokens, max_batch_size),
         num_blocks=num_blocks,
         vocab=24,
         max_model_len=64,

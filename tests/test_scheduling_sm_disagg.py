@@ -4,33 +4,11 @@ plans decode, requests move between them on the context result that samples thei
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scheduling_sim import Sim, mixed, prompt, two_flows
 
 from greenroom.actors.scheduling import RequestState
-
-
-def _load_sim():
-    """The shared simulator (tests/test_scheduling_sim.py), loaded once by path."""
-    name = "scheduling_sim"
-    if name not in sys.modules:
-        path = Path(__file__).with_name("test_scheduling_sim.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-sim_mod = _load_sim()
-Sim, mixed, two_flows = sim_mod.Sim, sim_mod.mixed, sim_mod.two_flows
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    return [1 + (seed * 31 + i * 7) % 50 for i in range(n)]
 
 
 def plans_of(sim, flow):
