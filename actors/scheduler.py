@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 
 from greenroom.actors import Actor, ActorCrashed, ActorError, ActorRef, handles
@@ -92,6 +93,7 @@ class Scheduler(Actor):
             self._tasks.append(
                 loop.create_task(self._run_flow(flow.name), name=f"flow-{flow.name}")
             )
+        self._tasks.append(loop.create_task(self._expire_requests(), name="request-timeouts"))
 
     async def on_stop(self) -> None:
         for task in self._tasks:
@@ -158,6 +160,19 @@ class Scheduler(Actor):
     @handles(SchedulerStatsQuery)
     async def stats(self, _: SchedulerStatsQuery) -> dict:
         return self.core.stats()
+
+    async def _expire_requests(self) -> None:
+        """End requests older than `request_timeout_s` with a "timeout" error (no request
+        waits forever, whatever the engine or the client do)."""
+        timeout = self.cfg.scheduler.request_timeout_s
+        period = min(1.0, timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            expired = self.core.expired(time.time(), timeout)
+            if expired:
+                log.warning("requests timed out", count=len(expired), timeout_s=timeout)
+                await self._emit(self.core.cancel(expired, "timeout"))
+                self._wake_all()
 
     # ------------------------------------------------------------------ plan flows
 

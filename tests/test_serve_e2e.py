@@ -11,7 +11,7 @@ import zmq.asyncio
 
 from greenroom.actors.engine import InjectFault
 from greenroom.bus.messages import ClientReply, RequestError, SamplingParams
-from greenroom.client import AsyncClient, Overloaded, RequestFailed, RequestRejected
+from greenroom.client import AsyncClient, Overloaded, RequestFailed, RequestRejected, RequestTimeout
 from greenroom.config import load_config
 from greenroom.node import Node
 
@@ -222,3 +222,16 @@ async def test_shutdown_fails_inflight_requests_with_an_error() -> None:
         await node.stop()
         with pytest.raises(RequestFailed, match="shutting down"):
             await task
+
+
+async def test_requests_past_their_deadline_end_with_a_timeout_error() -> None:
+    node = await Node.start(node_config(**{"scheduler.request_timeout_s": 0.1}))
+    try:
+        async with AsyncClient(node.address, timeout=30) as client:
+            with pytest.raises(RequestTimeout, match="timeout"):
+                await client.generate([1, 2, 3], SamplingParams(max_tokens=2000, ignore_eos=True))
+            ok = await client.generate([1, 2, 3], SamplingParams(max_tokens=3))
+            assert len(ok.token_ids) == 3
+        await node.wait_blocks_free()
+    finally:
+        await node.stop()

@@ -121,6 +121,15 @@ class SchedulerCore:
                 out.error(r, kind, f"request {reason}")
         return out.batch()
 
+    def expired(self, now: float, timeout_s: float) -> list[str]:
+        """Live requests that arrived more than ``timeout_s`` before ``now``."""
+        limit = now - timeout_s
+        return [
+            rid
+            for rid, r in self._requests.items()
+            if not r.state.terminal and r.arrival_time and r.arrival_time < limit
+        ]
+
     def take_output(self) -> OutputBatch | None:
         """Errors decided outside a step result (a prompt that can never fit), if any."""
         if not self._orphan_errors:
