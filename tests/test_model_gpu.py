@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_checkpoints import all_position_logits, llama3_rope, random_prompts, save_checkpoint
 
 from greenroom.bus.messages import NewSequence, SamplingParams, SequenceStep, StepPlan
 from greenroom.config import KVConfig, ModelConfig
-from greenroom.models import ForwardBatch, ModelRunner, PlanExecutor, SequenceChunk
+from greenroom.models import ModelRunner, PlanExecutor, SequenceChunk
 
 pytestmark = [
     pytest.mark.gpu,
@@ -33,23 +34,14 @@ def checkpoint(tmp_path_factory) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=1024,
         initializer_range=0.05,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 128,
-        },
+        rope_scaling=llama3_rope(128),
     )
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("gpu") / "llama"
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    return path
+    return save_checkpoint(config, path, seed=0, dtype=torch.bfloat16)
 
 
 def prompts() -> list[list[int]]:
-    gen = torch.Generator().manual_seed(3)
-    return [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+    return random_prompts(PROMPT_LENGTHS, 1000, seed=3)
 
 
 def runner_for(path: Path, graphs: bool) -> ModelRunner:
@@ -62,22 +54,15 @@ def test_bf16_logits_match_transformers(checkpoint: Path) -> None:
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda()
     runner = runner_for(checkpoint, graphs=False)
-    chunks, start = [], 1
-    for p in prompts():
-        n = math.ceil(len(p) / BS)
-        chunks.append(SequenceChunk(p, 0, list(range(start, start + n))))
-        start += n
-    logits = runner.forward(ForwardBatch.build(chunks, BS, "cuda", all_logits=True))
-    offset, agree, total = 0, 0, 0
+    logits = all_position_logits(runner, prompts(), "cuda")
+    agree, total = 0, 0
     with torch.no_grad():
-        for p in prompts():
+        for p, ours in zip(prompts(), logits, strict=True):
             ref = hf(torch.tensor([p], device="cuda")).logits[0].float()
-            ours = logits[offset : offset + len(p)]
             err = (ours - ref).norm() / ref.norm()
             assert err < 3e-2, f"relative error {err:.3e} for a prompt of {len(p)} tokens"
             agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())
             total += len(p)
-            offset += len(p)
     assert agree / total > 0.9
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_checkpoints import all_position_logits, llama3_rope, random_prompts, save_checkpoint
 
 from greenroom.bus.messages import NewSequence, SamplingParams, SequenceStep, StepPlan
 from greenroom.config import KVConfig, ModelConfig
-from greenroom.models import ForwardBatch, ModelRunner, PlanExecutor, SequenceChunk, tiny_llama_dir
+from greenroom.models import ModelRunner, PlanExecutor, tiny_llama_dir
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,13 +41,7 @@ CHECKPOINTS = {
     "llama-llama3-rope": lambda: transformers.LlamaConfig(
         **COMMON,
         rope_theta=500000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        },
+        rope_scaling=llama3_rope(32),
     ),
     "llama-linear-rope-tied": lambda: transformers.LlamaConfig(
         **COMMON, rope_scaling={"rope_type": "linear", "factor": 2.0}, tie_word_embeddings=True
@@ -55,26 +50,13 @@ CHECKPOINTS = {
     "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=None),
 }
 
-ARCH_CLASSES = {
-    "LlamaConfig": "LlamaForCausalLM",
-    "Qwen2Config": "Qwen2ForCausalLM",
-    "MistralConfig": "MistralForCausalLM",
-}
 
-
-def save_checkpoint(name: str, root: Path) -> Path:
-    config = CHECKPOINTS[name]()
-    torch.manual_seed(zlib.crc32(name.encode()))
-    model_cls = getattr(transformers, ARCH_CLASSES[type(config).__name__])
-    model = model_cls(config).eval()
-    path = root / name
-    model.save_pretrained(path)
-    return path
+def save(name: str, root: Path) -> Path:
+    return save_checkpoint(CHECKPOINTS[name](), root / name, seed=zlib.crc32(name.encode()))
 
 
 def prompts(vocab: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(7)
-    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+    return random_prompts(PROMPT_LENGTHS, vocab, seed=7)
 
 
 @torch.no_grad()
@@ -154,7 +136,7 @@ def serve_greedy(
 
 @pytest.fixture(scope="module", params=list(CHECKPOINTS))
 def checkpoint(request, tmp_path_factory) -> Path:
-    return save_checkpoint(request.param, tmp_path_factory.mktemp("ckpt"))
+    return save(request.param, tmp_path_factory.mktemp("ckpt"))
 
 
 def make_runner(model_dir: Path) -> ModelRunner:
@@ -180,18 +162,11 @@ def test_all_position_logits_match_transformers(checkpoint: Path) -> None:
     runner = make_runner(checkpoint)
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     prompt_list = prompts(runner.vocab_size)[:3]
-    chunks, start = [], 1
-    for p in prompt_list:
-        n_blocks = math.ceil(len(p) / TOKENS_PER_BLOCK)
-        chunks.append(SequenceChunk(p, 0, list(range(start, start + n_blocks))))
-        start += n_blocks
-    logits = runner.forward(ForwardBatch.build(chunks, TOKENS_PER_BLOCK, "cpu", all_logits=True))
-    offset = 0
+    logits = all_position_logits(runner, prompt_list, "cpu")
     with torch.no_grad():
-        for p in prompt_list:
+        for p, ours in zip(prompt_list, logits, strict=True):
             ref = hf(torch.tensor([p])).logits[0].float()
-            torch.testing.assert_close(logits[offset : offset + len(p)], ref, atol=1e-4, rtol=1e-4)
-            offset += len(p)
+            torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_embedded_tiny_model_matches_transformers() -> None:

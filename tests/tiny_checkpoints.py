@@ -1,0 +1,60 @@
+"""Tiny random transformers checkpoints, prompts and all-position logits for the model tests."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from greenroom.models import ForwardBatch, ModelRunner, SequenceChunk
+
+ARCH_CLASSES = {
+    "LlamaConfig": "LlamaForCausalLM",
+    "Qwen2Config": "Qwen2ForCausalLM",
+    "MistralConfig": "MistralForCausalLM",
+}
+
+
+def llama3_rope(original_max_position_embeddings: int) -> dict:
+    """Llama 3 rope scaling (factor 8) over ``original_max_position_embeddings`` positions."""
+    return {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": original_max_position_embeddings,
+    }
+
+
+def save_checkpoint(config, path: Path, seed: int, dtype: torch.dtype | None = None) -> Path:
+    """Random weights for a transformers ``config`` (seeded), saved at ``path``."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, ARCH_CLASSES[type(config).__name__])(config).eval()
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path)
+    return path
+
+
+def random_prompts(lengths: Sequence[int], vocab: int, seed: int) -> list[list[int]]:
+    """One prompt per length, token ids in [3, vocab) (clear of the special ids)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def all_position_logits(
+    runner: ModelRunner, prompt_list: list[list[int]], device: str
+) -> list[torch.Tensor]:
+    """One prefill of every prompt (fresh blocks from 1 up); the logits of each prompt."""
+    bs = runner.tokens_per_block
+    chunks, start = [], 1
+    for p in prompt_list:
+        n_blocks = math.ceil(len(p) / bs)
+        chunks.append(SequenceChunk(p, 0, list(range(start, start + n_blocks))))
+        start += n_blocks
+    logits = runner.forward(ForwardBatch.build(chunks, bs, device, all_logits=True))
+    return list(logits.split([len(p) for p in prompt_list]))
