@@ -186,7 +186,18 @@ class Frontend(Actor):
             self.stats["invalid"] += 1
             self._reply(ident, [RequestError(request_id=rid, kind="invalid", message=reason)])
             return
-        assert self.scheduler is not None
+        if self.scheduler is None:  # bound before the scheduler exists: the node is starting
+            self._reply(
+                ident,
+                [
+                    RequestError(
+                        request_id=rid,
+                        kind="overloaded",
+                        message="the server is starting; retry shortly",
+                    )
+                ],
+            )
+            return
         self._owner[rid] = ident
         self.stats["submitted"] += 1
         self._to_scheduler(
