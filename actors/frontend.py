@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import msgspec
 
 from greenroom.actors import Actor, ActorRef, MailboxFull, handles
+from greenroom.actors.detokenizer import IncrementalDetokenizer
 from greenroom.bus.messages import (
     AbortRequest,
     CancelRequests,
@@ -89,6 +90,7 @@ class Frontend(Actor):
         self.scheduler: ActorRef | None = None
         self._channel: Channel | None = None
         self._owner: dict[str, bytes] = {}  # request id -> client identity
+        self._detok: dict[str, IncrementalDetokenizer] = {}
         self.bound_address: str = address
         self.stats = defaultdict(int)
 
@@ -245,13 +247,18 @@ class Frontend(Actor):
             if ident is None:
                 continue
             if self.tokenizer is not None and delta.token_ids:
-                delta = msgspec.structs.replace(delta, text=self.tokenizer.decode(delta.token_ids))
+                detok = self._detok.get(delta.request_id)
+                if detok is None:
+                    detok = self._detok[delta.request_id] = IncrementalDetokenizer(self.tokenizer)
+                delta = msgspec.structs.replace(delta, text=detok.push(list(delta.token_ids)))
             per_client[ident].append(delta)
             if delta.finish_reason is not None:
                 del self._owner[delta.request_id]
+                self._detok.pop(delta.request_id, None)
                 self.stats["finished"] += 1
         for err in batch.errors:
             ident = self._owner.pop(err.request_id, None)
+            self._detok.pop(err.request_id, None)
             if ident is not None:
                 per_client[ident].append(err)
                 self.stats[f"error_{err.kind}"] += 1
@@ -262,6 +269,7 @@ class Frontend(Actor):
         if gone and self.scheduler is not None:
             for rid in gone:
                 self._owner.pop(rid, None)
+                self._detok.pop(rid, None)
             self.stats["disconnected"] += len(gone)
             await self.scheduler.tell(
                 CancelRequests(request_ids=gone, reason="client disconnected")
