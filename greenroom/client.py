@@ -198,12 +198,16 @@ class AsyncClient:
                 )
             )
             while True:
-                try:
-                    reply = await asyncio.wait_for(q.get(), timeout=self.timeout)
-                except TimeoutError:
-                    raise RequestTimeout(
-                        f"request {rid} produced nothing for {self.timeout:.0f} s", rid
-                    ) from None
+                if q.empty():  # no task per delta: a deadline on the await itself
+                    try:
+                        async with asyncio.timeout(self.timeout):
+                            reply = await q.get()
+                    except TimeoutError:
+                        raise RequestTimeout(
+                            f"request {rid} produced nothing for {self.timeout:.0f} s", rid
+                        ) from None
+                else:
+                    reply = q.get_nowait()
                 if isinstance(reply, RequestError):
                     finished = True
                     raise error_from(reply)
