@@ -17,7 +17,12 @@ class Message(msgspec.Struct, tag=True, array_like=True, gc=False, frozen=True, 
 
 
 class SamplingParams(
-    msgspec.Struct, gc=False, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+    msgspec.Struct,
+    gc=False,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    omit_defaults=True,
 ):
     """How to sample; client-facing, so encoded as a map and strict about unknown fields."""
 

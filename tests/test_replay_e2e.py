@@ -22,7 +22,6 @@ from greenroom.replay.trace import build_requests
 pytestmark = pytest.mark.slow
 
 
-
 @pytest.fixture
 async def node():
     cfg = load_config(overrides={"port": 0, "kv.num_blocks": 512, "log_level": "warning"})
