@@ -13,7 +13,7 @@ from functools import partial
 
 from greenroom.actors import ActorRef, Supervisor
 from greenroom.actors.engine import Engine, HandoffEvents
-from greenroom.config import NodeConfig
+from greenroom.config import NodeConfig, sm_disagg_budgets
 from greenroom.logging import get_logger
 
 log = get_logger(__name__)
@@ -50,6 +50,28 @@ def _partition_streams(cfg: NodeConfig, runner) -> tuple[object, object, int | N
     return ctx_stream, gen_stream, info.generation_sms if sized else None
 
 
+def _capture_prefill_graphs(cfg: NodeConfig, runner, ctx_stream) -> None:
+    """Prefill graphs on the context partition's stream, for the context flow's budgets: the
+    context engine then holds the GIL for one replay per step instead of a few hundred eager
+    launches, which the generation engine's thread would otherwise wait behind."""
+    import time
+
+    from greenroom.models.prefill_graphs import DEFAULT_MAX_REQUESTS
+
+    tokens, batch = sm_disagg_budgets(cfg)
+    t0 = time.perf_counter()
+    sizes = runner.capture_prefill_graphs(
+        stream=ctx_stream, max_num_tokens=tokens, max_requests=min(batch, DEFAULT_MAX_REQUESTS)
+    )
+    log.info(
+        "prefill graphs captured on the context stream",
+        token_sizes=len(sizes),
+        max_tokens=sizes[-1] if sizes else 0,
+        max_requests=min(batch, DEFAULT_MAX_REQUESTS),
+        capture_s=round(time.perf_counter() - t0, 1),
+    )
+
+
 async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> dict[str, ActorRef]:
     from greenroom.models.executor import PlanExecutor
     from greenroom.models.runner import ModelRunner
@@ -58,7 +80,9 @@ async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> dict[str, ActorR
     ctx_stream, gen_stream, gen_sms = _partition_streams(cfg, runner)
     # Decode graphs are captured once, here, on the generation partition's stream (a graph keeps
     # the SM partition it was captured on); a restarted generation engine replays the same
-    # graphs. The context engine runs eagerly on its own stream and never touches them.
+    # graphs. The context engine never touches them: it replays prefill graphs captured on its
+    # own stream (batches past their sizes, and all of them with context_cuda_graphs off, run
+    # eagerly there).
     # Launch shapes (split-K attention, matmul kernels) are fixed at capture.
     if gen_stream is not None:
         from greenroom.models.cuda_graphs import partition_sizing
@@ -70,12 +94,13 @@ async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> dict[str, ActorR
             batch_sizes=len(sizes),
             launches_sized_for_sms=gen_sms or "device",
         )
+        if cfg.sm_disagg.context_cuda_graphs:
+            _capture_prefill_graphs(cfg, runner, ctx_stream)
     handoffs = HandoffEvents()
 
     def make_executor(role: str) -> PlanExecutor:
-        return PlanExecutor(
-            runner, host_blocks=cfg.kv.host_blocks, use_cuda_graphs=role == "generation"
-        )
+        graphs = "decode" if role == "generation" else "prefill"
+        return PlanExecutor(runner, host_blocks=cfg.kv.host_blocks, graphs=graphs)
 
     refs = {}
     for role, stream in (("context", ctx_stream), ("generation", gen_stream)):

@@ -86,6 +86,9 @@ class SMDisaggConfig(_Section):
     context_sm_percent: OpenFraction = 0.5
     context_max_num_tokens: int = 0  # <= 0: inherit scheduler.max_num_tokens
     context_max_batch_size: int = 0  # <= 0: inherit scheduler.max_batch_size
+    # the context engine replays prefill CUDA graphs at padded token counts instead of
+    # launching eagerly from Python beside the generation engine (needs model.cuda_graphs)
+    context_cuda_graphs: bool = True
 
 
 class NodeConfig(_Section):

@@ -108,11 +108,13 @@ def paged_decode_attention_partial(
 
 
 def paged_prefill_attention(
-    q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, max_seqlen_q
+    q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, max_seqlen_q, tiles=None
 ) -> torch.Tensor:
-    return implementation("paged_prefill_attention", q.device)(
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, max_seqlen_q
-    )
+    """``tiles``: a fixed-length work list (:mod:`greenroom.kernels.prefill_tiles`) for a
+    launch shape that does not follow the batch (CUDA graphs); the result is the same."""
+    fn = implementation("paged_prefill_attention", q.device)
+    args = (q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, max_seqlen_q)
+    return fn(*args) if tiles is None else fn(*args, tiles=tiles)
 
 
 def merge_attn_states(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:

@@ -125,10 +125,12 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,
     scale: float,
     max_seqlen_q: int,
+    tiles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention over a cached prefix: sequence ``b`` has query tokens
     ``q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]``, the last ones of its ``context_lens[b]``
-    tokens (cached + new, all already written to the cache)."""
+    tokens (cached + new, all already written to the cache). ``tiles`` only shapes a GPU
+    launch; here every request's rows are computed whatever it says."""
     out = torch.empty_like(q)
     hq, hkv = q.shape[1], k_cache.shape[2]
     block_size = k_cache.shape[1]

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from greenroom.kernels.prefill_tiles import TILE_BLOCK_M
+
 _LOG2E = 1.4426950408889634
 
 
@@ -60,10 +62,12 @@ def _prefill_kernel(
     block_tables_ptr,
     cu_seqlens_ptr,
     context_lens_ptr,
+    tiles_ptr,
     out_ptr,
     scale_log2,
     head_dim,
     num_m_blocks,
+    num_tiles,
     stride_qt,
     stride_qh,
     stride_kb,
@@ -82,11 +86,15 @@ def _prefill_kernel(
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TILED: tl.constexpr,
 ):
-    # The longest-running (last) query blocks are scheduled first.
-    mb = num_m_blocks - 1 - tl.program_id(0)
     h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    if TILED:  # (request, query block) from the host's tile list (see prefill_tiles.py)
+        b = tl.load(tiles_ptr + tl.program_id(0)).to(tl.int64)
+        mb = tl.load(tiles_ptr + num_tiles + tl.program_id(0))
+    else:  # the longest-running (last) query blocks are scheduled first
+        mb = num_m_blocks - 1 - tl.program_id(0)
+        b = tl.program_id(2).to(tl.int64)
     q_start = tl.load(cu_seqlens_ptr + b)
     q_len = tl.load(cu_seqlens_ptr + b + 1) - q_start
     if mb * BLOCK_M >= q_len:
@@ -152,8 +160,14 @@ def paged_prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    tiles: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of varlen new tokens q [T, Hq, D] over cached + new K/V -> [T, Hq, D]."""
+    """Causal attention of varlen new tokens q [T, Hq, D] over cached + new K/V -> [T, Hq, D].
+
+    ``tiles`` (int32 ``[2, n]`` from :func:`prefill_tiles`, built for ``block_m``, default
+    ``TILE_BLOCK_M``) fixes the launch at ``n`` programs per head whatever the batch (CUDA
+    graphs); rows no tile covers (padding) are left as they are in ``out``.
+    """
     num_tokens, num_q_heads, head_dim = q.shape
     out = torch.empty_like(q) if out is None else out
     batch = context_lens.shape[0]
@@ -169,21 +183,31 @@ def paged_prefill_attention(
         default = (64, 64, 4, 3)
     else:
         default = (16, 16, 4, 1)
+    if tiles is not None:
+        block_m = block_m or TILE_BLOCK_M
     block_m = block_m or default[0]
     block_n = block_n or default[1]
     block_d = max(16, triton.next_power_of_2(head_dim))
     num_m_blocks = triton.cdiv(max_seqlen_q, block_m)
-    _prefill_kernel[(num_m_blocks, num_q_heads, batch)](
+    if tiles is None:
+        grid, num_tiles = (num_m_blocks, num_q_heads, batch), 0
+    else:
+        assert tiles.dtype == torch.int32 and tiles.shape[0] == 2 and tiles.is_contiguous()
+        num_tiles = tiles.shape[1]
+        grid = (num_tiles, num_q_heads, 1)
+    _prefill_kernel[grid](
         q,
         k_cache,
         v_cache,
         block_tables,
         cu_seqlens_q,
         context_lens,
+        cu_seqlens_q if tiles is None else tiles,
         out,
         scale * _LOG2E,
         head_dim,
         num_m_blocks,
+        num_tiles,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -202,6 +226,7 @@ def paged_prefill_attention(
         BLOCK_D=block_d,
         EVEN_D=block_d == head_dim,
         DOT_PRECISION="ieee" if fp32 else "tf32",
+        TILED=tiles is not None,
         num_warps=num_warps or default[2],
         num_stages=num_stages or default[3],
     )

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
                 runner.model, runner.kv_pool, runner.max_blocks_per_seq, batches, stream
             )
         runner.graphs = graphs[name]
-        ex = PlanExecutor(runner, use_cuda_graphs=True)
+        ex = PlanExecutor(runner, graphs="decode")
         make_sequences(ex, bmax, args.context, blocks_per_seq)
         executors[name] = ex
     it = [0]

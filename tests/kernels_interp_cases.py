@@ -125,6 +125,41 @@ def test_prefill_attention(num_q_heads, num_kv_heads, page):
     assert inputs.rel_err(out, ref) <= TOL
 
 
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_prefill_attention_tiled(block_m):
+    """The fixed-shape launch (CUDA graphs): a tile list, padded rows and requests past the
+    batch. Covered rows equal the reference; rows no tile covers are left untouched."""
+    from greenroom.kernels.prefill_tiles import max_tiles, prefill_tiles
+
+    page, num_q_heads, num_kv_heads = 4, 4, 2
+    requests = [(2 * page + 1, 7), (0, 37), (page - 1, 1), (5, 2 * page)]
+    context_lens = [p + n for p, n in requests]
+    kv = inputs.make_paged_kv(context_lens, page, num_kv_heads, HEAD_DIM, torch.float32, "cpu")
+    q_lens = [n for _, n in requests]
+    real = sum(q_lens)
+    padded_tokens, padded_requests = real + 11, len(requests) + 3
+    cu = torch.full((padded_requests + 1,), real, dtype=torch.int32)
+    cu[: len(requests) + 1] = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()])
+    lens = torch.ones(padded_requests, dtype=torch.int32)
+    lens[: len(requests)] = kv.context_lens
+    tables = torch.zeros((padded_requests, kv.block_tables.shape[1]), dtype=torch.int32)
+    tables[: len(requests)] = kv.block_tables
+    n = max_tiles(padded_tokens, padded_requests, block_m)
+    tiles = torch.from_numpy(prefill_tiles(q_lens, context_lens, n, block_m))
+    q = torch.randn(padded_tokens, num_q_heads, HEAD_DIM)
+    out = torch.full_like(q, float("nan"))
+    args = (HEAD_DIM**-0.5, padded_tokens)
+    paged_prefill_attention(
+        q, kv.k_cache, kv.v_cache, tables, cu, lens, *args, out=out, block_m=block_m, tiles=tiles
+    )
+    k_ref, v_ref = kv.clean()
+    ref = reference.paged_prefill_attention(
+        q[:real], k_ref, v_ref, kv.block_tables, cu[: len(requests) + 1], kv.context_lens, *args
+    )
+    assert inputs.rel_err(out[:real], ref) <= TOL
+    assert out[real:].isnan().all()
+
+
 @pytest.mark.parametrize("page", [4, 16])
 def test_write_kv_cache(page):
     kv = inputs.make_paged_kv([page + 2], page, 2, HEAD_DIM, torch.float32, "cpu", extra_blocks=4)

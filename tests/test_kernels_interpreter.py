@@ -23,6 +23,7 @@ GROUPS = [
     "test_decode_split_parts_merge_to_whole",
     "test_merge_attn_states",
     "test_prefill_attention",
+    "test_prefill_attention_tiled",
     "test_write_kv_cache",
     "test_rms_norm",
     "test_rotary",

@@ -35,6 +35,10 @@ class ForwardBatch:
     max_context_len: int
     decode_only: bool  # every request has exactly one new token
     all_logits: bool = False  # logits for every token instead of each request's last
+    # prefill attention over a fixed tile list (CUDA graphs; greenroom.kernels.prefill_tiles)
+    attention_tiles: torch.Tensor | None = None
+    # (new tokens, context length) per request on the host, when built from chunks
+    host_lens: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def num_requests(self) -> int:
@@ -95,4 +99,5 @@ class ForwardBatch:
             max_context_len=int(context_lens.max()),
             decode_only=bool((q_lens == 1).all()),
             all_logits=all_logits,
+            host_lens=(q_lens, context_lens),
         )

@@ -24,7 +24,7 @@ from greenroom.bus.messages import (
 )
 from greenroom.models.batch import SequenceChunk
 from greenroom.models.kv_pool import allocate_kv_pool
-from greenroom.models.runner import ModelRunner
+from greenroom.models.runner import GraphKind, ModelRunner
 from greenroom.models.sampling import SamplingBatch, request_seed, sample
 
 
@@ -49,12 +49,13 @@ class PlanExecutor:
         runner: ModelRunner,
         host_blocks: int = 0,
         graph_stream: torch.cuda.Stream | None = None,
-        use_cuda_graphs: bool = True,
+        graphs: GraphKind = "decode",
     ) -> None:
-        """``use_cuda_graphs`` False runs every forward eagerly (an SM-disaggregation context
-        engine: its stream is not the one the runner's graphs were captured on)."""
+        """``graphs``: the runner's graphs this executor replays: ``"decode"`` (captured here
+        on ``graph_stream`` if not yet), ``"prefill"`` (an SM-disaggregation context engine:
+        those captured on its partition's stream, if any) or ``"none"`` (all eager)."""
         self.runner = runner
-        self.use_cuda_graphs = use_cuda_graphs
+        self.graph_kind = graphs
         self.sequences: dict[str, Sequence] = {}
         self.host_pool: torch.Tensor | None = None
         if host_blocks:
@@ -74,7 +75,7 @@ class PlanExecutor:
         # Profiling: when True, each forward is bracketed by CUDA events (``forward_events``).
         self.time_forwards = False
         self.forward_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
-        if use_cuda_graphs and runner.graphs is None:
+        if graphs == "decode" and runner.graphs is None:
             runner.capture_cuda_graphs(graph_stream)
 
     # ------------------------------------------------------------------ plan phases
@@ -175,7 +176,7 @@ class PlanExecutor:
                 torch.cuda.Event(enable_timing=True),
             )
             self.forward_events[0].record()
-        logits = self.runner.forward(batch, use_graphs=self.use_cuda_graphs)
+        logits = self.runner.forward(batch, graphs=self.graph_kind)
         if timed:
             self.forward_events[1].record()
         ready_rows, ready = [], []

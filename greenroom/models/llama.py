@@ -65,6 +65,7 @@ class LlamaModel:
             batch.context_lens,
             self.scale,
             batch.max_seqlen_q,
+            tiles=batch.attention_tiles,
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -13,8 +14,15 @@ from greenroom.models.cuda_graphs import DecodeGraphs, default_batch_sizes
 from greenroom.models.kv_pool import allocate_kv_pool, bytes_per_block, plan_num_blocks
 from greenroom.models.llama import LlamaModel
 from greenroom.models.loader import ModelWeights, load_weights, random_weights
+from greenroom.models.prefill_graphs import (
+    DEFAULT_MAX_REQUESTS,
+    PrefillGraphs,
+    default_token_sizes,
+)
 from greenroom.models.presets import is_preset, preset_config
 from greenroom.models.tiny import tiny_llama_dir
+
+GraphKind = Literal["decode", "prefill", "none"]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -102,6 +110,7 @@ class ModelRunner:
         self.kv_pool = allocate_kv_pool(self.num_blocks, arch, self.tokens_per_block, dtype, device)
         self.block_bytes = bytes_per_block(arch, self.tokens_per_block, dtype)
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
 
     def capture_cuda_graphs(
         self, stream: torch.cuda.Stream | None = None, batch_sizes: list[int] | None = None
@@ -114,11 +123,42 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.kv_pool, self.max_blocks_per_seq, sizes, stream)
         return self.graphs.batch_sizes
 
+    def capture_prefill_graphs(
+        self,
+        stream: torch.cuda.Stream | None = None,
+        max_num_tokens: int = 2048,
+        max_requests: int = DEFAULT_MAX_REQUESTS,
+    ) -> list[int]:
+        """Capture prefill graphs on ``stream`` for batches of up to ``max_num_tokens`` tokens
+        and ``max_requests`` requests; returns the token sizes captured (none on CPU or with
+        ``model.cuda_graphs = false``)."""
+        if self.device.type != "cuda" or not self.model_cfg.cuda_graphs:
+            return []
+        self.prefill_graphs = PrefillGraphs(
+            self.model,
+            self.kv_pool,
+            self.max_blocks_per_seq,
+            default_token_sizes(max_num_tokens),
+            max_requests,
+            stream,
+        )
+        return self.prefill_graphs.token_sizes
+
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, use_graphs: bool = True) -> torch.Tensor:
-        """float32 logits ``[num_requests, vocab]`` (``[num_tokens, vocab]`` with all_logits)."""
-        if use_graphs and self.graphs is not None and self.graphs.can_run(batch):
+    def forward(self, batch: ForwardBatch, graphs: GraphKind = "decode") -> torch.Tensor:
+        """float32 logits ``[num_requests, vocab]`` (``[num_tokens, vocab]`` with all_logits).
+
+        ``graphs``: which captured graphs may run the batch (each engine replays only those
+        captured on its own stream); a batch no graph fits runs eagerly.
+        """
+        if graphs == "decode" and self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
+        if (
+            graphs == "prefill"
+            and self.prefill_graphs is not None
+            and self.prefill_graphs.can_run(batch)
+        ):
+            return self.prefill_graphs.run(batch)
         return self.model.forward(batch, self.kv_pool)
 
     def build_batch(self, chunks, all_logits: bool = False) -> ForwardBatch:

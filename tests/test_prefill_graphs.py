@@ -1,0 +1,142 @@
+"""Prefill graphs' padding (CPU: the padded forward a graph records, run eagerly) and the
+attention tile lists they launch over."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from greenroom.config import KVConfig, ModelConfig
+from greenroom.kernels.prefill_tiles import UNUSED_TILE, max_tiles, prefill_tiles
+from greenroom.models import ModelRunner
+from greenroom.models.batch import SequenceChunk
+from greenroom.models.prefill_graphs import PrefillGraphs, default_token_sizes
+
+BS = 16
+
+
+@pytest.fixture(scope="module")
+def runner() -> ModelRunner:
+    return ModelRunner(ModelConfig(), KVConfig(tokens_per_block=BS, num_blocks=64), None, "cpu")
+
+
+# ------------------------------------------------------------------ tile lists
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_tiles_cover_every_query_block_once_busiest_first(block_m):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(1, 9))
+        q_lens = rng.integers(1, 300, n)
+        context = q_lens + rng.integers(0, 500, n)
+        num_tiles = max_tiles(int(q_lens.sum()), n, block_m)
+        tiles = prefill_tiles(q_lens, context, num_tiles, block_m)
+        assert tiles.shape == (2, num_tiles) and tiles.dtype == np.int32
+        used = tiles[:, tiles[1] != UNUSED_TILE]
+        expected = {(r, b) for r in range(n) for b in range(-(-int(q_lens[r]) // block_m))}
+        assert sorted(map(tuple, used.T.tolist())) == sorted(expected)
+        assert (tiles[1, used.shape[1] :] == UNUSED_TILE).all()  # unused ones last
+        prefix = context[used[0]] - q_lens[used[0]]
+        keys = np.minimum(prefix + (used[1] + 1) * block_m, context[used[0]])
+        assert (np.diff(keys) <= 0).all()
+
+
+def test_tiles_refuse_a_batch_past_their_length():
+    with pytest.raises(ValueError, match="needs 3 attention tiles but only 2 fit"):
+        prefill_tiles([65, 10], [65, 10], 2, 64)
+    assert max_tiles(130, 3, 64) == 6
+
+
+def test_default_token_sizes():
+    assert default_token_sizes(1000) == [64, 128, 256, 512, 768, 1024]
+    assert default_token_sizes(4096)[-1] == 4096 and len(default_token_sizes(4096)) == 18
+    assert default_token_sizes(40) == [64]
+
+
+# ------------------------------------------------------------------ padded forward
+
+
+def _chunks() -> list[SequenceChunk]:
+    """Three requests: one with a cached prefix ending mid-block, one fresh, one decode-like."""
+    return [
+        SequenceChunk(list(range(3, 3 + 21)), 0, [1, 2]),
+        SequenceChunk([7, 8, 9, 10, 11], 19, [3, 4]),
+        SequenceChunk([42], 30, [5, 6]),
+    ]
+
+
+def _prime(runner: ModelRunner) -> None:
+    """The cached prefixes of requests 2 and 3 in their blocks."""
+    runner.kv_pool.zero_()
+    prefixes = [
+        SequenceChunk(list(range(100, 119)), 0, [3, 4]),
+        SequenceChunk(list(range(30)), 0, [5, 6]),
+    ]
+    runner.forward(runner.build_batch(prefixes), graphs="none")
+
+
+@pytest.mark.parametrize("sizes", [[64], [32, 48, 128]])
+def test_padded_forward_equals_the_plain_forward(runner, sizes):
+    chunks = _chunks()
+    _prime(runner)
+    expected = runner.forward(runner.build_batch(chunks), graphs="none")
+    pool_after = runner.kv_pool.clone()
+
+    _prime(runner)
+    graphs = PrefillGraphs(
+        runner.model,
+        runner.kv_pool,
+        runner.max_blocks_per_seq,
+        sizes,
+        max_requests=5,
+        capture=False,
+    )
+    batch = runner.build_batch(chunks)
+    assert graphs.size_for(batch) == next(s for s in sorted(sizes) if s >= 27)
+    got = graphs.padded_forward(batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # real blocks hold the same KV; padding only ever wrote into the null block
+    torch.testing.assert_close(runner.kv_pool[1:], pool_after[1:], rtol=1e-5, atol=1e-5)
+
+
+def test_static_buffers_are_reset_between_batches(runner):
+    """A smaller batch after a larger one: no stale request, slot or logits row leaks in."""
+    graphs = PrefillGraphs(
+        runner.model, runner.kv_pool, runner.max_blocks_per_seq, [64], max_requests=4, capture=False
+    )
+    _prime(runner)
+    graphs.padded_forward(runner.build_batch(_chunks()))
+    small = [SequenceChunk([5, 6, 7], 0, [7])]
+    runner.kv_pool[7].zero_()
+    expected = runner.forward(runner.build_batch(small), graphs="none")
+    kv_expected = runner.kv_pool[7].clone()
+    runner.kv_pool[7].zero_()
+    got = graphs.padded_forward(runner.build_batch(small))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runner.kv_pool[7], kv_expected)
+    assert graphs.slot_mapping[3:].eq(graphs.pad_slot).all()
+    assert graphs.cu_seqlens_q[2:].eq(3).all() and graphs.logits_indices[1:].eq(0).all()
+
+
+def test_batches_past_the_captured_shapes_run_eagerly(runner):
+    graphs = PrefillGraphs(
+        runner.model, runner.kv_pool, runner.max_blocks_per_seq, [16], max_requests=2, capture=False
+    )
+    chunks = _chunks()
+    assert graphs.size_for(runner.build_batch(chunks[2:])) == 16
+    assert graphs.size_for(runner.build_batch(chunks[:1])) is None  # 21 tokens > 16
+    assert graphs.size_for(runner.build_batch(chunks[1:] + chunks[2:])) is None  # 3 requests
+    assert graphs.size_for(runner.build_batch(chunks[2:], all_logits=True)) is None
+    with pytest.raises(ValueError, match="does not fit"):
+        graphs.padded_forward(runner.build_batch(chunks[:1]))
+    # the runner falls back to the eager forward when no prefill graph fits
+    assert runner.prefill_graphs is None
+    out = runner.forward(runner.build_batch(chunks[:1]), graphs="prefill")
+    assert out.shape == (1, runner.vocab_size)
+
+
+def test_prefill_graphs_need_a_gpu_and_cuda_graphs_on(runner):
+    assert runner.capture_prefill_graphs(max_num_tokens=256) == []
+    assert runner.prefill_graphs is None
