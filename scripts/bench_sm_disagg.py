@@ -29,6 +29,7 @@ from greenroom.bench.sm_disagg import (
     node_overrides,
     plot_pareto,
     point_from_report,
+    user_speed_ceiling,
 )
 from greenroom.client import AsyncClient
 from greenroom.config import load_config
@@ -284,13 +285,31 @@ def summarize(args, points: list[Point], modes_info: list[dict]) -> dict:
         "comparisons": comparisons,
         "best": best,
         "target_met": bool(best and best["meets_target"]),
+        "user_speedup_ceilings": ceilings(points, modes_info),
         "heavy_mixes": heavy_summary(points),
     }
+
+
+def ceilings(points: list[Point], modes_info: list[dict]) -> list[dict]:
+    """Per mixed point with a step profile (``--profile``): the user-speed ratio SM
+    disaggregation could reach at most at that load (``user_speed_ceiling``)."""
+    profiles = next((m.get("profiles", {}) for m in modes_info if m["mode"] == "mixed"), {})
+    out = []
+    for p in points:
+        prof = profiles.get(f"{p.mix}@{p.rate:g}", {}).get("mixed") if p.mode == "mixed" else None
+        row = user_speed_ceiling(p, prof) if prof else None
+        if row is not None:
+            out.append(row)
+    return out
 
 
 if __name__ == "__main__":
     result = asyncio.run(main(parse_args()))
     brief = {k: result[k] for k in ("benchmark", "device", "model", "target_met", "best")}
+    brief["user_speedup_ceilings"] = {
+        f"{c['mix']}@{c['rate']:g}": c["user_speedup_ceiling"]
+        for c in result["user_speedup_ceilings"]
+    }
     brief["points"] = [
         {
             k: p[k]

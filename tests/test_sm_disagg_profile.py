@@ -90,3 +90,17 @@ async def test_engines_report_step_profiles(sm: bool) -> None:
     if sm:
         assert profiles["context"]["decode"]["steps"] == 0
         assert profiles["context"]["other"]["steps"] >= 1
+
+
+def test_user_speed_ceiling_is_mixed_tpot_over_its_decode_only_step() -> None:
+    from greenroom.bench.sm_disagg import Point, user_speed_ceiling
+
+    point = Point("mixed", "openorca", 64.0, 300, 0, 10.0, 6000.0, 100.0, 10.0, 30.0, 200.0, 20.0)
+    profile = {
+        "decode": {"steps": 750, "wall_ms_mean": 8.0},
+        "other": {"steps": 250, "wall_ms_mean": 16.0},
+    }
+    row = user_speed_ceiling(point, profile)
+    assert row["user_speedup_ceiling"] == 1.25  # (1000 / 8 ms) / 100 tok/s
+    assert row["steps_with_prefill_share"] == 0.25
+    assert user_speed_ceiling(point, {"other": {"steps": 3, "wall_ms_mean": 9.0}}) is None

@@ -160,6 +160,31 @@ def best_comparison(rows: Sequence[dict]) -> dict | None:
     return max(ok or rows, key=lambda r: r["user_speedup"])
 
 
+def user_speed_ceiling(mixed: Point, mixed_profile: dict) -> dict | None:
+    """The most SM disaggregation can give per user at a mixed point's load.
+
+    Its generation engine only ever runs decode steps, so at best every step is as fast as
+    mixed mode's own decode-only steps (whole GPU, no prefill beside it); mixed TPOT over that
+    step time bounds the user-speed ratio from above. A real generation partition is slower
+    (fewer SMs, prefill sharing memory bandwidth), so measured ratios sit below this.
+    ``mixed_profile``: the mixed engine's step profile for the point (``StepProfile.summary``).
+    """
+    decode, other = mixed_profile.get("decode", {}), mixed_profile.get("other", {})
+    step_ms = decode.get("wall_ms_mean")
+    if not step_ms or not mixed.tokens_per_s_per_user:
+        return None
+    steps = decode.get("steps", 0) + other.get("steps", 0)
+    return {
+        "mix": mixed.mix,
+        "rate": mixed.rate,
+        "mixed_tpot_ms": finite(mixed.tpot_mean_ms),
+        "decode_only_step_ms": step_ms,
+        "prefill_step_ms": other.get("wall_ms_mean"),
+        "steps_with_prefill_share": finite(other.get("steps", 0) / steps) if steps else None,
+        "user_speedup_ceiling": finite(1000.0 / step_ms / mixed.tokens_per_s_per_user),
+    }
+
+
 def plot_pareto(points: Sequence[Point], path: str, title: str) -> None:
     """tokens/s per GPU against tokens/s per user, one line per mode (its Pareto front), the
     SM modes' joint front drawn bold."""
