@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from greenroom.actors import Actor, handles
-from greenroom.actors.step_profile import EngineProfileQuery, StepProfile
+from greenroom.actors.step_profile import EngineProfile, EngineProfileQuery, StepProfile
 from greenroom.bus.messages import (
     EngineInfo,
     EngineInfoQuery,
@@ -135,8 +135,8 @@ class Engine(Actor):
         self._fault = msg.reason
 
     @handles(EngineProfileQuery)
-    def profile_query(self, msg: EngineProfileQuery) -> dict:
-        out = self.profile.summary()
+    def profile_query(self, msg: EngineProfileQuery) -> EngineProfile:
+        out = EngineProfile(**self.profile.summary())
         if msg.reset:
             self.profile.reset()
         self.executor.time_forwards = msg.gpu_timing

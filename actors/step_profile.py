@@ -12,6 +12,8 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+import msgspec
+
 from greenroom.bus.messages import Message
 
 
@@ -21,6 +23,17 @@ class EngineProfileQuery(Message):
 
     reset: bool = True
     gpu_timing: bool = False
+
+
+class EngineProfile(Message):
+    """An engine's step timings (``StepProfile.summary``): decode-only plans and the rest.
+    A message rather than a bare dict, so it crosses a process boundary too."""
+
+    decode: dict[str, float | int | None] = msgspec.field(default_factory=dict)
+    other: dict[str, float | int | None] = msgspec.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"decode": dict(self.decode), "other": dict(self.other)}
 
 
 @dataclass
@@ -74,4 +87,4 @@ def _summarize(rows: list[tuple[float, float, float | None, int]]) -> dict:
     return out
 
 
-__all__ = ["EngineProfileQuery", "StepProfile"]
+__all__ = ["EngineProfile", "EngineProfileQuery", "StepProfile"]

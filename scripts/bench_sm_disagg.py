@@ -185,7 +185,7 @@ async def _profile(engines: dict, gpu_timing: bool) -> dict:
     from greenroom.actors.step_profile import EngineProfileQuery
 
     query = EngineProfileQuery(reset=True, gpu_timing=gpu_timing)
-    return {name: await ref.ask(query, timeout=10) for name, ref in engines.items()}
+    return {name: (await ref.ask(query, timeout=10)).to_dict() for name, ref in engines.items()}
 
 
 def _stats_query():

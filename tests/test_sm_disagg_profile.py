@@ -54,8 +54,10 @@ def test_partition_sizing_is_a_no_op_without_a_partition() -> None:
     assert torch._C._get_sm_carveout_experimental() == before
 
 
-@pytest.mark.parametrize("sm", [False, True])
-async def test_engines_report_step_profiles(sm: bool) -> None:
+@pytest.mark.parametrize(
+    "sm,engine_host", [(False, "thread"), (False, "process"), (True, "thread")]
+)
+async def test_engines_report_step_profiles(sm: bool, engine_host: str) -> None:
     cfg = load_config(
         overrides={
             "port": 0,
@@ -64,6 +66,7 @@ async def test_engines_report_step_profiles(sm: bool) -> None:
             "scheduler.max_num_tokens": 32,
             "scheduler.max_batch_size": 8,
             "sm_disagg.enabled": sm,
+            "engine_host": engine_host,  # a process engine replies across the process boundary
             "log_level": "warning",
         }
     )
@@ -80,7 +83,8 @@ async def test_engines_report_step_profiles(sm: bool) -> None:
                 )
             )
         profiles = {
-            n: await node.refs[n].ask(EngineProfileQuery(reset=True), timeout=10) for n in names
+            n: (await node.refs[n].ask(EngineProfileQuery(reset=True), timeout=10)).to_dict()
+            for n in names
         }
     finally:
         await node.stop()
