@@ -67,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip points past this")
     ap.add_argument("--sm-only", action="store_true", help="skip the mixed baseline")
+    ap.add_argument(
+        "--context-graphs",
+        choices=("on", "off"),
+        default="on",
+        help="the context engine's prefill CUDA graphs (sm_disagg.context_cuda_graphs)",
+    )
     ap.add_argument("--gil-switch-ms", type=float, default=0.0, help="0: Python's default")
     ap.add_argument("--out", default="sm_disagg_results.json")
     ap.add_argument("--plot", default="sm_disagg_pareto.png")
@@ -96,6 +102,7 @@ def base_overrides(args: argparse.Namespace) -> dict:
         # and its queueing moves into TPOT)
         "scheduler.max_num_active_requests": args.max_batch_size,
         "sm_disagg.context_max_num_tokens": args.context_max_num_tokens,
+        "sm_disagg.context_cuda_graphs": args.context_graphs == "on",
     }
 
 
