@@ -169,6 +169,17 @@ class PlanExecutor:
             raise PlanError(f"plan {plan.iteration} steps a request more than once: {ids}")
         chunks = [self._chunk(s.request_id, s.num_tokens, s.new_block_ids) for s in plan.steps]
         batch = self.runner.build_batch(chunks)
+        ready_rows, ready = [], []
+        for row, step in enumerate(plan.steps):
+            seq = self.sequences[step.request_id]
+            if seq.num_computed + step.num_tokens == len(seq.tokens):
+                ready_rows.append(row)
+                ready.append(seq)
+        # Every host-to-device copy of the step goes before the forward: a copy from pageable
+        # memory waits on the host for the stream to drain, and while it waits the driver
+        # holds up the other engine's launches (SM disaggregation: a long prefill would
+        # stall every decode step queued behind it).
+        sampling = self._prepare_sampling(ready_rows, ready, len(plan.steps))
         timed = self.time_forwards and self.runner.device.type == "cuda"
         if timed:
             self.forward_events = (
@@ -179,14 +190,9 @@ class PlanExecutor:
         logits = self.runner.forward(batch, graphs=self.graph_kind)
         if timed:
             self.forward_events[1].record()
-        ready_rows, ready = [], []
-        for row, step in enumerate(plan.steps):
-            seq = self.sequences[step.request_id]
-            seq.num_computed += step.num_tokens
-            if seq.num_computed == len(seq.tokens):
-                ready_rows.append(row)
-                ready.append(seq)
-        sampled = self._sample(logits, ready_rows, ready)
+        for step in plan.steps:
+            self.sequences[step.request_id].num_computed += step.num_tokens
+        sampled = self._sample(logits, ready, sampling)
         if self.on_sequence_ready is not None:
             for seq in ready:
                 self.on_sequence_ready(seq)
@@ -197,19 +203,35 @@ class PlanExecutor:
             duration_s=time.perf_counter() - started,
         )
 
-    def _sample(
-        self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]
-    ) -> list[SampledToken]:
+    def _prepare_sampling(
+        self, rows: list[int], seqs: list[Sequence], num_rows: int
+    ) -> tuple[torch.Tensor | None, SamplingBatch] | None:
+        """(rows of the logits to sample, or None for all; the sampling batch), on the device."""
         if not seqs:
-            return []
-        if len(rows) != logits.shape[0]:
-            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
-        batch = SamplingBatch.build(
+            return None
+        device = self.runner.device
+        index = None
+        if len(rows) != num_rows:
+            index = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+        sampling = SamplingBatch.build(
             [s.sampling for s in seqs],
             [s.seed for s in seqs],
             [s.num_output_tokens for s in seqs],
-            logits.device,
+            device,
         )
+        return index, sampling
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        prepared: tuple[torch.Tensor | None, SamplingBatch] | None,
+    ) -> list[SampledToken]:
+        if prepared is None:
+            return []
+        index, batch = prepared
+        if index is not None:
+            logits = logits.index_select(0, index)
         out = sample(logits, batch)
         token_ids = out.token_ids.tolist()
         if out.top_ids is not None:
