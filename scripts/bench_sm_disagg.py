@@ -61,9 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="request sets to run, of openorca, prefill_heavy, decode_heavy, balanced",
     )
     ap.add_argument(
-        "--profile",
+        "--gpu-timing",
         action="store_true",
-        help="per point, each engine's step timings: wall, forward (CUDA events), idle gap",
+        help="also time each forward with CUDA events (host time = wall - forward); timing "
+        "events serialize the two SM engines' streams, so SM modes run slower with it",
     )
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip points past this")
     ap.add_argument("--sm-only", action="store_true", help="skip the mixed baseline")
@@ -161,20 +162,19 @@ async def run_mode(mode: Mode, args, deadline: float, log) -> tuple[list[Point],
             engines = {
                 k: node.refs[k] for k in ("mixed", "context", "generation") if k in node.refs
             }
-            profiles = info.setdefault("profiles", {}) if args.profile else None
+            # every point's engine step timings (wall clock; the mixed ones give the ceiling)
+            profiles = info.setdefault("profiles", {})
             for mix, rate, reqs in sets:
                 if time.perf_counter() > deadline:
                     log(f"{mode.name} {mix}@{rate}: skipped (budget)")
                     continue
-                if profiles is not None:
-                    await _profile(engines, gpu_timing=True)  # reset: this point's steps only
+                await _profile(engines, gpu_timing=args.gpu_timing)  # reset: this point only
                 report = await replay(reqs, client)
                 p = point_from_report(mode.name, mix, rate, report)
                 points.append(p)
-                if profiles is not None:
-                    prof = await _profile(engines, gpu_timing=False)
-                    profiles[f"{mix}@{rate:g}"] = prof
-                    log(f"{mode.name:6s} {mix:13s} rate {rate:5.1f} steps: {json.dumps(prof)}")
+                prof = await _profile(engines, gpu_timing=False)
+                profiles[f"{mix}@{rate:g}"] = prof
+                log(f"{mode.name:6s} {mix:13s} rate {rate:5.1f} steps: {json.dumps(prof)}")
                 log(
                     f"{mode.name:6s} {mix:13s} rate {rate:5.1f}: {p.output_tokens_per_s_per_gpu:7.0f} "
                     f"tok/s/gpu  {p.tokens_per_s_per_user or 0:6.1f} tok/s/user  TTFT p50 "
@@ -298,7 +298,7 @@ def summarize(args, points: list[Point], modes_info: list[dict]) -> dict:
 
 
 def ceilings(points: list[Point], modes_info: list[dict]) -> list[dict]:
-    """Per mixed point with a step profile (``--profile``): the user-speed ratio SM
+    """Per mixed point (its engine step profile): the user-speed ratio SM
     disaggregation could reach at most at that load (``user_speed_ceiling``)."""
     profiles = next((m.get("profiles", {}) for m in modes_info if m["mode"] == "mixed"), {})
     out = []
