@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from greenroom.actors import Actor, handles
+from greenroom.actors.placement import ContextActivity, GenerationPlacement
 from greenroom.actors.step_profile import EngineProfile, EngineProfileQuery, StepProfile
 from greenroom.bus.messages import (
     EngineInfo,
@@ -86,13 +87,19 @@ class Engine(Actor):
         executor_factory: Callable[[], Any] | None = None,
         stream: Any = None,
         handoffs: HandoffEvents | None = None,
+        activity: ContextActivity | None = None,
+        placement: GenerationPlacement | None = None,
     ):
+        """SM disaggregation: the context engine marks its plans in ``activity``; the
+        generation engine asks ``placement`` where to run each step (``stream`` otherwise)."""
         super().__init__()
         self.cfg = cfg if isinstance(cfg, NodeConfig) else _node_config(cfg)
         self.role = role
         self.executor_factory = executor_factory
         self.stream = stream
         self.handoffs = handoffs
+        self.activity = activity
+        self.placement = placement
         self.executor = None
         self._fault: str | None = None
         self.profile = StepProfile()
@@ -147,10 +154,19 @@ class Engine(Actor):
         if self._fault is not None:
             self.crash(EngineCrashed(self._fault))
         start, gap_ms = self.profile.begin()
-        if self.stream is None:
-            result = self.executor.execute(plan)
-        else:
-            result = self._execute_on_stream(plan)
+        if self.activity is not None and plan.steps:
+            self.activity.begin()
+        try:
+            if self.placement is not None:
+                stream, self.executor.graph_kind = self.placement.pick()
+                result = self._execute_on_stream(plan, stream)
+            elif self.stream is None:
+                result = self.executor.execute(plan)
+            else:
+                result = self._execute_on_stream(plan, self.stream)
+        finally:
+            if self.activity is not None and plan.steps:
+                self.activity.end()
         if plan.steps:
             self._record(plan, start, gap_ms)
         if self.role == "context" and result.sampled:
@@ -173,14 +189,14 @@ class Engine(Actor):
         decode_only = all(s.num_tokens == 1 for s in plan.steps)
         self.profile.end(start, gap_ms, decode_only, len(plan.steps), gpu_ms)
 
-    def _execute_on_stream(self, plan: StepPlan) -> StepResult:
+    def _execute_on_stream(self, plan: StepPlan, stream) -> StepResult:
         import torch
 
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(stream):
             if self.handoffs is not None:
                 for seq in plan.new:
                     if seq.handoff_event_id:
-                        self.handoffs.wait(seq.handoff_event_id, self.stream)
+                        self.handoffs.wait(seq.handoff_event_id, stream)
             return self.executor.execute(plan)
 
 

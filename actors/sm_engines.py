@@ -13,6 +13,7 @@ from functools import partial
 
 from greenroom.actors import ActorRef, Supervisor
 from greenroom.actors.engine import Engine, HandoffEvents
+from greenroom.actors.placement import ContextActivity, GenerationPlacement
 from greenroom.config import NodeConfig, sm_disagg_budgets
 from greenroom.logging import get_logger
 
@@ -96,7 +97,10 @@ async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> dict[str, ActorR
         )
         if cfg.sm_disagg.context_cuda_graphs:
             _capture_prefill_graphs(cfg, runner, ctx_stream)
-    handoffs = HandoffEvents()
+    handoffs, activity = HandoffEvents(), ContextActivity()
+    placement = None
+    if gen_stream is not None and cfg.sm_disagg.generation_whole_gpu_when_idle:
+        placement = GenerationPlacement(gen_stream, _whole_gpu_decode_graphs(runner), activity)
 
     def make_executor(role: str) -> PlanExecutor:
         graphs = "decode" if role == "generation" else "prefill"
@@ -111,7 +115,20 @@ async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> dict[str, ActorR
             partial(make_executor, role),
             stream,
             handoffs,
+            activity if role == "context" else None,
+            placement if role == "generation" else None,
             name=f"{role}-engine",
             host="thread",
         )
     return refs
+
+
+def _whole_gpu_decode_graphs(runner):
+    """A high-priority stream on every SM and the decode graphs captured on it (launches
+    sized for the whole device), or None when the runner captures no graphs."""
+    import torch
+
+    stream = torch.cuda.Stream(runner.device, priority=-1)
+    sizes = runner.capture_cuda_graphs(stream=stream, whole_gpu=True)
+    log.info("whole-GPU decode graphs captured", batch_sizes=len(sizes))
+    return stream if sizes else None

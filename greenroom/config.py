@@ -89,6 +89,9 @@ class SMDisaggConfig(_Section):
     # the context engine replays prefill CUDA graphs at padded token counts instead of
     # launching eagerly from Python beside the generation engine (needs model.cuda_graphs)
     context_cuda_graphs: bool = True
+    # the generation engine decodes on every SM while no context plan runs (a second set of
+    # decode graphs on a whole-GPU stream), on its partition only while one does
+    generation_whole_gpu_when_idle: bool = True
 
 
 class NodeConfig(_Section):

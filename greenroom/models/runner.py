@@ -22,7 +22,10 @@ from greenroom.models.prefill_graphs import (
 from greenroom.models.presets import is_preset, preset_config
 from greenroom.models.tiny import tiny_llama_dir
 
-GraphKind = Literal["decode", "prefill", "none"]
+# decode: graphs captured by capture_cuda_graphs (on the generation partition under SM
+# disaggregation); decode_whole: a second decode set on a whole-GPU stream (SM disaggregation,
+# while the context engine idles); prefill: the context engine's prefill graphs
+GraphKind = Literal["decode", "decode_whole", "prefill", "none"]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -110,18 +113,28 @@ class ModelRunner:
         self.kv_pool = allocate_kv_pool(self.num_blocks, arch, self.tokens_per_block, dtype, device)
         self.block_bytes = bytes_per_block(arch, self.tokens_per_block, dtype)
         self.graphs: DecodeGraphs | None = None
+        self.whole_graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
 
     def capture_cuda_graphs(
-        self, stream: torch.cuda.Stream | None = None, batch_sizes: list[int] | None = None
+        self,
+        stream: torch.cuda.Stream | None = None,
+        batch_sizes: list[int] | None = None,
+        whole_gpu: bool = False,
     ) -> list[int]:
         """Capture decode graphs on ``stream``; returns the batch sizes captured (none on CPU
-        or with ``model.cuda_graphs = false``)."""
+        or with ``model.cuda_graphs = false``). ``whole_gpu``: the second set, replayed as
+        ``graphs="decode_whole"`` (SM disaggregation's generation engine, while the context
+        engine idles)."""
         if self.device.type != "cuda" or not self.model_cfg.cuda_graphs:
             return []
         sizes = batch_sizes or default_batch_sizes(self.model_cfg.cuda_graph_max_batch_size)
-        self.graphs = DecodeGraphs(self.model, self.kv_pool, self.max_blocks_per_seq, sizes, stream)
-        return self.graphs.batch_sizes
+        graphs = DecodeGraphs(self.model, self.kv_pool, self.max_blocks_per_seq, sizes, stream)
+        if whole_gpu:
+            self.whole_graphs = graphs
+        else:
+            self.graphs = graphs
+        return graphs.batch_sizes
 
     def capture_prefill_graphs(
         self,
@@ -151,8 +164,9 @@ class ModelRunner:
         ``graphs``: which captured graphs may run the batch (each engine replays only those
         captured on its own stream); a batch no graph fits runs eagerly.
         """
-        if graphs == "decode" and self.graphs is not None and self.graphs.can_run(batch):
-            return self.graphs.run(batch)
+        decode = self.whole_graphs if graphs == "decode_whole" else self.graphs
+        if graphs in ("decode", "decode_whole") and decode is not None and decode.can_run(batch):
+            return decode.run(batch)
         if (
             graphs == "prefill"
             and self.prefill_graphs is not None
