@@ -137,9 +137,9 @@ def test_prefill_graph_replay_matches_eager(checkpoint: Path) -> None:
             SequenceChunk([7], 66, [1, 2, 3, 4, 5]),
         ],
     ):
-        batch = runner.build_batch(chunks)
-        assert graphs.can_run(batch)
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream):  # the batch's copies too: one stream orders it all
+            batch = runner.build_batch(chunks)
+            assert graphs.can_run(batch)
             pool = runner.kv_pool.clone()
             got = runner.forward(batch, graphs="prefill").clone()
             graph_pool = runner.kv_pool.clone()
