@@ -133,8 +133,8 @@ def test_prefill_graph_replay_matches_eager(checkpoint: Path) -> None:
         [SequenceChunk(list(range(3, 40)), 0, [1, 2, 3])],
         [
             SequenceChunk(list(range(3, 100)), 0, [10, 11, 12, 13, 14, 15, 16]),
-            SequenceChunk(list(range(50, 80)), 37, [1, 2, 3, 4, 5]),
-            SequenceChunk([7], 66, [1, 2, 3, 4, 5]),
+            SequenceChunk(list(range(50, 80)), 37, [1, 2, 3, 4, 5]),  # positions 37-66
+            SequenceChunk([7], 67, [1, 2, 3, 4, 5]),  # reads 66 written in the same batch
         ],
     ):
         with torch.cuda.stream(stream):  # the batch's copies too: one stream orders it all
