@@ -90,8 +90,10 @@ class SMDisaggConfig(_Section):
     # launching eagerly from Python beside the generation engine (needs model.cuda_graphs)
     context_cuda_graphs: bool = True
     # the generation engine decodes on every SM while no context plan runs (a second set of
-    # decode graphs on a whole-GPU stream), on its partition only while one does
-    generation_whole_gpu_when_idle: bool = True
+    # decode graphs on a whole-GPU stream), on its partition only while one does. Off: on an
+    # H200 (8B shape, OpenOrca) it lowered tokens/s per user by 2-29% against staying on the
+    # partition (BENCHMARKS.md, SM-level disaggregation)
+    generation_whole_gpu_when_idle: bool = False
 
 
 class NodeConfig(_Section):
