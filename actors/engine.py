@@ -154,7 +154,8 @@ class Engine(Actor):
         if self._fault is not None:
             self.crash(EngineCrashed(self._fault))
         start, gap_ms = self.profile.begin()
-        if self.activity is not None and plan.steps:
+        marks = self.activity is not None and bool(plan.steps)
+        if marks:
             self.activity.begin()
         try:
             if self.placement is not None:
@@ -165,7 +166,7 @@ class Engine(Actor):
             else:
                 result = self._execute_on_stream(plan, self.stream)
         finally:
-            if self.activity is not None and plan.steps:
+            if marks:
                 self.activity.end()
         if plan.steps:
             self._record(plan, start, gap_ms)

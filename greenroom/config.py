@@ -87,7 +87,7 @@ class SMDisaggConfig(_Section):
     context_max_num_tokens: int = 0  # <= 0: inherit scheduler.max_num_tokens
     context_max_batch_size: int = 0  # <= 0: inherit scheduler.max_batch_size
     # the context engine replays prefill CUDA graphs at padded token counts instead of
-    # launching eagerly from Python beside the generation engine (needs model.cuda_graphs)
+    # launching a few hundred kernels per step from Python (needs model.cuda_graphs)
     context_cuda_graphs: bool = True
     # the generation engine decodes on every SM while no context plan runs (a second set of
     # decode graphs on a whole-GPU stream), on its partition only while one does. Off: on an

@@ -13,7 +13,7 @@ for the whole GPU runs in two waves on a part of it).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -63,6 +63,37 @@ def default_batch_sizes(max_batch_size: int) -> list[int]:
     return sizes
 
 
+@torch.inference_mode()
+def capture_forwards(
+    model: LlamaModel,
+    kv_pool: torch.Tensor,
+    sizes: list[int],
+    static_batch: Callable[[int], ForwardBatch],
+    stream: torch.cuda.Stream,
+    warmups: int = 1,
+) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
+    """One graph per size of ``model.forward`` over ``static_batch(size)``, captured on
+    ``stream`` into one private memory pool, largest first (smaller ones reuse its memory);
+    returns (graphs, their output logits) by size. Each capture is preceded by ``warmups``
+    eager forwards, so compiles, autotuning and lazy initialisation stay out of the graph."""
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    pool = torch.cuda.graph_pool_handle()
+    stream.wait_stream(torch.cuda.current_stream())
+    for size in sorted(sizes, reverse=True):
+        batch = static_batch(size)
+        with torch.cuda.stream(stream):
+            for _ in range(warmups):
+                model.forward(batch, kv_pool)
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            outputs[size] = model.forward(batch, kv_pool)
+        graphs[size] = graph
+    torch.cuda.current_stream().wait_stream(stream)
+    return graphs, outputs
+
+
 class DecodeGraphs:
     def __init__(
         self,
@@ -104,21 +135,10 @@ class DecodeGraphs:
             decode_only=True,
         )
 
-    @torch.inference_mode()
     def _capture(self, stream: torch.cuda.Stream) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        stream.wait_stream(torch.cuda.current_stream())
-        for size in reversed(self.batch_sizes):  # largest first: smaller ones reuse its memory
-            batch = self._static_batch(size)
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm up: autotuning and lazy init stay out of the graph
-                    self.model.forward(batch, self.kv_pool)
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.outputs[size] = self.model.forward(batch, self.kv_pool)
-            self.graphs[size] = graph
-        torch.cuda.current_stream().wait_stream(stream)
+        self.graphs, self.outputs = capture_forwards(
+            self.model, self.kv_pool, self.batch_sizes, self._static_batch, stream, warmups=2
+        )
 
     def can_run(self, batch: ForwardBatch) -> bool:
         return (

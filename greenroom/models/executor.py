@@ -176,9 +176,8 @@ class PlanExecutor:
                 ready_rows.append(row)
                 ready.append(seq)
         # Every host-to-device copy of the step goes before the forward: a copy from pageable
-        # memory waits on the host for the stream to drain, and while it waits the driver
-        # holds up the other engine's launches (SM disaggregation: a long prefill would
-        # stall every decode step queued behind it).
+        # memory waits on the host until its stream has drained, so after the launch it would
+        # hold the host for the whole forward.
         sampling = self._prepare_sampling(ready_rows, ready, len(plan.steps))
         timed = self.time_forwards and self.runner.device.type == "cuda"
         if timed:

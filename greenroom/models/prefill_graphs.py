@@ -1,8 +1,9 @@
 """CUDA graphs of prefill forwards at padded token counts (the SM-disaggregation context engine).
 
-An eager 8B prefill launches a few hundred kernels from Python. Beside a generation engine on
-another thread of the same process that is milliseconds of GIL per step, taken from the
-thread that must launch the next decode step. Replaying a graph costs one launch.
+An eager 8B prefill launches a few hundred kernels from Python: about 10 ms of host work per
+step on an H200 host, against 0.2-0.4 ms to load a batch and replay a graph
+(scripts/bench_prefill_graphs.py). On a small context partition the GPU hides most of it; on a
+large one, short prompts would wait for their launches.
 
 A graph fixes every launch shape, so each captured size ``T`` runs a batch of at most ``T``
 tokens over at most ``max_requests`` requests: tokens past the batch are padding (their KV
@@ -18,6 +19,7 @@ import torch
 
 from greenroom.kernels.prefill_tiles import TILE_BLOCK_M, max_tiles, prefill_tiles
 from greenroom.models.batch import ForwardBatch
+from greenroom.models.cuda_graphs import capture_forwards
 from greenroom.models.kv_pool import NULL_BLOCK
 from greenroom.models.llama import LlamaModel
 
@@ -38,7 +40,7 @@ class PrefillGraphs:
     """Prefill forwards through graphs captured on ``stream`` (the context partition's).
 
     ``capture=False`` builds the static buffers only; :meth:`padded_forward` then runs the
-    same padded forward eagerly (CPU tests, and the warm-up before each capture).
+    same padded forward eagerly (CPU tests).
     """
 
     def __init__(
@@ -78,7 +80,13 @@ class PrefillGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         if capture:
-            self._capture(stream or torch.cuda.Stream(device))
+            self.graphs, self.outputs = capture_forwards(
+                model,
+                kv_pool,
+                self.token_sizes,
+                self.static_batch,
+                stream or torch.cuda.Stream(device),
+            )
 
     def static_batch(self, size: int) -> ForwardBatch:
         return ForwardBatch(
@@ -94,21 +102,6 @@ class PrefillGraphs:
             decode_only=False,
             attention_tiles=self.device_tiles[size],
         )
-
-    @torch.inference_mode()
-    def _capture(self, stream: torch.cuda.Stream) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        stream.wait_stream(torch.cuda.current_stream())
-        for size in reversed(self.token_sizes):  # largest first: smaller ones reuse its memory
-            batch = self.static_batch(size)
-            with torch.cuda.stream(stream):
-                self.model.forward(batch, self.kv_pool)  # warm up: compiles stay out
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.outputs[size] = self.model.forward(batch, self.kv_pool)
-            self.graphs[size] = graph
-        torch.cuda.current_stream().wait_stream(stream)
 
     def size_for(self, batch: ForwardBatch) -> int | None:
         """The smallest captured size that runs ``batch``, or None (run it eagerly)."""
@@ -143,21 +136,22 @@ class PrefillGraphs:
         tiles = prefill_tiles(q_lens, context_lens, self.device_tiles[size].shape[1])
         self.device_tiles[size].copy_(torch.from_numpy(tiles), non_blocking=True)
 
-    @torch.inference_mode()
-    def padded_forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits ``[B, vocab]`` of ``batch`` through the padded static buffers, eagerly."""
+    def _load_fitting(self, batch: ForwardBatch) -> int:
         size = self.size_for(batch)
         if size is None:
             raise ValueError("the batch does not fit the captured prefill sizes")
         self._load(batch, size)
+        return size
+
+    @torch.inference_mode()
+    def padded_forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of ``batch`` through the padded static buffers, eagerly."""
+        size = self._load_fitting(batch)
         return self.model.forward(self.static_batch(size), self.kv_pool)[: batch.num_requests]
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits ``[B, vocab]`` of ``batch`` through the smallest graph that fits it."""
-        size = self.size_for(batch)
-        if size is None:
-            raise ValueError("the batch does not fit the captured prefill sizes")
-        self._load(batch, size)
+        size = self._load_fitting(batch)
         self.graphs[size].replay()
         return self.outputs[size][: batch.num_requests]
 
