@@ -1,35 +1,51 @@
-"""`greenroom` console script: serve, launch, replay, demo."""
+"""`greenroom` console script: serve, launch, replay, demo.
+
+Every mistake a user can make at start (a bad flag value, a config error, a taken port, a missing
+model) ends with one line ``greenroom: error: ...`` on stderr and exit status 2; ``--debug``
+adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+from typing import Any, NoReturn
 
-from greenroom.config import ConfigError, NodeConfig, load_config
+import greenroom
+from greenroom.config import ConfigError, NodeConfig, config_default, load_config
+from greenroom.startup import StartupError
 
-# flag -> dotted config key; the flags are shortcuts for `--set KEY=VALUE`
-_NODE_FLAGS: list[tuple[str, str, type, str]] = [
+EXIT_USAGE = 2  # bad flags, config errors and every other error found while starting
+EXIT_FAILED = 1  # an unexpected failure after start
+
+# flag -> dotted config key; the flags are shortcuts for `--set KEY=VALUE`. An optional fifth
+# element names the metavar (default: from the type, or the Literal's choices).
+_NODE_FLAGS: list[tuple[Any, ...]] = [
     (
         "--model",
         "model.path",
         str,
-        "Hugging Face checkpoint directory (default: the embedded tiny model)",
+        "Hugging Face checkpoint directory or hub id (e.g. meta-llama/Llama-3.1-8B-Instruct, "
+        "found in the local Hugging Face cache); random:NAME serves random weights of a named "
+        "shape (default: the embedded tiny model)",
+        "DIR|HUB_ID",
     ),
-    ("--dtype", "model.dtype", str, "auto | float32 | bfloat16 | float16"),
-    ("--device", "model.device", str, "auto | cpu | cuda"),
+    ("--dtype", "model.dtype", str, "weight and activation dtype; auto: the checkpoint's"),
+    ("--device", "model.device", str, "where the model runs; auto: CUDA when present"),
     (
         "--max-model-len",
         "model.max_model_len",
         int,
-        "longest prompt + output (0: from the checkpoint)",
+        "longest prompt + output in tokens (0: the checkpoint's max_position_embeddings)",
     ),
-    ("--host", "host", str, "address the frontend binds (loopback by default)"),
+    ("--host", "host", str, "address the frontend binds (loopback by default)", "ADDR"),
     ("--port", "port", int, "frontend port (0: pick a free one)"),
     (
         "--engine-host",
         "engine_host",
         str,
-        "run the engine on a 'thread', in a 'process', or 'auto' (process on a GPU)",
+        "run the engine on a thread, in a process, or auto (process on a GPU)",
     ),
     ("--max-num-tokens", "scheduler.max_num_tokens", int, "token budget per iteration"),
     ("--max-batch-size", "scheduler.max_batch_size", int, "requests per iteration"),
@@ -39,13 +55,8 @@ _NODE_FLAGS: list[tuple[str, str, type, str]] = [
         int,
         "admitted requests at once",
     ),
-    (
-        "--capacity-policy",
-        "scheduler.capacity_policy",
-        str,
-        "guaranteed_no_evict | max_utilization",
-    ),
-    ("--tokens-per-block", "kv.tokens_per_block", int, "tokens per KV block (power of two)"),
+    ("--capacity-policy", "scheduler.capacity_policy", str, "what admission guarantees"),
+    ("--tokens-per-block", "kv.tokens_per_block", int, "tokens per KV block (a power of two)"),
     ("--num-blocks", "kv.num_blocks", int, "KV blocks (0: size from free memory)"),
     (
         "--gpu-memory-utilization",
@@ -60,13 +71,57 @@ _NODE_FLAGS: list[tuple[str, str, type, str]] = [
         float,
         "SM share of the context engine (with --sm-disagg)",
     ),
-    ("--log-format", "log_format", str, "auto | json | console"),
-    ("--log-level", "log_level", str, "debug | info | warning | error"),
+    ("--log-format", "log_format", str, "auto: JSON when stdout is not a terminal"),
+    ("--log-level", "log_level", str, "lowest level logged"),
 ]
+
+_TYPE_METAVARS = {int: "N", float: "X", str: "TEXT"}
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "text"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line, not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see '{self.prog} --help')")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=36, width=100)
+
+
+def fail(message: str, status: int = EXIT_USAGE) -> NoReturn:
+    print(f"greenroom: error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _typed(typ: type, flag: str):
+    """An argparse type whose error names the flag, the value and what was expected."""
+
+    def convert(text: str):
+        try:
+            return typ(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {_TYPE_WORDS.get(typ, typ.__name__)}, got {text!r}"
+            ) from None
+
+    convert.__name__ = typ.__name__
+    return convert
+
+
+def _choices_metavar(key: str) -> str | None:
+    allowed = config_default(key, "choices")
+    return "{" + ",".join(str(v) for v in allowed) + "}" if allowed else None
 
 
 def add_node_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML or TOML node configuration file")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML or TOML node configuration file (examples/node.yaml is a commented sample)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -75,30 +130,59 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override any config field, e.g. --set scheduler.plans_in_flight=1 (repeatable)",
     )
-    for flag, key, typ, help_ in _NODE_FLAGS:
+    for flag, key, typ, help_, *rest in _NODE_FLAGS:
+        metavar = rest[0] if rest else _choices_metavar(key) or _TYPE_METAVARS.get(typ, "VALUE")
+        default = config_default(key)
+        shown = "" if default is None else f"default: {default}; "
         p.add_argument(
-            flag, dest=key.replace(".", "__"), type=typ, default=None, help=f"{help_} [{key}]"
+            flag,
+            dest=key.replace(".", "__"),
+            type=_typed(typ, flag),
+            default=None,
+            metavar=metavar,
+            help=f"{help_} ({shown}config: {key})",
         )
     p.add_argument(
         "--sm-disagg",
         action="store_true",
-        help="SM-level prefill/decode disaggregation on one GPU [sm_disagg.enabled]",
+        help="SM-level prefill/decode disaggregation on one GPU (config: sm_disagg.enabled)",
     )
     p.add_argument(
         "--no-prefix-reuse",
         action="store_true",
-        help="disable prefix reuse [kv.enable_prefix_reuse=false]",
+        help="disable prefix reuse (config: kv.enable_prefix_reuse=false)",
+    )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="download a --model hub id missing from the local Hugging Face cache "
+        "(config: model.download)",
+    )
+    p.add_argument(
+        "--allow-long-max-model-len",
+        action="store_true",
+        help="accept --max-model-len beyond the checkpoint's positions (output quality past "
+        "them is undefined; config: model.allow_long_max_model_len)",
+    )
+
+
+def _add_debug(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback of an error",
     )
 
 
 def node_config_from_args(args: argparse.Namespace) -> NodeConfig:
+    from greenroom.config import parse_override
+
     overrides: dict = {}
     for item in args.overrides:
-        from greenroom.config import parse_override
-
         k, v = parse_override(item)
         overrides[k] = v
-    for _, key, _, _ in _NODE_FLAGS:
+    for _, key, *_ in _NODE_FLAGS:
         value = getattr(args, key.replace(".", "__"))
         if value is not None:
             overrides[key] = value
@@ -106,28 +190,44 @@ def node_config_from_args(args: argparse.Namespace) -> NodeConfig:
         overrides["sm_disagg.enabled"] = True
     if args.no_prefix_reuse:
         overrides["kv.enable_prefix_reuse"] = False
+    if args.download:
+        overrides["model.download"] = True
+    if args.allow_long_max_model_len:
+        overrides["model.allow_long_max_model_len"] = True
     return load_config(args.config, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="greenroom",
-        description="greenroom: an LLM inference serving runtime built as asyncio actors over ZeroMQ.",
+        formatter_class=_HelpFormatter,
+        description="greenroom: an LLM inference serving runtime built as asyncio actors over "
+        "ZeroMQ.",
+        epilog="Run 'greenroom COMMAND --help' for the flags of a command.",
     )
+    parser.add_argument("--version", action="version", version=f"greenroom {greenroom.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser(
+    def command(name: str, help_: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, help=help_, description=description, formatter_class=_HelpFormatter
+        )
+        _add_debug(p)
+        return p
+
+    serve = command(
         "serve",
-        help="serve one node (frontend, scheduler, KV manager, engine)",
-        description="Serve one node. With no --model it serves an embedded tiny random-weight "
-        "Llama on the CPU (or GPU), so a fresh machine can run the whole pipeline.",
+        "serve one node (frontend, scheduler, KV manager, engine)",
+        "Serve one node until Ctrl-C or SIGTERM. With no --model it serves an embedded tiny "
+        "random-weight Llama, so a fresh machine can run the whole pipeline.",
     )
     add_node_arguments(serve)
 
-    launch = sub.add_parser(
+    launch = command(
         "launch",
-        help="serve one node of a deployment (role and addresses from flags)",
-        description="One command per node. Today a node runs whole (role 'mixed'); flags are those of serve.",
+        "serve one node of a deployment (role and addresses from flags)",
+        "One command per node. Today a node runs whole (role 'mixed'); flags are those of serve.",
     )
     add_node_arguments(launch)
     launch.add_argument(
@@ -136,69 +236,93 @@ def build_parser() -> argparse.ArgumentParser:
 
     from greenroom.replay import cli as replay_cli
 
-    replay = sub.add_parser(
+    replay = command(
         "replay",
-        help="replay a request trace against a running server and report latency/throughput",
-        description=replay_cli.build_parser().description,
+        "replay a request trace against a running server and report latency/throughput",
+        replay_cli.DESCRIPTION,
     )
     replay_cli.add_arguments(replay)
 
-    demo = sub.add_parser(
+    demo = command(
         "demo",
-        help="start a node on the embedded tiny model and replay the bundled trace slice against it",
-        description="The quick-start job: serve the built-in tiny model in-process and drive it "
-        "with the replay tool over the bundled Azure conversation trace slice; prints the metrics table.",
+        "start a node on the embedded tiny model and replay the bundled trace slice against it",
+        "The quick-start job: serve the built-in tiny model in-process and drive it with the "
+        "replay tool over the bundled Azure conversation trace slice; prints the metrics table.",
     )
     add_node_arguments(demo)
-    demo.add_argument("--requests", type=int, default=200, help="requests to replay from the slice")
+    demo.add_argument(
+        "--requests",
+        type=_typed(int, "--requests"),
+        default=200,
+        metavar="N",
+        help="requests to replay from the slice (default: %(default)s)",
+    )
     demo.add_argument(
         "--time-scale",
-        type=float,
+        type=_typed(float, "--time-scale"),
         default=0.05,
-        help="arrival-time scale (smaller: faster arrivals)",
+        metavar="X",
+        help="arrival-time scale; smaller: faster arrivals (default: %(default)s)",
     )
     demo.add_argument(
         "--max-input-len",
-        type=int,
+        type=_typed(int, "--max-input-len"),
         default=256,
-        help="clip prompts to this many tokens (CPU-friendly)",
+        metavar="N",
+        help="clip prompts to N tokens, CPU-friendly (default: %(default)s)",
     )
     demo.add_argument(
         "--max-output-len",
-        type=int,
+        type=_typed(int, "--max-output-len"),
         default=32,
-        help="clip outputs to this many tokens (CPU-friendly)",
+        metavar="N",
+        help="clip outputs to N tokens, CPU-friendly (default: %(default)s)",
     )
-    demo.add_argument("--out", default="reports/demo", help="where the JSON report and plots go")
+    demo.add_argument(
+        "--out",
+        default="reports/demo",
+        metavar="DIR",
+        help="where the JSON report and plots go (default: %(default)s)",
+    )
     return parser
 
 
+def _run(args: argparse.Namespace) -> int:
+    if args.command in ("serve", "launch"):
+        cfg = node_config_from_args(args)
+        if getattr(args, "role", None):
+            import msgspec
+
+            cfg = msgspec.structs.replace(cfg, role=args.role)
+        from greenroom.node import serve
+
+        return serve(cfg)
+    if args.command == "replay":
+        from greenroom.replay import cli as replay_cli
+
+        return replay_cli.run(args)
+    if args.command == "demo":
+        from greenroom.demo import run_demo
+
+        return run_demo(node_config_from_args(args), args)
+    fail(f"unknown command {args.command!r} (see 'greenroom --help')")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        if args.command in ("serve", "launch"):
-            cfg = node_config_from_args(args)
-            if getattr(args, "role", None):
-                import msgspec
-
-                cfg = msgspec.structs.replace(cfg, role=args.role)
-            from greenroom.node import serve
-
-            return serve(cfg)
-        if args.command == "replay":
-            from greenroom.replay import cli as replay_cli
-
-            return replay_cli.run(args)
-        if args.command == "demo":
-            from greenroom.demo import run_demo
-
-            return run_demo(node_config_from_args(args), args)
-    except ConfigError as exc:
-        print(f"greenroom: configuration error: {exc}", file=sys.stderr)
-        return 2
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+        return _run(args)
+    except (ConfigError, StartupError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        hint = "" if args.debug else " (run with --debug for the traceback)"
+        fail(f"{type(exc).__name__}: {exc}{hint}", EXIT_FAILED)
 
 
 if __name__ == "__main__":

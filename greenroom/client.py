@@ -157,9 +157,10 @@ class AsyncClient:
         self._queues[qid] = q
         try:
             await self._send(ServerInfoQuery(request_id=qid))
-            reply = await asyncio.wait_for(q.get(), timeout=min(self.timeout, 30.0))
+            wait_s = min(self.timeout, 30.0)
+            reply = await asyncio.wait_for(q.get(), timeout=wait_s)
         except TimeoutError:
-            raise RequestTimeout(f"no answer from {self.address} within 30 s") from None
+            raise RequestTimeout(f"no answer from {self.address} within {wait_s:g} s") from None
         finally:
             self._queues.pop(qid, None)
         if isinstance(reply, RequestError):

@@ -7,6 +7,7 @@ A config comes from an optional YAML or TOML file plus dotted CLI overrides
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
@@ -37,6 +38,10 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_model_len: NonNegInt = 0  # 0: take it from the checkpoint's config
+    # a max_model_len beyond the checkpoint's max_position_embeddings is refused unless set
+    allow_long_max_model_len: bool = False
+    # a hub id missing from the local Hugging Face cache is downloaded only when set
+    download: bool = False
     seed: int = 0
     cuda_graphs: bool = True
     cuda_graph_max_batch_size: PositiveInt = 256
@@ -218,8 +223,56 @@ def _allowed(path: list[str]) -> str:
     return ""
 
 
+def _fields(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls, include_extras=True)
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f"did you mean {match[0]!r}? " if match else ""
+
+
+def _check_names(data: dict[str, Any], cls: type = None, prefix: str = "") -> None:
+    """Unknown sections and fields fail naming the valid ones, the closest first."""
+    cls = cls or NodeConfig
+    hints = _fields(cls)
+    for key, value in data.items():
+        if key not in hints:
+            where = (
+                f"a field of section {prefix[:-1]!r}"
+                if prefix
+                else "a configuration section or field"
+            )
+            sections = [
+                k for k, h in hints.items() if isinstance(h, type) and issubclass(h, _Section)
+            ]
+            fields = [k for k in hints if k not in sections]
+            valid = f"fields: {', '.join(fields)}" + (
+                f"; sections: {', '.join(sections)}" if sections else ""
+            )
+            raise ConfigError(
+                f"{prefix}{key} is not {where}; {_closest(str(key), list(hints))}valid {valid}"
+            )
+        hint = hints[key]
+        if isinstance(hint, type) and issubclass(hint, _Section) and isinstance(value, dict):
+            _check_names(value, hint, f"{prefix}{key}.")
+
+
+def config_default(dotted: str, what: Literal["default", "choices"] = "default") -> Any:
+    """The default value (or a Literal field's allowed values) of a dotted config key."""
+    cls: Any = NodeConfig
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        cls = _fields(cls)[key]
+    if what == "choices":
+        hint = _fields(cls)[keys[-1]]
+        return list(get_args(hint)) if get_origin(hint) is Literal else None
+    return getattr(cls(), keys[-1])
+
+
 def build_config(data: dict[str, Any]) -> NodeConfig:
     """Validate a plain mapping into a NodeConfig, with errors naming field and value."""
+    _check_names(data)
     try:
         return msgspec.convert(data, NodeConfig, strict=True)
     except msgspec.ValidationError as exc:
@@ -266,6 +319,7 @@ __all__ = [
     "SMDisaggConfig",
     "SchedulerConfig",
     "build_config",
+    "config_default",
     "load_config",
     "parse_override",
     "read_config_file",

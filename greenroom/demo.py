@@ -56,11 +56,10 @@ async def _demo(cfg: NodeConfig, args: argparse.Namespace) -> int:
 
 
 def run_demo(cfg: NodeConfig, args: argparse.Namespace) -> int:
-    if (
-        cfg.port == 7700
-        and "port" not in (args.overrides or [])
-        and getattr(args, "port", None) is None
-    ):
+    port_given = getattr(args, "port", None) is not None or any(
+        o.strip().startswith("port=") for o in args.overrides or []
+    )
+    if not port_given:
         import msgspec
 
         cfg = msgspec.structs.replace(cfg, port=0)  # any free port: the demo talks to itself

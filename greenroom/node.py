@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from greenroom.actors.scheduler import Drain, Scheduler, SchedulerStatsQuery
 from greenroom.bus.messages import EngineInfo, EngineInfoQuery, KVStats, KVStatsQuery, ServerInfo
 from greenroom.config import ConfigError, NodeConfig
 from greenroom.logging import configure_logging, get_logger
+from greenroom.startup import preflight
 
 log = get_logger(__name__)
 
@@ -66,6 +66,7 @@ class Node:
                 f"role = {cfg.role!r} is not supported yet: a node serves role 'mixed' "
                 "(disaggregated context/generation nodes need KV transfer, not built yet)"
             )
+        cfg = preflight(cfg)
         rt = Runtime()
         holder: dict[str, Node] = {}
 
@@ -196,7 +197,8 @@ async def _serve(cfg: NodeConfig) -> int:
 
 
 def serve(cfg: NodeConfig) -> int:
-    """Run one node until SIGINT/SIGTERM (in-flight requests end with an error)."""
+    """Run one node until SIGINT/SIGTERM (in-flight requests end with an error). Startup
+    problems raise :class:`greenroom.startup.StartupError` or ``ConfigError``."""
     configure_logging(cfg.log_format, cfg.log_level)
     try:
         import uvloop
@@ -204,6 +206,3 @@ def serve(cfg: NodeConfig) -> int:
         return uvloop.run(_serve(cfg))
     except ImportError:
         return asyncio.run(_serve(cfg))
-    except ConfigError as exc:
-        print(f"greenroom: configuration error: {exc}", file=sys.stderr)
-        return 2

@@ -41,7 +41,12 @@ def test_yaml_and_toml_files_with_overrides(tmp_path) -> None:
             ["scheduler.capacity_policy", "greedy", "guaranteed_no_evict"],
         ),
         ("kv.tokens_per_block=12", ["tokens_per_block", "12", "power of two"]),
-        ("kv.tokens_per_blok=16", ["tokens_per_blok", "unknown field"]),
+        (
+            "kv.tokens_per_blok=16",
+            ["kv.tokens_per_blok", "did you mean 'tokens_per_block'", "host_blocks"],
+        ),
+        ("modle.path=x", ["modle", "did you mean 'model'", "sections: model, kv"]),
+        ("kv=3", ["kv", "3", "object"]),
         ("model.dtype=int4", ["model.dtype", "int4", "bfloat16"]),
     ],
 )
@@ -96,3 +101,19 @@ def test_engine_host_auto_picks_a_process_on_the_gpu_only() -> None:
     assert sm.resolved_engine_host(cuda_available=True) == "thread"
     pinned = load_config(overrides={"engine_host": "thread"})
     assert pinned.resolved_engine_host(cuda_available=True) == "thread"
+
+
+def test_unknown_names_in_a_file_name_the_valid_ones(tmp_path) -> None:
+    y = tmp_path / "node.yaml"
+    y.write_text("schedular:\n  max_num_tokens: 2048\n")
+    with pytest.raises(ConfigError, match="did you mean 'scheduler'") as err:
+        load_config(y)
+    assert "sm_disagg" in str(err.value)  # every valid section is listed
+    y.write_text("scheduler:\n  max_num_token: 2048\n")
+    with pytest.raises(ConfigError, match="scheduler.max_num_token is not") as err:
+        load_config(y)
+    assert "did you mean 'max_num_tokens'" in str(err.value)
+    y.write_text("kv:\n  zzz: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(y)
+    assert "did you mean" not in str(err.value) and "tokens_per_block" in str(err.value)

@@ -114,7 +114,13 @@ class ArchConfig:
             raise CheckpointError(
                 f"{model_dir}: no config.json (expected a Hugging Face checkpoint)"
             )
-        arch = cls.from_dict(json.loads(path.read_text()), source=str(path))
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: expected a JSON object at the top level")
+        arch = cls.from_dict(data, source=str(path))
         gen = Path(model_dir) / "generation_config.json"
         if gen.is_file():
             extra = _eos_ids(json.loads(gen.read_text()).get("eos_token_id"))

@@ -8,12 +8,14 @@ from typing import Literal
 import torch
 
 from greenroom.config import KVConfig, ModelConfig
+from greenroom.logging import get_logger
 from greenroom.models.arch import DTYPES, ArchConfig
 from greenroom.models.batch import ForwardBatch
 from greenroom.models.cuda_graphs import DecodeGraphs, default_batch_sizes
 from greenroom.models.kv_pool import allocate_kv_pool, bytes_per_block, plan_num_blocks
 from greenroom.models.llama import LlamaModel
 from greenroom.models.loader import ModelWeights, load_weights, random_weights
+from greenroom.models.max_len import decide_max_model_len
 from greenroom.models.prefill_graphs import (
     DEFAULT_MAX_REQUESTS,
     PrefillGraphs,
@@ -21,6 +23,8 @@ from greenroom.models.prefill_graphs import (
 )
 from greenroom.models.presets import is_preset, preset_config
 from greenroom.models.tiny import tiny_llama_dir
+
+log = get_logger(__name__)
 
 # decode: graphs captured by capture_cuda_graphs (on the generation partition under SM
 # disaggregation); decode_whole: a second decode set on a whole-GPU stream (SM disaggregation,
@@ -101,9 +105,9 @@ class ModelRunner:
         self.model_cfg, self.kv_cfg, self.arch = model_cfg, kv_cfg, arch
         self.device, self.dtype, self.model_name = device, dtype, name
         self.tokens_per_block = kv_cfg.tokens_per_block
-        max_len = model_cfg.max_model_len or arch.max_position_embeddings
-        if arch.sliding_window:  # no sliding-window attention: stay inside the window
-            max_len = min(max_len, arch.sliding_window)
+        max_len, notes = decide_max_model_len(model_cfg, arch, name)
+        for note in notes:
+            log.warning(note)
         self.max_model_len = max_len
         self.max_blocks_per_seq = -(-max_len // self.tokens_per_block)
         self.vocab_size = arch.vocab_size

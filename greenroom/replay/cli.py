@@ -24,22 +24,30 @@ from greenroom.replay.trace import load_trace
 SIM_SCHEME = "sim://"
 
 
+def _number(text: str, typ: type = float):
+    try:
+        return typ(text)
+    except ValueError:
+        word = "an integer" if typ is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {word}, got {text!r}") from None
+
+
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not value > 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not value >= 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
     return value
@@ -117,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=lambda text: _number(text, int),
         default=0,
         help="seed of the synthetic prompt tokens and of --rate arrivals (default: %(default)s)",
     )
@@ -168,15 +176,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+DESCRIPTION = (
+    "Replay an LLM request trace against a running greenroom server at its recorded arrival "
+    "times; report TTFT, TPOT, ITL, end-to-end latency, throughput and goodput; write a JSON "
+    "report and PNG plots. Prompts are synthetic token ids: Mooncake hash ids become shared "
+    "512-token blocks, CSV requests get private random prompts. Outputs run to exactly "
+    "max_tokens (ignore_eos)."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="greenroom replay",
-        description="Replay an LLM request trace against a running greenroom server at its "
-        "recorded arrival times; report TTFT, TPOT, ITL, end-to-end latency, throughput and "
-        "goodput; write a JSON report and PNG plots. Prompts are synthetic token ids: Mooncake "
-        "hash ids become shared 512-token blocks, CSV requests get private random prompts. "
-        "Outputs run to exactly max_tokens (ignore_eos).",
-    )
+    parser = argparse.ArgumentParser(prog="greenroom replay", description=DESCRIPTION)
     add_arguments(parser)
     return parser
 
