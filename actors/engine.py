@@ -109,9 +109,13 @@ class Engine(Actor):
         if self.executor_factory is not None:
             self.executor = self.executor_factory()
         else:
+            from greenroom.models.cpu_threads import use_engine_cpu_threads
             from greenroom.models.executor import PlanExecutor
-            from greenroom.models.runner import ModelRunner
+            from greenroom.models.runner import ModelRunner, resolve_device
 
+            if resolve_device(self.cfg.model.device).type == "cpu":
+                threads = use_engine_cpu_threads(self.cfg.model.cpu_threads)
+                log.info("cpu engine threads", threads=threads)
             runner = ModelRunner(self.cfg.model, self.cfg.kv, self.cfg.model.path)
             self.executor = PlanExecutor(runner, host_blocks=self.cfg.kv.host_blocks)
         r = self.executor.runner

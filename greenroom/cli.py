@@ -39,6 +39,12 @@ _NODE_FLAGS: list[tuple[Any, ...]] = [
         int,
         "longest prompt + output in tokens (0: the checkpoint's max_position_embeddings)",
     ),
+    (
+        "--cpu-threads",
+        "model.cpu_threads",
+        int,
+        "torch threads of a CPU engine (0: every core but one, left to the event loop)",
+    ),
     ("--host", "host", str, "address the frontend binds (loopback by default)", "ADDR"),
     ("--port", "port", int, "frontend port (0: pick a free one)"),
     (

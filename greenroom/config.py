@@ -42,6 +42,9 @@ class ModelConfig(_Section):
     allow_long_max_model_len: bool = False
     # a hub id missing from the local Hugging Face cache is downloaded only when set
     download: bool = False
+    # torch intra-op threads of an engine on the CPU; 0: every core this process may use but
+    # one, which the node's event loop keeps (greenroom/models/cpu_threads.py says why)
+    cpu_threads: NonNegInt = 0
     seed: int = 0
     cuda_graphs: bool = True
     cuda_graph_max_batch_size: PositiveInt = 256

@@ -125,6 +125,11 @@ def preflight(cfg: NodeConfig) -> NodeConfig:
     from greenroom.models.tiny import TINY_CONFIG
 
     check_listen_address(cfg.host, cfg.port)
+    if cfg.model.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise StartupError("--device 'cuda': no CUDA device is available (use cpu or auto)")
     path = resolve_model_path(cfg.model.path, cfg.model.download)
     try:
         if not path:

@@ -30,11 +30,11 @@ def partition_sizing(num_sms: int | None, blas_sm_target: bool = True) -> Iterat
     cuBLASLt with its SM-count target set (torch's SM carveout). Both settings are process-wide
     while the block runs: use it where nothing else launches (graph capture at start-up).
     """
-    from greenroom.kernels.triton_decode_attention import sm_budget
-
     if num_sms is None or not torch.cuda.is_available():
         yield
         return
+    from greenroom.kernels.triton_decode_attention import sm_budget  # CUDA only: needs triton
+
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     carve = (
         blas_sm_target and num_sms < total and hasattr(torch._C, "_set_sm_carveout_experimental")
