@@ -23,22 +23,31 @@ BS = 16
 PROMPT_LENGTHS = (5, 37, 100, 64)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=1000,
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=3,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        initializer_range=0.05,
-        rope_scaling=llama3_rope(128),
-    )
-    path = tmp_path_factory.mktemp("gpu") / "llama"
-    return save_checkpoint(config, path, seed=0, dtype=torch.bfloat16)
+GPU_DIMS = dict(
+    vocab_size=1000,
+    hidden_size=512,
+    intermediate_size=1024,
+    num_hidden_layers=3,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    initializer_range=0.05,
+)
+
+
+def gpu_config(name: str):
+    import transformers
+
+    if name == "qwen3":  # q/k norms and a head_dim of its own (not 512 / 8)
+        return transformers.Qwen3Config(**GPU_DIMS, head_dim=128, rope_theta=1e6)
+    return transformers.LlamaConfig(**GPU_DIMS, rope_scaling=llama3_rope(128))
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def checkpoint(request, tmp_path_factory) -> Path:
+    pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("gpu") / request.param
+    return save_checkpoint(gpu_config(request.param), path, seed=0, dtype=torch.bfloat16)
 
 
 def prompts() -> list[list[int]]:

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_checkpoints import all_position_logits, llama3_rope, random_prompts, save_checkpoint
+from tiny_checkpoints import (
+    all_position_logits,
+    llama3_rope,
+    random_prompts,
+    save_checkpoint,
+    transformers_greedy,
+    yarn_rope,
+)
 
 from greenroom.bus.messages import NewSequence, SamplingParams, SequenceStep, StepPlan
 from greenroom.config import KVConfig, ModelConfig
@@ -48,6 +55,11 @@ CHECKPOINTS = {
     ),
     "qwen2-bias-tied": lambda: transformers.Qwen2Config(**COMMON, tie_word_embeddings=True),
     "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=None),
+    # head_dim 24 is not hidden_size / heads (16): Qwen3 states its own
+    "qwen3-untied": lambda: transformers.Qwen3Config(**COMMON, head_dim=24, rope_theta=1e6),
+    "qwen3-yarn-tied": lambda: transformers.Qwen3Config(
+        **COMMON, head_dim=24, rope_theta=1e6, rope_scaling=yarn_rope(32), tie_word_embeddings=True
+    ),
 }
 
 
@@ -59,23 +71,8 @@ def prompts(vocab: int) -> list[list[int]]:
     return random_prompts(PROMPT_LENGTHS, vocab, seed=7)
 
 
-@torch.no_grad()
 def hf_greedy(model_dir: Path, prompt_list: list[list[int]]) -> list[list[int]]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    outputs = []
-    for prompt in prompt_list:
-        ids = torch.tensor([prompt])
-        past, new = None, []
-        step_ids = ids
-        for _ in range(NEW_TOKENS):
-            out = model(step_ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            token = int(out.logits[0, -1].argmax())
-            new.append(token)
-            step_ids = torch.tensor([[token]])
-        outputs.append(new)
-    return outputs
+    return transformers_greedy(model_dir, prompt_list, NEW_TOKENS)
 
 
 def serve_greedy(

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from greenroom.config import KVConfig, ModelConfig
 from greenroom.models import ArchConfig, CheckpointError, ModelRunner, SequenceChunk
 from greenroom.models.kv_pool import bytes_per_block
-from greenroom.models.rope import inverse_frequencies
+from greenroom.models.rope import attention_factor, inverse_frequencies
 from greenroom.models.tiny import TINY_CONFIG, tiny_llama_dir
 
 
@@ -41,8 +41,8 @@ def test_unsupported_architecture_is_named(ckpt: Path) -> None:
 
 
 def test_unsupported_rope_type_is_named(ckpt: Path) -> None:
-    edit_config(ckpt, rope_scaling={"rope_type": "yarn", "factor": 4.0})
-    with pytest.raises(CheckpointError, match="'yarn' is not supported"):
+    edit_config(ckpt, rope_scaling={"rope_type": "longrope", "factor": 4.0})
+    with pytest.raises(CheckpointError, match="'longrope' is not supported"):
         load(ckpt)
 
 
@@ -149,3 +149,59 @@ def test_llama3_rope_keeps_high_and_scales_low_frequencies() -> None:
     assert scaled[0] == base[0]  # shortest wavelength untouched
     torch.testing.assert_close(scaled[-1], base[-1] / 8.0)  # longest divided by the factor
     assert ((scaled <= base) & (scaled >= base / 8.0)).all()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"beta_fast": 16, "beta_slow": 2}, {"truncate": False}, {"attention_factor": 0.9}],
+)
+def test_yarn_rope_matches_transformers(extra: dict) -> None:
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    scaling |= extra
+    hf = transformers.Qwen3Config(
+        head_dim=128,
+        max_position_embeddings=131072,
+        rope_theta=1e6,
+        rope_scaling=scaling,
+        architectures=["Qwen3ForCausalLM"],
+    )
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+    arch = ArchConfig.from_dict(hf.to_dict())
+    assert arch.rope_theta == 1e6 and arch.rope_scaling["rope_type"] == "yarn"
+    torch.testing.assert_close(inverse_frequencies(128, 1e6, arch.rope_scaling), inv_freq)
+    assert attention_factor(arch.rope_scaling) == pytest.approx(factor)
+
+
+def test_yarn_factor_and_original_length_default_as_transformers() -> None:
+    cfg = dict(TINY_CONFIG, max_position_embeddings=4096, rope_scaling={"rope_type": "yarn"})
+    scaling = ArchConfig.from_dict(cfg).rope_scaling
+    assert scaling["original_max_position_embeddings"] == 4096 and scaling["factor"] == 1.0
+    assert attention_factor(scaling) == 1.0
+
+
+def test_qwen3_reads_its_head_dim_qk_norms_and_attention_bias(ckpt: Path) -> None:
+    cfg = dict(
+        TINY_CONFIG,
+        architectures=["Qwen3ForCausalLM"],
+        head_dim=24,
+        attention_bias=True,
+        sliding_window=4096,
+        use_sliding_window=False,
+    )
+    arch = ArchConfig.from_dict(cfg)
+    assert (arch.head_dim, arch.qk_norm, arch.qkv_bias, arch.o_bias) == (24, True, True, True)
+    assert arch.sliding_window is None  # Qwen3 ships sliding_window with use_sliding_window false
+    edit_config(ckpt, architectures=["Qwen3ForCausalLM"])
+    with pytest.raises(CheckpointError, match="missing tensor 'model.layers.0.self_attn.q_norm"):
+        load(ckpt)
+
+
+def test_readme_names_every_supported_architecture_and_rope_type() -> None:
+    from greenroom.models.arch import SUPPORTED_ARCHITECTURES, SUPPORTED_ROPE_TYPES
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name in (*SUPPORTED_ARCHITECTURES, *SUPPORTED_ROPE_TYPES):
+        assert f"`{name}`" in readme, name

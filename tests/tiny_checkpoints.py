@@ -14,6 +14,7 @@ ARCH_CLASSES = {
     "LlamaConfig": "LlamaForCausalLM",
     "Qwen2Config": "Qwen2ForCausalLM",
     "MistralConfig": "MistralForCausalLM",
+    "Qwen3Config": "Qwen3ForCausalLM",
 }
 
 
@@ -28,6 +29,15 @@ def llama3_rope(original_max_position_embeddings: int) -> dict:
     }
 
 
+def yarn_rope(original_max_position_embeddings: int, factor: float = 4.0) -> dict:
+    """YaRN rope scaling, as Qwen3's long-context configs set it."""
+    return {
+        "rope_type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": original_max_position_embeddings,
+    }
+
+
 def save_checkpoint(config, path: Path, seed: int, dtype: torch.dtype | None = None) -> Path:
     """Random weights for a transformers ``config`` (seeded), saved at ``path``."""
     import transformers
@@ -38,6 +48,30 @@ def save_checkpoint(config, path: Path, seed: int, dtype: torch.dtype | None = N
         model = model.to(dtype)
     model.save_pretrained(path)
     return path
+
+
+@torch.no_grad()
+def transformers_greedy(
+    model_dir: Path, prompt_list: list[list[int]], new_tokens: int
+) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, step by step over its KV cache (the
+    oracle)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    outputs = []
+    for prompt in prompt_list:
+        past, new = None, []
+        step_ids = torch.tensor([prompt])
+        for _ in range(new_tokens):
+            out = model(step_ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = int(out.logits[0, -1].argmax())
+            new.append(token)
+            step_ids = torch.tensor([[token]])
+        outputs.append(new)
+    return outputs
 
 
 def random_prompts(lengths: Sequence[int], vocab: int, seed: int) -> list[list[int]]:

@@ -19,9 +19,16 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[bool, bool]] = {
     "LlamaForCausalLM": (False, False),
     "MistralForCausalLM": (False, False),
     "Qwen2ForCausalLM": (True, False),
+    "Qwen3ForCausalLM": (False, False),
 }
+# architectures whose ``attention_bias`` puts a bias on q/k/v and o alike
+_ATTENTION_BIAS_FLAG = ("LlamaForCausalLM", "Qwen3ForCausalLM")
+# architectures with a per-head RMSNorm on q and k before rotary
+_QK_NORM = ("Qwen3ForCausalLM",)
+# architectures whose ``sliding_window`` applies only with ``use_sliding_window``
+_WINDOW_FLAG = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,6 +53,7 @@ class ArchConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     sliding_window: int | None = None
+    qk_norm: bool = False
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str = "float32"
 
@@ -76,13 +84,13 @@ class ArchConfig:
         try:
             hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
             qkv_bias, o_bias = SUPPORTED_ARCHITECTURES[arch]
-            if arch == "LlamaForCausalLM" and cfg.get("attention_bias"):
+            if arch in _ATTENTION_BIAS_FLAG and cfg.get("attention_bias"):
                 qkv_bias = o_bias = True
             if cfg.get("mlp_bias"):
                 raise CheckpointError(f"{source}: mlp_bias = true is not supported")
             rope_theta, rope_scaling = _rope(cfg, source)
             window = cfg.get("sliding_window")
-            if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
+            if arch in _WINDOW_FLAG and not cfg.get("use_sliding_window", False):
                 window = None
             return cls(
                 architecture=arch,
@@ -101,6 +109,7 @@ class ArchConfig:
                 qkv_bias=qkv_bias,
                 o_bias=o_bias,
                 sliding_window=int(window) if window else None,
+                qk_norm=arch in _QK_NORM,
                 eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
                 torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             )
@@ -153,4 +162,12 @@ def _rope(cfg: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | Non
         )
     if rope_type == "default":
         return theta, None
+    if rope_type in ("llama3", "yarn"):  # as transformers: the pretraining length by default
+        merged.setdefault(
+            "original_max_position_embeddings", cfg.get("max_position_embeddings", 2048)
+        )
+    if rope_type == "yarn" and merged.get("factor") is None:
+        merged["factor"] = cfg.get("max_position_embeddings", 2048) / float(
+            merged["original_max_position_embeddings"]
+        )
     return theta, {"rope_type": rope_type, **merged}

@@ -1,8 +1,8 @@
-"""The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2) over a paged KV pool.
+"""The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3) over a paged KV pool.
 
-Read top to bottom: embed, then per layer RMSNorm -> fused QKV (optional bias) -> RoPE ->
-KV write -> paged attention -> O projection -> RMSNorm (+residual) -> SwiGLU; final norm;
-the LM head runs only on the rows whose logits are asked for.
+Read top to bottom: embed, then per layer RMSNorm -> fused QKV (optional bias) -> per-head
+q/k RMSNorm (Qwen3) -> RoPE -> KV write -> paged attention -> O projection -> RMSNorm
+(+residual) -> SwiGLU; final norm; the LM head runs only on the rows whose logits are asked for.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ class LlamaModel:
             q = q.view(n, arch.num_heads, arch.head_dim)
             k = k.view(n, arch.num_kv_heads, arch.head_dim)
             v = v.view(n, arch.num_kv_heads, arch.head_dim)
+            if layer.q_norm is not None:
+                q = ops.rms_norm(q, layer.q_norm, arch.rms_norm_eps)
+                k = ops.rms_norm(k, layer.k_norm, arch.rms_norm_eps)
             q, k = ops.apply_rotary(q, k, batch.positions, self.cos_sin)
             attn = self._attention(q, k, v, kv_pool[:, index, 0], kv_pool[:, index, 1], batch)
             h = F.linear(attn.reshape(n, arch.q_size), layer.o, layer.o_bias)

@@ -29,6 +29,8 @@ class LayerWeights:
     post_norm: torch.Tensor
     gate_up: torch.Tensor  # [2 * intermediate, hidden]
     down: torch.Tensor
+    q_norm: torch.Tensor | None = None  # [head_dim], per-head RMSNorm weights (Qwen3)
+    k_norm: torch.Tensor | None = None
 
 
 @dataclass
@@ -69,6 +71,9 @@ def expected_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
             }
         if arch.o_bias:
             shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if arch.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (arch.head_dim,)
+            shapes[p + "self_attn.k_norm.weight"] = (arch.head_dim,)
     return shapes
 
 
@@ -133,6 +138,8 @@ def _layers(ckpt: _Checkpoint, arch: ArchConfig, dtype, device) -> Iterator[Laye
             post_norm=get("post_attention_layernorm.weight"),
             gate_up=torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]),
             down=get("mlp.down_proj.weight"),
+            q_norm=get("self_attn.q_norm.weight") if arch.qk_norm else None,
+            k_norm=get("self_attn.k_norm.weight") if arch.qk_norm else None,
         )
 
 
