@@ -8,6 +8,7 @@ send to a vanished peer fail, so a disconnect is noticed at the request's next d
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -15,18 +16,21 @@ from dataclasses import dataclass
 import msgspec
 
 from greenroom.actors import Actor, ActorRef, MailboxFull, handles
-from greenroom.actors.detokenizer import IncrementalDetokenizer
+from greenroom.actors.detokenizer import SampleText
 from greenroom.bus.messages import (
+    SAMPLE_SEPARATOR,
     AbortRequest,
     CancelRequests,
     ClientMessages,
     GenerateRequest,
     OutputBatch,
     RequestError,
+    SamplingParams,
     ServerInfo,
     ServerInfoQuery,
     SubmitRequest,
     TokenDelta,
+    sample_request_id,
 )
 from greenroom.bus.transport import Channel
 from greenroom.logging import get_logger
@@ -48,6 +52,8 @@ def validate(req: GenerateRequest, limits: FrontendLimits, prompt_ids: list[int]
     s = req.sampling
     if not req.request_id:
         return "request_id must be a non-empty string"
+    if SAMPLE_SEPARATOR in req.request_id:
+        return "request_id must not contain the character U+001F"
     if not prompt_ids:
         return "the prompt is empty"
     n = len(prompt_ids)
@@ -73,6 +79,49 @@ def validate(req: GenerateRequest, limits: FrontendLimits, prompt_ids: list[int]
         return f"logprobs = {s.logprobs} is invalid: must be in [0, 20]"
     if not 0 <= req.priority <= 100:
         return f"priority = {req.priority} is invalid: must be in [0, 100]"
+    return validate_sampling_options(s, limits)
+
+
+MAX_SAMPLES = 16
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_LOGIT_BIAS = 1024
+MAX_REPETITION_PENALTY = 10.0
+
+
+def validate_sampling_options(s: SamplingParams, limits: FrontendLimits) -> str | None:
+    """The reason the stop / min_tokens / penalty / logit_bias / n fields are invalid, or None."""
+    if not 1 <= s.n <= MAX_SAMPLES:
+        return f"n = {s.n} is invalid: must be in [1, {MAX_SAMPLES}]"
+    if not 0 <= s.min_tokens <= s.max_tokens:
+        return (
+            f"min_tokens = {s.min_tokens} is invalid: must be in [0, max_tokens = {s.max_tokens}]"
+        )
+    if not (
+        math.isfinite(s.repetition_penalty) and 0.0 < s.repetition_penalty <= MAX_REPETITION_PENALTY
+    ):
+        return (
+            f"repetition_penalty = {s.repetition_penalty} is invalid: "
+            f"must be in (0, {MAX_REPETITION_PENALTY:g}] (1 = off)"
+        )
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(s, name)
+        if not (math.isfinite(value) and -2.0 <= value <= 2.0):
+            return f"{name} = {value} is invalid: must be in [-2, 2]"
+    if len(s.logit_bias) > MAX_LOGIT_BIAS:
+        return f"logit_bias has {len(s.logit_bias)} entries: at most {MAX_LOGIT_BIAS}"
+    for token, bias in s.logit_bias.items():
+        if not 0 <= token < limits.vocab_size:
+            return f"logit_bias token id {token} is outside the vocabulary [0, {limits.vocab_size})"
+        if not (math.isfinite(bias) and -100.0 <= bias <= 100.0):
+            return f"logit_bias[{token}] = {bias} is invalid: must be in [-100, 100]"
+    if len(s.stop) > MAX_STOP_STRINGS:
+        return f"stop has {len(s.stop)} strings: at most {MAX_STOP_STRINGS}"
+    for text in s.stop:
+        if not 0 < len(text) <= MAX_STOP_CHARS:
+            return (
+                f"stop string {text[:40]!r} is invalid: must have 1 to {MAX_STOP_CHARS} characters"
+            )
     return None
 
 
@@ -90,7 +139,8 @@ class Frontend(Actor):
         self.scheduler: ActorRef | None = None
         self._channel: Channel | None = None
         self._owner: dict[str, bytes] = {}  # request id -> client identity
-        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._texts: dict[tuple[str, int], SampleText] = {}  # (request id, sample index)
+        self._n: dict[str, int] = {}  # request id -> samples still running, when n > 1
         self.bound_address: str = address
         self.stats = defaultdict(int)
 
@@ -184,6 +234,8 @@ class Frontend(Actor):
             )
             return
         reason = validate(req, self.limits, prompt_ids or [])
+        if reason is None and req.sampling.stop and self.tokenizer is None:
+            reason = "stop strings need a tokenizer.json in the model directory; use stop_token_ids"
         if reason is not None:
             self.stats["invalid"] += 1
             self._reply(ident, [RequestError(request_id=rid, kind="invalid", message=reason)])
@@ -201,6 +253,12 @@ class Frontend(Actor):
             )
             return
         self._owner[rid] = ident
+        s = req.sampling
+        if s.n > 1:
+            self._n[rid] = s.n
+        if self.tokenizer is not None:
+            for i in range(s.n):
+                self._texts[(rid, i)] = SampleText(self.tokenizer, s.stop, s.min_tokens)
         self.stats["submitted"] += 1
         self._to_scheduler(
             SubmitRequest(
@@ -242,23 +300,27 @@ class Frontend(Actor):
     @handles(OutputBatch)
     async def on_output(self, batch: OutputBatch) -> None:
         per_client: dict[bytes, list] = defaultdict(list)
+        stopped: list[str] = []
         for delta in batch.deltas:
-            ident = self._owner.get(delta.request_id)
+            rid = delta.request_id
+            ident = self._owner.get(rid)
             if ident is None:
                 continue
-            if self.tokenizer is not None and delta.token_ids:
-                detok = self._detok.get(delta.request_id)
-                if detok is None:
-                    detok = self._detok[delta.request_id] = IncrementalDetokenizer(self.tokenizer)
-                delta = msgspec.structs.replace(delta, text=detok.push(list(delta.token_ids)))
+            key = (rid, delta.index)
+            text = self._texts.get(key)
+            if text is not None:
+                was_stopped = text.stopped
+                delta = text.process(delta)
+                if delta is None:
+                    continue
+                if text.stopped and not was_stopped and delta.finish_reason is None:
+                    stopped.append(sample_request_id(rid, key[1], self._n.get(rid, 1)))
             per_client[ident].append(delta)
             if delta.finish_reason is not None:
-                del self._owner[delta.request_id]
-                self._detok.pop(delta.request_id, None)
-                self.stats["finished"] += 1
+                self._texts.pop(key, None)
+                self._sample_finished(rid)
         for err in batch.errors:
-            ident = self._owner.pop(err.request_id, None)
-            self._detok.pop(err.request_id, None)
+            ident = self._forget(err.request_id)
             if ident is not None:
                 per_client[ident].append(err)
                 self.stats[f"error_{err.kind}"] += 1
@@ -266,14 +328,33 @@ class Frontend(Actor):
         for ident, items in per_client.items():
             if not self._reply(ident, items):
                 gone.extend(rid for rid, owner in self._owner.items() if owner == ident)
+        if stopped and self.scheduler is not None:
+            await self.scheduler.tell(CancelRequests(request_ids=stopped, reason="stop"))
         if gone and self.scheduler is not None:
             for rid in gone:
-                self._owner.pop(rid, None)
-                self._detok.pop(rid, None)
+                self._forget(rid)
             self.stats["disconnected"] += len(gone)
             await self.scheduler.tell(
                 CancelRequests(request_ids=gone, reason="client disconnected")
             )
+
+    def _sample_finished(self, rid: str) -> None:
+        left = self._n.get(rid, 1) - 1
+        if left > 0:
+            self._n[rid] = left
+            return
+        self._n.pop(rid, None)
+        del self._owner[rid]
+        self.stats["finished"] += 1
+
+    def _forget(self, rid: str) -> bytes | None:
+        """Drop a request's state; an n > 1 request's other samples are cancelled."""
+        ident = self._owner.pop(rid, None)
+        if self._n.pop(rid, None) is not None and self.scheduler is not None:
+            self._to_scheduler(CancelRequests(request_ids=[rid], reason="abort"))
+        for key in [k for k in self._texts if k[0] == rid]:
+            del self._texts[key]
+        return ident
 
     def in_flight(self) -> int:
         return len(self._owner)

@@ -34,6 +34,30 @@ class SamplingParams(
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     logprobs: int = 0  # top-n log-probs of each sampled token (0: none)
+    stop: list[str] = []  # stop strings (need a tokenizer); left out of the text
+    min_tokens: int = 0  # EOS and stop ids are masked until this many tokens are out
+    repetition_penalty: float = 1.0  # 1: off; seen tokens' logits divided (or multiplied)
+    presence_penalty: float = 0.0  # subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    logit_bias: dict[int, float] = {}  # token id -> added to its logit
+    n: int = 1  # parallel samples of one prompt, sharing its KV blocks
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+def sample_request_id(request_id: str, index: int, n: int) -> str:
+    """The id a sample of an ``n``-sample request has inside the node (the request's own
+    when ``n == 1``). Clients cannot use the separator in their ids."""
+    return request_id if n == 1 else f"{request_id}{SAMPLE_SEPARATOR}{index}"
+
+
+SAMPLE_SEPARATOR = "\x1f"
 
 
 # --------------------------------------------------------------------------- client <-> frontend
@@ -107,6 +131,7 @@ class TokenDelta(Message):
     finish_reason: str | None = None  # "length" | "stop" | "abort"
     metrics: RequestMetrics | None = None  # on the final delta only
     text: str | None = None
+    index: int = 0  # which sample of an n > 1 request
 
 
 class RequestError(Message):

@@ -80,6 +80,7 @@ class GenerationResult:
     metrics: RequestMetrics | None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     text: str | None = None
+    index: int = 0  # which sample of an n > 1 request
 
 
 _reply_decoder = msgspec.msgpack.Decoder(list[ClientReply])
@@ -179,7 +180,10 @@ class AsyncClient:
     ) -> AsyncIterator[TokenDelta]:
         """Yield token deltas as they are produced; the last one has `finish_reason` set.
 
-        Leaving the loop early (break, cancellation) aborts the request on the server.
+        With `sampling.n > 1` the deltas of the n samples interleave, each naming its sample
+        in `delta.index`; each sample's last delta has `finish_reason` set and the stream
+        ends after the last sample's. Leaving the loop early (break, cancellation) aborts the
+        request on the server.
         """
         rid = request_id or uuid.uuid4().hex
         if rid in self._queues:
@@ -187,6 +191,7 @@ class AsyncClient:
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = q
         finished = False
+        running = (sampling or SamplingParams()).n  # samples not finished yet
         try:
             await self._send(
                 GenerateRequest(
@@ -212,9 +217,11 @@ class AsyncClient:
                 if isinstance(reply, RequestError):
                     finished = True
                     raise error_from(reply)
-                yield reply
                 if reply.finish_reason is not None:
-                    finished = True
+                    running -= 1
+                    finished = running <= 0
+                yield reply
+                if finished:
                     return
         finally:
             self._queues.pop(rid, None)
@@ -227,28 +234,28 @@ class AsyncClient:
         prompt_token_ids: list[int] | None = None,
         sampling: SamplingParams | None = None,
         **kw,
-    ) -> GenerationResult:
-        """Run one request to completion and return all of it."""
-        tokens: list[int] = []
-        logprobs: list[TokenLogprobs] = []
-        texts: list[str] = []
-        last: TokenDelta | None = None
+    ) -> GenerationResult | list[GenerationResult]:
+        """Run one request to completion and return all of it: one result, or with
+        `sampling.n > 1` a list of n results in sample order."""
+        n = (sampling or SamplingParams()).n
+        results: list[GenerationResult] = []
+        texts: list[list[str]] = []
+        for i in range(n):
+            results.append(GenerationResult("", [], None, None, index=i))
+            texts.append([])
         async for delta in self.stream(prompt_token_ids, sampling, **kw):
-            tokens.extend(delta.token_ids)
+            r = results[delta.index]
+            r.request_id = delta.request_id
+            r.token_ids.extend(delta.token_ids)
             if delta.logprobs:
-                logprobs.extend(delta.logprobs)
+                r.logprobs.extend(delta.logprobs)
             if delta.text:
-                texts.append(delta.text)
-            last = delta
-        assert last is not None
-        return GenerationResult(
-            request_id=last.request_id,
-            token_ids=tokens,
-            finish_reason=last.finish_reason,
-            metrics=last.metrics,
-            logprobs=logprobs,
-            text="".join(texts) if texts else None,
-        )
+                texts[delta.index].append(delta.text)
+            if delta.finish_reason is not None:
+                r.finish_reason, r.metrics = delta.finish_reason, delta.metrics
+        for r, parts in zip(results, texts, strict=True):
+            r.text = "".join(parts) if parts else None
+        return results if n > 1 else results[0]
 
     async def abort(self, request_id: str) -> None:
         await self._send(AbortRequest(request_id=request_id))
@@ -287,7 +294,7 @@ class Client:
         prompt_token_ids: list[int] | None = None,
         sampling: SamplingParams | None = None,
         **kw,
-    ) -> GenerationResult:
+    ) -> GenerationResult | list[GenerationResult]:
         return self._call(self._async.generate(prompt_token_ids, sampling, **kw))
 
     def stream(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
 
+import msgspec
+
 from greenroom.actors.scheduling.budget import FlowBudget, IterationBudget, check_flows
 from greenroom.actors.scheduling.flight import Draft, IssuedPlan, PlanEntry
 from greenroom.actors.scheduling.outputs import ERROR_KINDS, OutputCollector
@@ -25,6 +27,7 @@ from greenroom.bus.messages import (
     StepPlan,
     StepResult,
     SubmitRequest,
+    sample_request_id,
 )
 from greenroom.config import SchedulerConfig
 
@@ -54,6 +57,8 @@ class SchedulerCore:
         self._drafts: dict[str, Draft] = {}
         self._inflight: dict[str, deque[IssuedPlan]] = {f: deque() for f in self.flows}
         self._orphan_errors: list[RequestError] = []
+        self._groups: dict[str, list[Request]] = {}  # client id -> its samples (n > 1)
+        self._followers: dict[str, list[Request]] = {}  # first sample's id -> samples held back
         self._head_rejected: str | None = None  # the queue head the KV manager last turned down
         self._num_active = 0
         self._iteration = 0
@@ -98,24 +103,71 @@ class SchedulerCore:
     # ------------------------------------------------------------------ requests in and out
 
     def submit(self, req: SubmitRequest) -> None:
-        """Queue a request (FCFS). Raises ValueError for a duplicate id or an unusable request."""
-        if req.request_id in self._requests:
+        """Queue a request (FCFS). Raises ValueError for a duplicate id or an unusable request.
+
+        A request with ``n > 1`` becomes n samples; all but the first wait until the first's
+        prompt is scheduled, so that they are admitted onto its cached prompt blocks.
+        """
+        n = req.sampling.n
+        if req.request_id in self._requests or req.request_id in self._groups:
             raise ValueError(f"request {req.request_id!r} is already in the scheduler")
-        r = Request(req, self.max_model_len)
-        self._requests[r.request_id] = r
-        self._waiting[r.request_id] = r
+        samples = [Request(self._sample_of(req, i), self.max_model_len) for i in range(n)]
+        for i, r in enumerate(samples):
+            if r.request_id in self._requests:
+                raise ValueError(f"request {r.request_id!r} is already in the scheduler")
+            r.client_id, r.sample_index = req.request_id, i
+        for r in samples:
+            self._requests[r.request_id] = r
+        first = samples[0]
+        self._waiting[first.request_id] = first
+        if n > 1:
+            self._groups[req.request_id] = samples
+            self._followers[first.request_id] = samples[1:]
         self._counters["submitted"] += 1
 
+    @staticmethod
+    def _sample_of(req: SubmitRequest, index: int) -> SubmitRequest:
+        """Sample ``index`` of an n-sample request: its own id and seed (seed + index)."""
+        n = req.sampling.n
+        if n == 1:
+            return req
+        seed = req.sampling.seed
+        sampling = msgspec.structs.replace(
+            req.sampling, n=1, seed=None if seed is None else (seed + index) % (1 << 63)
+        )
+        return msgspec.structs.replace(
+            req, request_id=sample_request_id(req.request_id, index, n), sampling=sampling
+        )
+
+    def _release_followers(self, first: Request) -> None:
+        """The first sample's prompt is scheduled (or it ended): queue the others next."""
+        for r in reversed(self._followers.pop(first.request_id, [])):
+            if not r.state.terminal:
+                self._waiting[r.request_id] = r
+                self._waiting.move_to_end(r.request_id, last=False)
+
+    def _members(self, request_id: str) -> list[Request]:
+        group = self._groups.get(request_id)
+        if group is not None:
+            return group
+        r = self._requests.get(request_id)
+        return [r] if r is not None else []
+
     def cancel(self, request_ids: list[str], reason: str = "abort") -> OutputBatch:
-        """End requests: ``abort`` gives a final delta, any other reason a RequestError."""
+        """End requests (every sample of an n > 1 request named by the client's id):
+        ``abort`` gives a final delta, ``stop`` (a stop string the frontend matched) finishes
+        the request with one, any other reason gives a RequestError."""
         out = self._collector()
-        for rid in request_ids:
-            r = self._requests.get(rid)
-            if r is None or r.state.terminal:
+        for r in [r for rid in request_ids for r in self._members(rid)]:
+            if r.state.terminal:
+                continue
+            if reason == "stop":
+                self._end(r, RequestState.FINISHED, "stop")
+                out.final(r, "stop")
                 continue
             self._end(r, RequestState.ABORTED, "abort")
             if reason == "abort":
-                out.abort(r)
+                out.final(r, "abort")
             else:
                 kind = reason if reason in ERROR_KINDS else "aborted"
                 out.error(r, kind, f"request {reason}")
@@ -368,6 +420,8 @@ class SchedulerCore:
                 steps.append(SequenceStep(r.request_id, e.num_tokens))
             prefill = r.state is RequestState.PREFILL
             e.samples = r.schedule(e.num_tokens)
+            if e.samples and r.request_id in self._followers:
+                self._release_followers(r)
             self._counters["prefill_tokens" if prefill else "decode_tokens"] += e.num_tokens
         fb = self.flows[flow]
         num_tokens = sum(s.num_tokens for s in steps)
@@ -423,6 +477,11 @@ class SchedulerCore:
         r.known_by.clear()
         r.release_blocks(with_output=state is not RequestState.FAILED)
         self._counters[state.value] += 1
+        if r.request_id in self._followers:
+            self._release_followers(r)
+        group = self._groups.get(r.client_id)
+        if group is not None and all(m.state.terminal for m in group):
+            del self._groups[r.client_id]
         self._settle(r)
 
     def _fail(self, r: Request, out: OutputCollector, message: str) -> None:

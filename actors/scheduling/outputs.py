@@ -20,26 +20,30 @@ class OutputCollector:
         lp = [logprobs] if logprobs is not None and r.sampling.logprobs > 0 else None
         self.deltas.append(
             TokenDelta(
-                request_id=r.request_id,
+                request_id=r.client_id,
                 token_ids=[token],
                 logprobs=lp,
                 finish_reason=r.finish_reason,
                 metrics=r.metrics() if r.finish_reason else None,
+                index=r.sample_index,
             )
         )
 
-    def abort(self, r: Request) -> None:
+    def final(self, r: Request, finish_reason: str) -> None:
+        """A final delta without a token: aborted, or stopped by the frontend (stop string)."""
         self.deltas.append(
             TokenDelta(
-                request_id=r.request_id,
+                request_id=r.client_id,
                 token_ids=[],
-                finish_reason="abort",
+                finish_reason=finish_reason,
                 metrics=r.metrics(),
+                index=r.sample_index,
             )
         )
 
     def error(self, r: Request, kind: str, message: str) -> None:
-        self.errors.append(RequestError(request_id=r.request_id, kind=kind, message=message))
+        """Errors name the client's request: one failed sample fails an n > 1 request."""
+        self.errors.append(RequestError(request_id=r.client_id, kind=kind, message=message))
 
     def batch(self) -> OutputBatch:
         return OutputBatch(deltas=self.deltas, errors=self.errors)

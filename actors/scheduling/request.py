@@ -44,6 +44,8 @@ class Request:
 
     __slots__ = (
         "request_id",
+        "client_id",
+        "sample_index",
         "sampling",
         "priority",
         "cache_salt",
@@ -85,6 +87,8 @@ class Request:
                 f"under max_model_len = {max_model_len}"
             )
         self.request_id = req.request_id
+        self.client_id = req.request_id  # the id the client knows (one per n samples)
+        self.sample_index = 0
         self.sampling: SamplingParams = req.sampling
         self.priority = req.priority
         self.cache_salt = req.cache_salt
@@ -173,6 +177,9 @@ class Request:
 
     def stop_reason(self, token: int, eos_token_ids: frozenset[int]) -> str | None:
         """Finish reason after ``token`` was appended, or None to go on."""
+        if len(self.output) <= self.sampling.min_tokens:
+            # the engine masks EOS and stop ids until min_tokens are out
+            return "length" if len(self.output) >= self.max_output else None
         if token in self.sampling.stop_token_ids:
             return "stop"
         if not self.sampling.ignore_eos and token in eos_token_ids:

@@ -24,8 +24,10 @@ from greenroom.bus.messages import (
 )
 from greenroom.models.batch import SequenceChunk
 from greenroom.models.kv_pool import allocate_kv_pool
+from greenroom.models.logits_adjust import LogitsAdjustments, needs_adjustment
 from greenroom.models.runner import GraphKind, ModelRunner
 from greenroom.models.sampling import SamplingBatch, request_seed, sample
+from greenroom.models.token_history import TokenHistory
 
 
 class PlanError(ValueError):
@@ -41,6 +43,8 @@ class Sequence:
     sampling: SamplingParams
     seed: int
     num_output_tokens: int  # index of the next output token to sample
+    adjusts: bool = False  # penalties, logit bias or min_tokens (not the sampler's fast path)
+    history_slot: int = -1  # its TokenHistory row when it has a penalty
 
 
 class PlanExecutor:
@@ -57,6 +61,7 @@ class PlanExecutor:
         self.runner = runner
         self.graph_kind = graphs
         self.sequences: dict[str, Sequence] = {}
+        self.history: TokenHistory | None = None  # created by the first request with a penalty
         self.host_pool: torch.Tensor | None = None
         if host_blocks:
             self.host_pool = allocate_kv_pool(
@@ -117,6 +122,14 @@ class PlanExecutor:
                 "(at least one prompt token is computed)"
             )
         s = new.sampling
+        self._forget(new.request_id)
+        slot = -1
+        if s.has_penalties:
+            if self.history is None:
+                self.history = TokenHistory(self.runner.vocab_size, self.runner.device)
+            split = n - new.num_output_tokens
+            tokens = new.prompt_token_ids
+            slot = self.history.add(list(tokens[:split]), list(tokens[split:]))
         self.sequences[new.request_id] = Sequence(
             request_id=new.request_id,
             tokens=list(new.prompt_token_ids),
@@ -127,7 +140,15 @@ class PlanExecutor:
             if s.seed is not None
             else request_seed(new.request_id, self.runner.model_cfg.seed),
             num_output_tokens=new.num_output_tokens,
+            adjusts=needs_adjustment(s),
+            history_slot=slot,
         )
+
+    def _forget(self, request_id: str) -> None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is not None and seq.history_slot >= 0:
+            assert self.history is not None
+            self.history.remove(seq.history_slot)
 
     def _chunk(self, request_id: str, num_tokens: int, new_block_ids: list[int]) -> SequenceChunk:
         seq = self.sequences.get(request_id)
@@ -158,7 +179,7 @@ class PlanExecutor:
     def execute(self, plan: StepPlan) -> StepResult:
         started = time.perf_counter()
         for request_id in plan.finished:
-            self.sequences.pop(request_id, None)
+            self._forget(request_id)
         self._copy_blocks(plan.copies)
         for new in plan.new:
             self._register(new)
@@ -212,12 +233,19 @@ class PlanExecutor:
         index = None
         if len(rows) != num_rows:
             index = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-        sampling = SamplingBatch.build(
-            [s.sampling for s in seqs],
-            [s.seed for s in seqs],
-            [s.num_output_tokens for s in seqs],
-            device,
-        )
+        params = [s.sampling for s in seqs]
+        steps = [s.num_output_tokens for s in seqs]
+        adjustments = None
+        if any(s.adjusts for s in seqs):
+            adjustments = LogitsAdjustments.build(
+                params,
+                steps,
+                [s.history_slot for s in seqs],
+                list(self.runner.eos_token_ids),
+                self.history,
+                device,
+            )
+        sampling = SamplingBatch.build(params, [s.seed for s in seqs], steps, device, adjustments)
         return index, sampling
 
     def _sample(
@@ -232,6 +260,8 @@ class PlanExecutor:
         if index is not None:
             logits = logits.index_select(0, index)
         out = sample(logits, batch)
+        if batch.adjustments is not None:
+            batch.adjustments.record(out.token_ids)
         token_ids = out.token_ids.tolist()
         if out.top_ids is not None:
             token_lps = out.token_logprobs.tolist()

@@ -1,5 +1,8 @@
 """Batched sampling: greedy, temperature, top-k, top-p, seeds and top-n log-probs.
 
+Penalties, logit bias and min_tokens (``greenroom.models.logits_adjust``) change the logits
+first, only when a row of the batch asks for one; log-probs are those of the model's logits.
+
 Random draws come from a counter-based hash of (seed, output index, vocabulary id), not from
 a generator's state, so a seeded token is a pure function of (seed, index of the output
 token, logits): a request recomputed after preemption, or moved from a context engine to a
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from greenroom.bus.messages import SamplingParams
+from greenroom.models.logits_adjust import LogitsAdjustments
 
 _MASK32 = 0xFFFFFFFF
 
@@ -62,6 +66,7 @@ class SamplingBatch:
     use_top_k: bool
     use_top_p: bool
     max_logprobs: int
+    adjustments: LogitsAdjustments | None = None  # None: no row has penalties, bias, min_tokens
 
     @classmethod
     def build(
@@ -70,6 +75,7 @@ class SamplingBatch:
         seeds: list[int],
         steps: list[int],
         device: torch.device | str,
+        adjustments: LogitsAdjustments | None = None,
     ) -> SamplingBatch:
         def put(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
@@ -84,6 +90,7 @@ class SamplingBatch:
             use_top_k=any(p.top_k > 0 and p.temperature > 0 for p in params),
             use_top_p=any(p.top_p < 1.0 and p.temperature > 0 for p in params),
             max_logprobs=max((p.logprobs for p in params), default=0),
+            adjustments=adjustments,
         )
 
 
@@ -113,7 +120,9 @@ def _filter(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """Sample one token per row of float32 ``logits [B, V]``."""
-    logits = logits.float()
+    logits = raw = logits.float()
+    if batch.adjustments is not None:
+        logits = batch.adjustments.apply(logits)
     greedy = logits.argmax(dim=-1)
     if batch.all_greedy:
         tokens = greedy
@@ -127,7 +136,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         tokens = torch.where(batch.temperature > 0, sampled, greedy)
     out = SamplerOutput(token_ids=tokens)
     if batch.max_logprobs > 0:
-        logprobs = logits.log_softmax(dim=-1)
+        logprobs = raw.log_softmax(dim=-1)
         out.token_logprobs = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
         out.top_logprobs, out.top_ids = logprobs.topk(batch.max_logprobs, dim=-1)
     return out
