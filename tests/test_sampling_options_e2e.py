@@ -148,7 +148,7 @@ async def test_min_tokens_penalties_and_logit_bias_through_the_node() -> None:
             held = await client.generate(
                 PROMPT, SamplingParams(max_tokens=8, stop_token_ids=[first], min_tokens=3)
             )
-            assert len(held.token_ids) >= 4 or held.finish_reason == "length"
+            assert len(held.token_ids) >= 3
             assert first not in held.token_ids[:3]
             # logit bias: a ban moves the first token, a large bonus forces one
             banned = await client.generate(

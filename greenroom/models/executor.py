@@ -62,6 +62,7 @@ class PlanExecutor:
         self.graph_kind = graphs
         self.sequences: dict[str, Sequence] = {}
         self.history: TokenHistory | None = None  # created by the first request with a penalty
+        self._num_adjusting = 0  # sequences with penalties, logit bias or min_tokens
         self.host_pool: torch.Tensor | None = None
         if host_blocks:
             self.host_pool = allocate_kv_pool(
@@ -130,6 +131,8 @@ class PlanExecutor:
             split = n - new.num_output_tokens
             tokens = new.prompt_token_ids
             slot = self.history.add(list(tokens[:split]), list(tokens[split:]))
+        adjusts = needs_adjustment(s)
+        self._num_adjusting += adjusts
         self.sequences[new.request_id] = Sequence(
             request_id=new.request_id,
             tokens=list(new.prompt_token_ids),
@@ -140,12 +143,14 @@ class PlanExecutor:
             if s.seed is not None
             else request_seed(new.request_id, self.runner.model_cfg.seed),
             num_output_tokens=new.num_output_tokens,
-            adjusts=needs_adjustment(s),
+            adjusts=adjusts,
             history_slot=slot,
         )
 
     def _forget(self, request_id: str) -> None:
         seq = self.sequences.pop(request_id, None)
+        if seq is not None:
+            self._num_adjusting -= seq.adjusts
         if seq is not None and seq.history_slot >= 0:
             assert self.history is not None
             self.history.remove(seq.history_slot)
@@ -236,7 +241,7 @@ class PlanExecutor:
         params = [s.sampling for s in seqs]
         steps = [s.num_output_tokens for s in seqs]
         adjustments = None
-        if any(s.adjusts for s in seqs):
+        if self._num_adjusting and any(s.adjusts for s in seqs):
             adjustments = LogitsAdjustments.build(
                 params,
                 steps,
