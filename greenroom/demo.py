@@ -9,16 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from importlib import resources
 
 from greenroom.config import NodeConfig
 from greenroom.logging import configure_logging
-
-BUNDLED_SLICE = "azure_conv_slice.csv"
-
-
-def bundled_trace() -> str:
-    return str(resources.files("greenroom") / "data" / BUNDLED_SLICE)
+from greenroom.replay.bundled import AZURE_CONV, bundled_trace
 
 
 async def _demo(cfg: NodeConfig, args: argparse.Namespace) -> int:
@@ -34,7 +28,7 @@ async def _demo(cfg: NodeConfig, args: argparse.Namespace) -> int:
     try:
         replay_args = replay_cli.build_parser().parse_args(
             [
-                bundled_trace(),
+                bundled_trace(AZURE_CONV),
                 "--server",
                 node.address,
                 "--max-requests",

@@ -47,10 +47,12 @@ from greenroom.models.executor import PlanExecutor
 from greenroom.models.loader import random_weights
 from greenroom.models.presets import preset_config
 from greenroom.models.runner import ModelRunner, resolve_dtype
+from greenroom.replay.bundled import AZURE_CONV, bundled_trace
+from greenroom.replay.bundled import OPENORCA as OPENORCA_SLICE
 
-TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
-AZURE = TRACES / "AzureLLMInferenceTrace_conv.csv"
-OPENORCA = TRACES / "openorca_mlperf_llama2-70b_isl_osl.csv"
+# bundled slices (greenroom/data/SOURCE.md); pass the full public traces for real runs
+AZURE = bundled_trace(AZURE_CONV)
+OPENORCA = bundled_trace(OPENORCA_SLICE)
 TOKENS_PER_BLOCK = 16
 DECODE_SEED = 1000
 

@@ -35,8 +35,10 @@ from greenroom.client import AsyncClient
 from greenroom.config import load_config
 from greenroom.node import Node
 from greenroom.replay import TraceRow, build_requests, read_rows, replay
+from greenroom.replay.bundled import OPENORCA, bundled_trace
 
-DEFAULT_TRACE = "../shared/traces/openorca_mlperf_llama2-70b_isl_osl.csv"
+# the bundled slice (1,000 rows, greenroom/data/SOURCE.md); the full trace for real runs
+DEFAULT_TRACE = bundled_trace(OPENORCA)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from greenroom.bench.prefix import (
+    IdealHits,
     ideal_hits,
     mode_overrides,
+    mode_summary,
     scaled_requests,
     select_conversations,
     trace_ideal_hits,
@@ -23,7 +25,9 @@ from greenroom.bench.prefix_copies import onboard_bandwidth
 from greenroom.bus.messages import KVAdmit, KVComputed, KVFree, KVStep
 from greenroom.config import KVConfig
 from greenroom.kv import KVCacheManager
+from greenroom.replay.metrics import summarize
 from greenroom.replay.readers import TraceRow
+from greenroom.replay.report import PrefixStats, RequestRecord
 from greenroom.replay.trace import build_requests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +104,48 @@ def test_ideal_hits_by_hand() -> None:
     t = trace_ideal_hits(rows)
     assert (t.lookup_blocks, t.hit_blocks, t.distinct_blocks) == (6, 1, 4)
     assert t.rate == pytest.approx(1 / 6)
+    # blocks a length cap cut off are not looked up: row 2 keeps only its first block
+    t = trace_ideal_hits(rows, kept_blocks=[2, 1, 2])
+    assert (t.lookup_blocks, t.hit_blocks, t.distinct_blocks) == (5, 1, 3)
+
+
+def test_select_conversations_behind_a_shared_system_prompt() -> None:
+    """Every row starting with the same blocks (a system prompt) still thins by conversation."""
+    plain = conversation_rows(12, 3, seed=2)
+    system = [10_000, 10_001]
+    rows = [TraceRow(r.arrival_s, r.input_length + 1024, 1, system + r.hash_ids) for r in plain]
+    kept = select_conversations(rows, 3)
+    expect = {i for i, r in enumerate(plain) if r.hash_ids[0] % 3 == 0}
+    assert 0 < len(kept) < len(rows)
+    assert kept == [rows[i] for i in sorted(expect)]
+
+
+def test_mode_summary_counts_failed_requests_as_misses() -> None:
+    ideal = IdealHits(lookup_blocks=100, hit_blocks=50, distinct_blocks=70)
+    done = [
+        RequestRecord(index=i, scheduled_s=0.0, ttft_s=0.01, e2e_s=0.02, output_tokens=1)
+        for i in range(3)
+    ]
+    failed = RequestRecord(index=3, scheduled_s=0.0, error_kind="overloaded")
+    report = summarize([*done, failed], 1.0)
+    report.prefix = PrefixStats(reused_blocks=20, onboarded_blocks=5, missed_blocks=5)
+    report.prefix.hit_rate = 25 / 30  # over the completed requests only
+    report.run = {
+        "kv_stats": {
+            "hit_blocks": 25,
+            "lookups_blocks": 30,
+            "onboarded_blocks": 5,
+            "offloaded_blocks": 0,
+            "host_blocks": 0,
+        },
+        "scheduler_stats": {},
+        "num_gpu_blocks": 64,
+    }
+    got = mode_summary(report, 512, ideal)
+    assert got["failed"] == 1
+    assert got["hit_rate"] == 0.25  # 25 hits over the 100 lookups of every request
+    assert got["hit_rate_of_ideal"] == 0.5
+    assert got["hit_rate_of_completed"] == round(25 / 30, 4)
 
 
 def test_ideal_hits_equal_an_unbounded_kv_manager() -> None:
@@ -189,7 +235,29 @@ def test_script_runs_every_mode_on_a_small_trace(tmp_path: Path, capsys) -> None
     )
     for m in modes.values():
         assert m["max_plan_tokens"] <= m["max_num_tokens"] == 512
+    assert result["lost_requests"] == 0 and result["complete"] is True
     report = json.loads((out / "prefix_host_tier.json").read_text())
     assert report["prefix"]["onboarded_blocks"] == host["onboarded_blocks"]
     assert report["run"]["kv_stats"]["onboarded_blocks"] == host["node_onboarded_blocks"]
     assert report["run"]["kv_stats"]["hit_blocks"] > 0
+
+
+@pytest.mark.slow
+def test_script_that_loses_requests_says_so_and_exits_non_zero(tmp_path: Path, capsys) -> None:
+    trace = tmp_path / "trace.jsonl"
+    rows = conversation_rows(6, 2, seed=4)
+    trace.write_text(
+        "".join(
+            json.dumps(
+                {"timestamp": 0, "input_length": r.input_length, "output_length": 2}
+            ).replace("}", f', "hash_ids": {r.hash_ids}}}')
+            + "\n"
+            for r in rows
+        )
+    )
+    argv = [str(trace), "--quick", "--conversation-stride", "1", "--time-scale", "0"]
+    argv += ["--modes", "gpu_reuse", "--copies", "off", "--set", "scheduler.max_queue_size=1"]
+    assert load_script().main(argv) == 1
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["lost_requests"] > 0 and result["complete"] is False
+    assert result["modes"]["gpu_reuse"]["failures"].get("overloaded", 0) > 0

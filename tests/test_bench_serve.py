@@ -15,7 +15,6 @@ from greenroom.models.executor import PlanExecutor
 from greenroom.models.runner import ModelRunner
 
 ROOT = Path(__file__).resolve().parent.parent
-TRACES = ROOT.parent / "shared" / "traces"
 
 
 def test_steady_window_counts_only_while_all_decode():
@@ -73,7 +72,6 @@ def test_bare_decode_times_the_steps_after_warmup_and_cleans_up(executor):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TRACES.is_dir(), reason="needs ../shared/traces")
 def test_quick_run_prints_one_json_result():
     proc = subprocess.run(
         [sys.executable, "scripts/bench_serve.py", "--quick", "--repeats", "1", "--batch", "16"],

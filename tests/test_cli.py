@@ -15,11 +15,11 @@ import pytest
 
 from greenroom.bus.messages import SamplingParams
 from greenroom.client import Client
+from greenroom.replay.bundled import AZURE_CONV, MOONCAKE, OPENORCA, bundled_trace
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-TRACES = REPO.parent / "shared" / "traces"
 CLI = [sys.executable, "-m", "greenroom.cli"]
 
 
@@ -76,19 +76,6 @@ def server():
         proc.wait()
 
 
-def _trace_slice(tmp_path: Path, name: str, n: int, fallback: list[str]) -> Path:
-    """The first n rows of a shared trace (or rows of the same format when it is absent)."""
-    src = TRACES / name
-    dst = tmp_path / name
-    if src.is_file():
-        with src.open("rb") as f:
-            lines = [f.readline() for _ in range(n + (0 if name.endswith(".jsonl") else 1))]
-        dst.write_bytes(b"".join(lines))
-    else:
-        dst.write_text("\n".join(fallback))
-    return dst
-
-
 @pytest.mark.parametrize(
     ("name", "extra"),
     [
@@ -99,24 +86,7 @@ def _trace_slice(tmp_path: Path, name: str, n: int, fallback: list[str]) -> Path
 )
 def test_replay_200_requests_of_each_format(server, tmp_path, name, extra) -> None:
     _, address = server
-    if name == "azure":
-        trace = REPO / "greenroom" / "data" / "azure_conv_slice.csv"
-    elif name == "mooncake":
-        rows = [
-            json.dumps(
-                {
-                    "timestamp": i * 50,
-                    "input_length": 600 + i,
-                    "output_length": 5,
-                    "hash_ids": [i % 7, 100 + i],
-                }
-            )
-            for i in range(200)
-        ]
-        trace = _trace_slice(tmp_path, "mooncake_synthetic_trace.jsonl", 200, rows)
-    else:
-        rows = ["input_length,output_length"] + [f"{50 + i},{1 + i % 9}" for i in range(200)]
-        trace = _trace_slice(tmp_path, "openorca_mlperf_llama2-70b_isl_osl.csv", 200, rows)
+    trace = bundled_trace({"azure": AZURE_CONV, "mooncake": MOONCAKE, "lengths": OPENORCA}[name])
     out = tmp_path / "report"
     res = run_cli(
         "replay",
@@ -166,5 +136,8 @@ def test_demo_runs_and_prints_its_metrics_table(tmp_path) -> None:
     )
     assert res.returncode == 0, res.stderr
     assert "requests sent" in res.stdout and "TTFT" in res.stdout
-    report = json.loads(res.stdout.strip().splitlines()[-1])
+    last = res.stdout.strip().splitlines()[-1]  # the table, then the files written; no JSON
+    assert last.startswith("wrote ") and "report.json" in last
+    assert len(res.stdout) < 4000
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report["num_completed"] == 30

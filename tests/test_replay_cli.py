@@ -1,5 +1,6 @@
-"""The replay CLI: flags and help, the table then one JSON line on stdout, the files in --out,
-exit statuses; run against the simulated server (`--server sim://`)."""
+"""The replay CLI: flags and help, the table and the written paths on stdout (or one JSON line
+with --quiet), the files in --out, exit statuses (--max-failures, Ctrl-C with a partial
+report); run against the simulated server (`--server sim://`)."""
 
 from __future__ import annotations
 
@@ -98,7 +99,10 @@ def test_replay_against_the_simulated_server(tmp_path: Path, capsys) -> None:
     assert code == 0
     captured = capsys.readouterr()
     lines = captured.out.strip().splitlines()
-    report = json.loads(lines[-1])  # the JSON report is the last line, on one line
+    assert not any(line.lstrip().startswith("{") for line in lines)  # no JSON dump
+    assert lines[-1].startswith("wrote ") and str(out / "report.json") in lines[-1]
+    assert str(out / "latency_cdf.png") in lines[-1]
+    report = json.loads((out / "report.json").read_text())
     assert report["num_sent"] == 40 == report["num_completed"] + report["num_failed"]
     assert report["run"]["format"] == "azure" and report["run"]["model"] == "simulated"
     assert report["run"]["max_model_len"] == 1024  # the flag overrides the server's value
@@ -107,6 +111,7 @@ def test_replay_against_the_simulated_server(tmp_path: Path, capsys) -> None:
     for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
         assert set(report[key]) >= {"mean", "p50", "p90", "p99"}
     table = "\n".join(lines[:-1])
+    assert len(captured.out) < 4000
     assert "requests sent" in table and "TTFT" in table and "goodput" in table
     assert "40/40" in captured.err  # the progress bar goes to stderr
     assert json.loads((out / "report.json").read_text())["num_sent"] == 40
@@ -171,3 +176,69 @@ def test_script_wrapper_runs(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["num_completed"] == 2
+
+
+def _overloading_args(tmp_path: Path, *extra: str) -> argparse.Namespace:
+    trace = tmp_path / "lengths.csv"
+    trace.write_text("input_length,output_length\n" + "20,30\n" * 20)
+    argv = [str(trace), "--server", "sim://", "--time-scale", "0", "--quiet", "--no-plots"]
+    return cli.build_parser().parse_args([*argv, "--out", str(tmp_path / "o"), *extra])
+
+
+async def _replay_overloaded(args: argparse.Namespace) -> int:
+    from greenroom.replay.simulated import SimulatedClient, SimulatedServerConfig
+
+    async with SimulatedClient(SimulatedServerConfig(max_in_flight=5)) as client:
+        return await cli.replay_with(client, args)
+
+
+@pytest.mark.parametrize(
+    ("limit", "status"), [(None, 1), ("14", 1), ("15", 0), ("70%", 1), ("75%", 0)]
+)
+async def test_max_failures_sets_the_exit_status(tmp_path: Path, capsys, limit, status) -> None:
+    args = _overloading_args(tmp_path, *(["--max-failures", limit] if limit else []))
+    assert await _replay_overloaded(args) == status
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    assert report["num_failed"] == 15 and report["failures"] == {"overloaded": 15}
+    if status:
+        assert "15 of 20 requests failed" in captured.err
+
+
+def test_bad_max_failures_is_refused() -> None:
+    for bad in ("-1", "x", "101%"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["t.csv", "--max-failures", bad])
+
+
+def test_ctrl_c_writes_a_partial_report(tmp_path: Path) -> None:
+    """SIGINT mid-replay: exit 130, report.json holds sent, completed, failed and unsent."""
+    import signal
+    import time
+
+    trace = tmp_path / "lengths.csv"
+    trace.write_text("input_length,output_length\n" + "20,400\n" * 200)
+    out = tmp_path / "o"
+    argv = [str(trace), "--server", "sim://", "--rate", "40", "--no-plots", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts/replay_trace.py"), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait until requests are flowing (progress on stderr)
+        line = proc.stderr.readline()
+        if "req" in line or "/200" in line:
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["interrupted"] is True
+    assert 0 < report["num_sent"] < 200 and report["num_unsent"] == 200 - report["num_sent"]
+    assert report["num_sent"] == report["num_completed"] + report["num_failed"]
+    assert report["failures"].get("interrupted", 0) >= 1  # in flight at the interrupt
+    assert "not sent (interrupted)" in stdout
+    assert "interrupted:" in stderr and "not sent" in stderr

@@ -9,15 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from greenroom.replay.bundled import AZURE_CONV, MOONCAKE, OPENORCA, bundled_trace
 from greenroom.replay.readers import (
     TraceFormatError,
     detect_format,
     parse_azure_timestamp,
     read_rows,
-)
-
-SHARED_AZURE = (
-    Path(__file__).resolve().parents[1] / "../shared/traces/AzureLLMInferenceTrace_conv.csv"
 )
 
 
@@ -115,13 +112,21 @@ def test_bundled_slice_is_the_head_of_the_azure_trace() -> None:
     data = resources.files("greenroom").joinpath("data/azure_conv_slice.csv").read_bytes()
     lines = data.split(b"\r\n")
     assert lines[0] == b"TIMESTAMP,ContextTokens,GeneratedTokens"
-    assert len(lines) == 201 and not data.endswith(b"\n")
+    assert len(lines) == 501 and not data.endswith(b"\n")
     assert b"\n" not in data.replace(b"\r\n", b"")
-    if SHARED_AZURE.exists():
-        full = SHARED_AZURE.read_bytes()
-        assert full.startswith(data + b"\r\n")
-    with resources.as_file(resources.files("greenroom").joinpath("data/azure_conv_slice.csv")) as p:
-        rows = read_rows(p, "auto")
-    assert len(rows) == 200
+    rows = read_rows(bundled_trace(AZURE_CONV), "auto")
+    assert len(rows) == 500
     assert rows[0].arrival_s == 0.0
     assert all(b.arrival_s >= a.arrival_s for a, b in zip(rows, rows[1:], strict=False))
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "count"),
+    [(AZURE_CONV, "azure", 500), (MOONCAKE, "mooncake", 290), (OPENORCA, "lengths", 1000)],
+)
+def test_bundled_slices_read_in_their_format(name: str, fmt: str, count: int) -> None:
+    path = bundled_trace(name)
+    assert detect_format(path) == fmt
+    assert len(read_rows(path, "auto")) == count
+    with pytest.raises(FileNotFoundError, match="bundled"):
+        bundled_trace("nope.csv")

@@ -24,14 +24,40 @@ from greenroom.replay.trace import TraceRequest, fit_lengths
 MODES = ("no_reuse", "gpu_reuse", "host_tier")
 
 
+def shared_prefix_len(rows: Sequence[TraceRow]) -> int:
+    """How many leading hash ids every row shares (a system prompt in front of all)."""
+    if not rows:
+        return 0
+    first = rows[0].hash_ids
+    n = len(first)
+    for row in rows[1:]:
+        n = min(n, len(row.hash_ids))
+        while n and row.hash_ids[:n] != first[:n]:
+            n -= 1
+        if not n:
+            break
+    return n
+
+
+def conversation_key(row: TraceRow, skip: int) -> int | None:
+    """The first hash id past the ``skip`` shared ones: every turn of one conversation starts
+    with the blocks of its first turn, so the id names the conversation."""
+    ids = row.hash_ids
+    if not ids:
+        return None
+    return ids[skip] if skip < len(ids) else ids[-1]
+
+
 def select_conversations(rows: Sequence[TraceRow], stride: int) -> list[TraceRow]:
-    """Rows whose first hash id is a multiple of ``stride``: every turn of one conversation
-    starts with the same block, so whole conversations are kept or dropped together."""
+    """Rows whose conversation key (:func:`conversation_key`) is a multiple of ``stride``, so
+    whole conversations are kept or dropped together, also when every row starts with the same
+    shared blocks."""
     if stride < 1:
         raise ValueError(f"stride must be at least 1, got {stride}")
     if stride == 1:
         return list(rows)
-    return [r for r in rows if r.hash_ids and r.hash_ids[0] % stride == 0]
+    skip = shared_prefix_len(rows)
+    return [r for r in rows if (k := conversation_key(r, skip)) is not None and k % stride == 0]
 
 
 def scaled_requests(
@@ -114,18 +140,27 @@ def ideal_hits(prompts: Iterable[Sequence[int] | np.ndarray], tokens_per_block: 
     return IdealHits(lookups, hits, len(seen))
 
 
-def trace_ideal_hits(rows: Iterable[TraceRow]) -> IdealHits:
+def kept_hash_blocks(request: TraceRequest, tokens_per_hash_block: int) -> int:
+    """Hash blocks of its trace row that a (possibly cut) request's prompt still covers."""
+    return -(-request.prompt_length // tokens_per_hash_block)
+
+
+def trace_ideal_hits(
+    rows: Sequence[TraceRow], kept_blocks: Sequence[int] | None = None
+) -> IdealHits:
     """The trace's own measure: 512-token hash blocks, every listed block looked up in order,
-    hits up to the first hash id not seen in an earlier row."""
+    hits up to the first hash id not seen in an earlier row. ``kept_blocks[i]``: how many of
+    row i's blocks the replayed prompt kept (blocks cut off by length caps are not counted)."""
     seen: set[int] = set()
     lookups = hits = 0
-    for row in rows:
+    for i, row in enumerate(rows):
         matching = True
-        for h in row.hash_ids:
+        ids = row.hash_ids if kept_blocks is None else row.hash_ids[: kept_blocks[i]]
+        for h in ids:
             lookups += 1
             matching = matching and h in seen
             hits += matching
-        seen.update(row.hash_ids)
+        seen.update(ids)
     return IdealHits(lookups, hits, len(seen))
 
 
@@ -177,18 +212,24 @@ async def run_mode(
     return report
 
 
-def mode_summary(report, max_num_tokens: int, ideal_rate: float) -> dict[str, Any]:
-    """The numbers the benchmark compares across modes, from one mode's report."""
+def mode_summary(report, max_num_tokens: int, ideal: IdealHits) -> dict[str, Any]:
+    """The numbers the benchmark compares across modes, from one mode's report.
+
+    ``hit_rate`` is over every request replayed: the blocks reused or onboarded by completed
+    requests over the block lookups of all of them (``ideal.lookup_blocks``), so a failed
+    request counts as all misses instead of leaving the ratio."""
     kv, sched, p = report.run["kv_stats"], report.run["scheduler_stats"], report.prefix
     node_rate = kv["hit_blocks"] / kv["lookups_blocks"] if kv["lookups_blocks"] else 0.0
-    hit_rate = p.hit_rate or 0.0
+    hits = p.reused_blocks + p.onboarded_blocks
+    hit_rate = hits / ideal.lookup_blocks if ideal.lookup_blocks else 0.0
     return {
         "completed": report.num_completed,
         "failed": report.num_failed,
         "failures": dict(report.failures),
         "duration_s": round(report.duration_s, 3),
         "hit_rate": round(hit_rate, 4),
-        "hit_rate_of_ideal": round(hit_rate / ideal_rate, 4) if ideal_rate else None,
+        "hit_rate_of_ideal": round(hits / ideal.hit_blocks, 4) if ideal.hit_blocks else None,
+        "hit_rate_of_completed": round(p.hit_rate or 0.0, 4),
         "node_hit_rate": round(node_rate, 4),
         "reused_blocks": p.reused_blocks,
         "onboarded_blocks": p.onboarded_blocks,

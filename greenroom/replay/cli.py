@@ -1,8 +1,10 @@
 """`greenroom replay` / scripts/replay_trace.py: replay a trace against a running server.
 
-Prints an aligned metrics table, then the JSON report as the last stdout line; writes
-report.json, requests.jsonl and PNG plots to --out. Exit status: 0 when the replay ran, 1 when
-requests were sent and none completed, 2 for a bad trace, bad flags or an unreachable server.
+Prints an aligned metrics table and the paths of the files it wrote (report.json,
+requests.jsonl, PNG plots in --out); with --quiet only the JSON report, on one stdout line.
+Exit status: 0 when at most --max-failures requests failed, 1 when more failed (or none
+completed), 2 for a bad trace, bad flags or an unreachable server, 130 when interrupted (the
+partial report is still written).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import greenroom
 from greenroom.replay.driver import replay
 from greenroom.replay.metrics import parse_slo
 from greenroom.replay.readers import FORMATS, TraceFormatError, detect_format
-from greenroom.replay.report import format_table, write_report
+from greenroom.replay.report import ReplayReport, format_table, write_report
 from greenroom.replay.trace import load_trace
 
 SIM_SCHEME = "sim://"
@@ -51,6 +53,20 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
     return value
+
+
+def _max_failures(text: str) -> tuple[float, bool]:
+    """``"10"`` -> (10, False): at most 10 requests; ``"5%"`` -> (5, True): 5% of those sent."""
+    percent = text.strip().endswith("%")
+    value = _number(text.strip().rstrip("%"))
+    if not value >= 0 or math.isinf(value) or (percent and value > 100):
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 or a percentage, got {text!r}")
+    return value, percent
+
+
+def failures_allowed(limit: tuple[float, bool], num_sent: int) -> float:
+    value, percent = limit
+    return value * num_sent / 100 if percent else value
 
 
 def _slo(text: str):
@@ -168,11 +184,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="fail a request that receives nothing for S seconds (default: %(default)s)",
     )
+    parser.add_argument(
+        "--max-failures",
+        type=_max_failures,
+        default=(0.0, False),
+        metavar="N|P%",
+        help="exit with status 1 when more than N requests (or P%% of those sent) failed "
+        "(default: 0)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     parser.add_argument(
         "--quiet",
         action="store_true",
-        help="no progress bar and no table: only the JSON report line on stdout",
+        help="no progress bar and no table: only the JSON report, on one stdout line",
     )
 
 
@@ -209,7 +233,7 @@ async def replay_with(client: Any, args: argparse.Namespace) -> int:
         try:
             info = await client.server_info()
         except Exception as e:
-            print(f"error: no server info from {args.server}: {e}", file=sys.stderr)
+            print(f"greenroom: error: no server info from {args.server}: {e}", file=sys.stderr)
             return 2
         max_model_len = max_model_len or info.max_model_len
         vocab_size = vocab_size or info.vocab_size
@@ -253,19 +277,40 @@ async def replay_with(client: Any, args: argparse.Namespace) -> int:
         slo=slo,
         progress=not args.quiet,
         run_info=run_info,
+        report_on_cancel=True,
     )
-    write_report(report, args.out)
+    written = write_report(report, args.out)
     if not args.no_plots:
         from greenroom.replay.plots import write_plots
 
-        write_plots(report, args.out)
-    if not args.quiet:
+        written += write_plots(report, args.out)
+    if args.quiet:
+        print(report.to_json())
+    else:
         print(format_table(report))
+        print("wrote " + ", ".join(str(p) for p in written))
+    return exit_status(report, args.max_failures)
+
+
+def exit_status(report: ReplayReport, max_failures: tuple[float, bool] = (0.0, False)) -> int:
+    """0, or 1 past the failure limit (or nothing completed), or 130 when interrupted."""
+    if report.interrupted:
         print(
-            f"wrote {args.out}/report.json, requests.jsonl" + ("" if args.no_plots else ", plots")
+            f"greenroom replay: interrupted: {report.num_sent} sent, {report.num_completed} "
+            f"completed, {report.num_failed} failed, {report.num_unsent} not sent",
+            file=sys.stderr,
         )
-    print(report.to_json())
-    return 1 if report.num_sent and not report.num_completed else 0
+        return 130
+    allowed = failures_allowed(max_failures, report.num_sent)
+    if report.num_failed > allowed or (report.num_sent and not report.num_completed):
+        kinds = ", ".join(f"{k}={v}" for k, v in sorted(report.failures.items()))
+        print(
+            f"greenroom replay: {report.num_failed} of {report.num_sent} requests failed "
+            f"({kinds}); more than --max-failures allows ({allowed:g})",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 async def _run_async(args: argparse.Namespace) -> int:
@@ -279,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_run_async(args))
     except (OSError, TraceFormatError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"greenroom: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -8,16 +8,14 @@ class name for anything else), so a replay always finishes with sent = completed
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
-from tqdm import tqdm
-
 from greenroom.bus.messages import SamplingParams, TokenDelta
 from greenroom.replay.metrics import Slo, summarize
+from greenroom.replay.progress import ReplayProgress
 from greenroom.replay.report import ReplayReport, RequestRecord
 from greenroom.replay.trace import TraceRequest
 
@@ -112,11 +110,15 @@ async def replay(
     priority: int = 35,
     progress: bool = False,
     run_info: dict[str, Any] | None = None,
+    report_on_cancel: bool = False,
 ) -> ReplayReport:
     """Replay `requests` against `client` and return the report.
 
     A request is sent at `arrival_s * time_scale` seconds after the start (or later, when
     `max_concurrency` requests are already in flight: it then waits in arrival order).
+    With ``report_on_cancel``, a cancelled replay (Ctrl-C under ``asyncio.run``) returns the
+    partial report instead of raising: requests in flight count as failed with kind
+    "interrupted", those never sent as unsent.
     """
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
@@ -125,20 +127,22 @@ async def replay(
     run_id = uuid.uuid4().hex[:8]
     records: list[RequestRecord] = []
     tasks: set[asyncio.Task] = set()
-    bar = tqdm(total=len(schedule), file=sys.stderr, disable=not progress, unit="req")
-    failed = 0
+    bar = ReplayProgress(len(schedule), schedule[-1][0] if schedule else 0.0, progress)
 
     def finished(task: asyncio.Task, rec: RequestRecord) -> None:
-        nonlocal failed
         tasks.discard(task)
         if slots is not None:
             slots.release()
-        failed += not rec.ok
-        bar.update(1)
-        if failed:
-            bar.set_postfix(failed=failed, refresh=False)
+        bar.on_finished(rec.ok, rec.e2e_s)
 
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            bar.refresh()
+
+    ticker = asyncio.create_task(tick()) if progress else None
     start = time.perf_counter()
+    interrupted = False
     try:
         for send_at, req in schedule:
             delay = start + send_at - time.perf_counter()
@@ -159,13 +163,27 @@ async def replay(
             task = asyncio.create_task(_run_one(client, req, rec, start, rid, priority))
             task.add_done_callback(lambda t, rec=rec: finished(t, rec))
             tasks.add(task)
+            bar.on_sent()
         if tasks:
             await asyncio.gather(*tasks)
+    except asyncio.CancelledError:
+        if not report_on_cancel:
+            raise
+        interrupted = True
     finally:
         for task in list(tasks):
             task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if ticker is not None:
+            ticker.cancel()
         bar.close()
+    for rec in records:
+        if rec.error_kind == "cancelled":
+            rec.error_kind, rec.error_message = "interrupted", "in flight when the replay stopped"
     report = summarize(records, time.perf_counter() - start, slo)
+    report.num_unsent = len(schedule) - len(records)
+    report.interrupted = interrupted
     if run_info:
         report.run = dict(run_info)
     return report

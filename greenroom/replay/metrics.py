@@ -114,6 +114,7 @@ def timeline(records: Sequence[RequestRecord], duration_s: float) -> Timeline:
     n = max(1, math.ceil(duration_s / bucket - 1e-9))
     tokens = np.zeros(n)
     completed = np.zeros(n)
+    failed = np.zeros(n)
     sent = np.zeros(n)
     starts = np.zeros(n + 1)
     ends = np.zeros(n + 1)
@@ -133,6 +134,8 @@ def timeline(records: Sequence[RequestRecord], duration_s: float) -> Timeline:
             ends[slot(done) + 1] += 1
             if rec.ok:
                 completed[slot(done)] += 1
+            else:
+                failed[slot(done)] += 1
     in_flight = (np.cumsum(starts) - np.cumsum(ends))[1:]
     return Timeline(
         bucket_s=bucket,
@@ -141,6 +144,7 @@ def timeline(records: Sequence[RequestRecord], duration_s: float) -> Timeline:
         completed_per_s=[round(float(x), 3) for x in completed / bucket],
         sent_per_s=[round(float(x), 3) for x in sent / bucket],
         in_flight=[int(x) for x in in_flight],
+        failed_per_s=[round(float(x), 3) for x in failed / bucket],
     )
 
 

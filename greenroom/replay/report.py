@@ -96,13 +96,16 @@ class Timeline(msgspec.Struct):
     completed_per_s: list[float] = []
     sent_per_s: list[float] = []
     in_flight: list[int] = []  # requests sent and not finished at the bucket's end
+    failed_per_s: list[float] = []
 
 
 class ReplayReport(msgspec.Struct, kw_only=True):
     num_sent: int
     num_completed: int
-    num_failed: int
+    num_failed: int  # sent and failed (requests in flight at a Ctrl-C count as "interrupted")
     failures: dict[str, int] = {}
+    num_unsent: int = 0  # scheduled, never sent: the replay was interrupted first
+    interrupted: bool = False
     num_clipped: int = 0
     num_capped: int = 0
     num_short_outputs: int = 0  # completed with fewer tokens than max_tokens
@@ -180,6 +183,10 @@ def format_table(report: ReplayReport) -> str:
         ["requests sent", str(report.num_sent)],
         ["completed", str(report.num_completed)],
         ["failed", f"{report.num_failed} ({failures})"],
+    ]
+    if report.interrupted or report.num_unsent:
+        overview.append(["not sent (interrupted)", str(report.num_unsent)])
+    overview += [
         ["clipped to max_model_len", str(report.num_clipped)],
         ["capped by length limits", str(report.num_capped)],
         ["duration (s)", _fmt(report.duration_s, 2)],
