@@ -33,8 +33,8 @@ class LogitsAdjustments:
     history: TokenHistory | None
     penalty_rows: torch.Tensor | None  # [P] rows of the batch with a penalty
     penalty_slots: torch.Tensor | None  # [P] their TokenHistory rows
-    repetition: torch.Tensor | None  # [P] float32
-    presence: torch.Tensor | None
+    repetition: torch.Tensor | None  # [P, 1] float32; None when every row's is 1
+    presence: torch.Tensor | None  # [P, 1]; None (with frequency) when every row's are 0
     frequency: torch.Tensor | None
     bias_index: tuple[torch.Tensor, torch.Tensor] | None  # (rows, ids)
     bias_values: torch.Tensor | None
@@ -79,13 +79,15 @@ class LogitsAdjustments:
 
         if pen_rows and (history is None or min(pen_slots) < 0):
             raise ValueError("a row with a penalty has no token history")
+        any_rep = any(r != 1.0 for r in rep)
+        any_count = any(p != 0.0 for p in pres) or any(f != 0.0 for f in freq)
         return cls(
             history=history if pen_rows else None,
             penalty_rows=put(pen_rows, torch.int64) if pen_rows else None,
             penalty_slots=put(pen_slots, torch.int64) if pen_rows else None,
-            repetition=put(rep, torch.float32) if pen_rows else None,
-            presence=put(pres, torch.float32) if pen_rows else None,
-            frequency=put(freq, torch.float32) if pen_rows else None,
+            repetition=put(rep, torch.float32).unsqueeze(1) if any_rep else None,
+            presence=put(pres, torch.float32).unsqueeze(1) if any_count else None,
+            frequency=put(freq, torch.float32).unsqueeze(1) if any_count else None,
             bias_index=(put(bias_rows, torch.int64), put(bias_ids, torch.int64))
             if bias_rows
             else None,
@@ -100,12 +102,14 @@ class LogitsAdjustments:
             rows = logits.index_select(0, self.penalty_rows)
             counts = self.history.output_counts.index_select(0, self.penalty_slots)
             generated = counts > 0
-            seen = self.history.prompt_seen.index_select(0, self.penalty_slots) | generated
-            rep = self.repetition.unsqueeze(1)
-            rows = torch.where(seen, torch.where(rows > 0, rows / rep, rows * rep), rows)
-            rows = (
-                rows - self.frequency.unsqueeze(1) * counts - self.presence.unsqueeze(1) * generated
-            )
+            if self.repetition is not None:  # some row's penalty is not 1
+                seen = self.history.prompt_seen.index_select(0, self.penalty_slots)
+                seen |= generated
+                rep = self.repetition
+                rows = torch.where(seen, torch.where(rows > 0, rows / rep, rows * rep), rows)
+            if self.frequency is not None:  # some row has a presence or frequency penalty
+                rows -= self.frequency * counts
+                rows -= self.presence * generated
             logits = logits.index_copy(0, self.penalty_rows, rows)
         if self.bias_index is not None:
             logits = logits.index_put(self.bias_index, self.bias_values, accumulate=True)

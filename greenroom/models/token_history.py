@@ -17,7 +17,7 @@ class TokenHistory:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self.prompt_seen = torch.zeros(capacity, vocab_size, dtype=torch.bool, device=device)
-        self.output_counts = torch.zeros(capacity, vocab_size, dtype=torch.int32, device=device)
+        self.output_counts = torch.zeros(capacity, vocab_size, dtype=torch.float32, device=device)
         self._free = list(range(capacity - 1, -1, -1))
 
     @property
@@ -40,7 +40,7 @@ class TokenHistory:
             self.prompt_seen[slot].index_fill_(0, ids, True)
         if output:
             ids = torch.tensor(output, dtype=torch.int64).to(self.device, non_blocking=True)
-            ones = torch.ones(len(output), dtype=torch.int32, device=self.device)
+            ones = torch.ones(len(output), dtype=torch.float32, device=self.device)
             self.output_counts[slot].index_add_(0, ids, ones)
         return slot
 
@@ -49,14 +49,14 @@ class TokenHistory:
 
     def record(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
         """One more generated token per row: ``output_counts[slots[i], tokens[i]] += 1``."""
-        ones = torch.ones(slots.shape[0], dtype=torch.int32, device=self.device)
+        ones = torch.ones(slots.shape[0], dtype=torch.float32, device=self.device)
         self.output_counts.index_put_((slots, tokens), ones, accumulate=True)
 
     def _grow(self) -> None:
         old = self.capacity
         new = max(4, 2 * old)
         seen = torch.zeros(new, self.vocab_size, dtype=torch.bool, device=self.device)
-        counts = torch.zeros(new, self.vocab_size, dtype=torch.int32, device=self.device)
+        counts = torch.zeros(new, self.vocab_size, dtype=torch.float32, device=self.device)
         seen[:old] = self.prompt_seen
         counts[:old] = self.output_counts
         self.prompt_seen, self.output_counts = seen, counts
