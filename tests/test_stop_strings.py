@@ -52,3 +52,33 @@ def test_text_that_may_start_a_stop_is_held_back() -> None:
 def test_empty_stop_strings_are_refused() -> None:
     with pytest.raises(ValueError):
         StopMatcher([""])
+
+
+def test_sample_text_cuts_at_the_stop_then_turns_the_final_delta_into_a_stop() -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from greenroom.actors.detokenizer import SampleText
+    from greenroom.bus.messages import RequestMetrics, TokenDelta
+
+    vocab = {"[UNK]": 0, "ab": 1, "c": 2, "de": 3, "f": 4}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    text = SampleText(tok, stop=["c de"])
+
+    def delta(t: int, finish: str | None = None) -> TokenDelta:
+        metrics = RequestMetrics(num_output_tokens=9) if finish else None
+        return TokenDelta(request_id="r", token_ids=[t], finish_reason=finish, metrics=metrics)
+
+    assert text.process(delta(1)).text == "ab"
+    assert text.process(delta(2)).text == " "  # "c" may start the stop string: held
+    hit = text.process(delta(3))
+    assert (hit.text, hit.finish_reason, text.stopped) == ("", None, True)
+    assert text.process(delta(4)) is None  # generated before the cancel arrived: dropped
+    final = text.process(delta(4, "length"))
+    assert (final.token_ids, final.text, final.finish_reason) == ([], "", "stop")
+    assert final.metrics.num_output_tokens == 3
+
+    plain = SampleText(tok, stop=["zz"])
+    out = [plain.process(delta(t)).text for t in (1, 2)] + [plain.process(delta(3, "length")).text]
+    assert "".join(out) == "ab c de"
