@@ -140,7 +140,7 @@ class Frontend(Actor):
         self._channel: Channel | None = None
         self._owner: dict[str, bytes] = {}  # request id -> client identity
         self._texts: dict[tuple[str, int], SampleText] = {}  # (request id, sample index)
-        self._n: dict[str, int] = {}  # request id -> samples still running, when n > 1
+        self._samples: dict[str, list[int]] = {}  # request id -> [n, still running], n > 1
         self.bound_address: str = address
         self.stats = defaultdict(int)
 
@@ -255,7 +255,7 @@ class Frontend(Actor):
         self._owner[rid] = ident
         s = req.sampling
         if s.n > 1:
-            self._n[rid] = s.n
+            self._samples[rid] = [s.n, s.n]
         if self.tokenizer is not None:
             for i in range(s.n):
                 self._texts[(rid, i)] = SampleText(self.tokenizer, s.stop, s.min_tokens)
@@ -276,7 +276,7 @@ class Frontend(Actor):
             self.scheduler.tell_nowait(msg)
         except MailboxFull:
             if isinstance(msg, SubmitRequest):
-                ident = self._owner.pop(msg.request_id)
+                ident = self._drop(msg.request_id)
                 self._reply(
                     ident,
                     [
@@ -314,7 +314,8 @@ class Frontend(Actor):
                 if delta is None:
                     continue
                 if text.stopped and not was_stopped and delta.finish_reason is None:
-                    stopped.append(sample_request_id(rid, key[1], self._n.get(rid, 1)))
+                    n = self._samples[rid][0] if rid in self._samples else 1
+                    stopped.append(sample_request_id(rid, key[1], n))
             per_client[ident].append(delta)
             if delta.finish_reason is not None:
                 self._texts.pop(key, None)
@@ -339,22 +340,27 @@ class Frontend(Actor):
             )
 
     def _sample_finished(self, rid: str) -> None:
-        left = self._n.get(rid, 1) - 1
-        if left > 0:
-            self._n[rid] = left
+        counts = self._samples.get(rid)
+        if counts is not None and counts[1] > 1:
+            counts[1] -= 1
             return
-        self._n.pop(rid, None)
-        del self._owner[rid]
+        self._drop(rid)
         self.stats["finished"] += 1
 
     def _forget(self, rid: str) -> bytes | None:
         """Drop a request's state; an n > 1 request's other samples are cancelled."""
-        ident = self._owner.pop(rid, None)
-        if self._n.pop(rid, None) is not None and self.scheduler is not None:
+        grouped = rid in self._samples
+        ident = self._drop(rid)
+        if grouped and self.scheduler is not None:
             self._to_scheduler(CancelRequests(request_ids=[rid], reason="abort"))
-        for key in [k for k in self._texts if k[0] == rid]:
-            del self._texts[key]
         return ident
+
+    def _drop(self, rid: str) -> bytes | None:
+        """Forget a request here; returns its client."""
+        n = self._samples.pop(rid, [1])[0]
+        for i in range(n):
+            self._texts.pop((rid, i), None)
+        return self._owner.pop(rid, None)
 
     def in_flight(self) -> int:
         return len(self._owner)
