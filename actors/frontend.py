@@ -23,6 +23,10 @@ from greenroom.bus.messages import (
     CancelRequests,
     ClientMessages,
     GenerateRequest,
+    KVStats,
+    KVStatsQuery,
+    NodeStats,
+    NodeStatsQuery,
     OutputBatch,
     RequestError,
     SamplingParams,
@@ -137,6 +141,7 @@ class Frontend(Actor):
         self.info = info
         self.tokenizer = tokenizer
         self.scheduler: ActorRef | None = None
+        self.kv: ActorRef | None = None
         self._channel: Channel | None = None
         self._owner: dict[str, bytes] = {}  # request id -> client identity
         self._texts: dict[tuple[str, int], SampleText] = {}  # (request id, sample index)
@@ -144,8 +149,9 @@ class Frontend(Actor):
         self.bound_address: str = address
         self.stats = defaultdict(int)
 
-    def attach(self, scheduler: ActorRef) -> None:
+    def attach(self, scheduler: ActorRef, kv: ActorRef | None = None) -> None:
         self.scheduler = scheduler
+        self.kv = kv
 
     async def on_start(self) -> None:
         transport = self.runtime.transport()
@@ -191,6 +197,41 @@ class Frontend(Actor):
                 self._to_scheduler(CancelRequests(request_ids=[msg.request_id], reason="abort"))
         elif isinstance(msg, ServerInfoQuery):
             self._reply(ident, [msgspec.structs.replace(self.info, request_id=msg.request_id)])
+        elif isinstance(msg, NodeStatsQuery):
+            self.spawn_task(self._answer_stats(ident, msg.request_id))
+
+    async def _answer_stats(self, ident: bytes, request_id: str) -> None:
+        """Node stats from the scheduler and the KV manager: an answer proves both alive."""
+        try:
+            if self.scheduler is None or self.kv is None:
+                raise RuntimeError("the server is starting")
+            from greenroom.actors.scheduler import SchedulerStatsQuery
+
+            sched: dict = await self.scheduler.ask(SchedulerStatsQuery(), timeout=5.0)
+            kv: KVStats = await self.kv.ask(KVStatsQuery(), timeout=5.0)
+        except Exception as exc:
+            self._reply(
+                ident,
+                [RequestError(request_id=request_id, kind="failed", message=f"no stats: {exc}")],
+            )
+            return
+        self._reply(
+            ident,
+            [
+                NodeStats(
+                    request_id=request_id,
+                    running=int(sched.get("active", 0)),
+                    waiting=int(sched.get("waiting", 0)),
+                    kv_total_blocks=kv.total_blocks,
+                    kv_free_blocks=kv.free_blocks,
+                    tokens_per_block=self.info.tokens_per_block,
+                    prefix_query_blocks=kv.lookups_blocks,
+                    prefix_hit_blocks=kv.hit_blocks,
+                    prompt_tokens=int(sched.get("prefill_tokens", 0)),
+                    generation_tokens=int(sched.get("output_tokens", 0)),
+                )
+            ],
+        )
 
     def _on_generate(self, ident: bytes, req: GenerateRequest) -> None:
         rid = req.request_id

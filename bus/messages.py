@@ -92,6 +92,10 @@ class ServerInfoQuery(ClientMessage):
     request_id: str  # correlation id for the reply
 
 
+class NodeStatsQuery(ClientMessage):
+    request_id: str  # correlation id for the reply
+
+
 class ServerInfo(Message):
     request_id: str
     model_name: str
@@ -120,6 +124,22 @@ class RequestMetrics(msgspec.Struct, array_like=True, gc=False, frozen=True, kw_
     new_blocks: int = 0
     missed_blocks: int = 0
     preemptions: int = 0
+    queue_time_s: float = 0.0  # arrival at the frontend to first admission
+
+
+class NodeStats(Message):
+    """Node-level figures for a client (an HTTP server's /metrics and /health)."""
+
+    request_id: str
+    running: int = 0  # admitted requests (prefill or decode)
+    waiting: int = 0
+    kv_total_blocks: int = 0
+    kv_free_blocks: int = 0
+    tokens_per_block: int = 0
+    prefix_query_blocks: int = 0  # cumulative blocks looked up in the prefix cache
+    prefix_hit_blocks: int = 0
+    prompt_tokens: int = 0  # cumulative prompt tokens computed (prefill)
+    generation_tokens: int = 0  # cumulative tokens sampled
 
 
 class TokenDelta(Message):
@@ -329,5 +349,5 @@ class EngineInfoQuery(Message):
     pass
 
 
-ClientMessages = GenerateRequest | AbortRequest | ServerInfoQuery
-ClientReply = TokenDelta | RequestError | ServerInfo
+ClientMessages = GenerateRequest | AbortRequest | ServerInfoQuery | NodeStatsQuery
+ClientReply = TokenDelta | RequestError | ServerInfo | NodeStats

@@ -77,6 +77,16 @@ _NODE_FLAGS: list[tuple[Any, ...]] = [
         float,
         "SM share of the context engine (with --sm-disagg)",
     ),
+    ("--http-port", "http.port", int, "OpenAI-compatible HTTP API port (0: pick a free one)"),
+    ("--http-host", "http.host", str, "address the HTTP API binds (loopback by default)", "ADDR"),
+    ("--http-workers", "http.workers", int, "HTTP server processes sharing the port"),
+    ("--served-model-name", "http.served_model_name", str, "model name in the HTTP API"),
+    (
+        "--chat-template",
+        "http.chat_template",
+        str,
+        "Jinja chat template file (default: the checkpoint's)",
+    ),
     ("--log-format", "log_format", str, "auto: JSON when stdout is not a terminal"),
     ("--log-level", "log_level", str, "lowest level logged"),
 ]
@@ -154,6 +164,11 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
         help="SM-level prefill/decode disaggregation on one GPU (config: sm_disagg.enabled)",
     )
     p.add_argument(
+        "--no-http",
+        action="store_true",
+        help="do not start the OpenAI-compatible HTTP API (config: http.enabled=false)",
+    )
+    p.add_argument(
         "--no-prefix-reuse",
         action="store_true",
         help="disable prefix reuse (config: kv.enable_prefix_reuse=false)",
@@ -200,6 +215,8 @@ def node_config_from_args(args: argparse.Namespace) -> NodeConfig:
         overrides["model.download"] = True
     if args.allow_long_max_model_len:
         overrides["model.allow_long_max_model_len"] = True
+    if getattr(args, "no_http", False):
+        overrides["http.enabled"] = False
     return load_config(args.config, overrides)
 
 

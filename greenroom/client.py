@@ -22,6 +22,8 @@ from greenroom.bus.messages import (
     AbortRequest,
     ClientReply,
     GenerateRequest,
+    NodeStats,
+    NodeStatsQuery,
     RequestError,
     RequestMetrics,
     SamplingParams,
@@ -162,6 +164,23 @@ class AsyncClient:
             reply = await asyncio.wait_for(q.get(), timeout=wait_s)
         except TimeoutError:
             raise RequestTimeout(f"no answer from {self.address} within {wait_s:g} s") from None
+        finally:
+            self._queues.pop(qid, None)
+        if isinstance(reply, RequestError):
+            raise error_from(reply)
+        return reply
+
+    async def node_stats(self, timeout: float = 30.0) -> NodeStats:
+        """Running/waiting requests, KV use and cumulative token and prefix-cache counters;
+        the answer comes from the scheduler and the KV manager, so it proves both alive."""
+        qid = f"stats-{uuid.uuid4().hex}"
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[qid] = q
+        try:
+            await self._send(NodeStatsQuery(request_id=qid))
+            reply = await asyncio.wait_for(q.get(), timeout=timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"no answer from {self.address} within {timeout:g} s") from None
         finally:
             self._queues.pop(qid, None)
         if isinstance(reply, RequestError):

@@ -104,6 +104,18 @@ class SMDisaggConfig(_Section):
     generation_whole_gpu_when_idle: bool = False
 
 
+class HttpConfig(_Section):
+    """The OpenAI-compatible HTTP server: its own processes, speaking to the frontend."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 8000  # 0: pick a free one
+    workers: PositiveInt = 1  # server processes sharing the port
+    served_model_name: str | None = None  # None: the node's model name
+    chat_template: str | None = None  # a Jinja file overriding the checkpoint's template
+    health_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+
+
 class NodeConfig(_Section):
     """Everything one node needs; sections are passed down to their subsystem unchanged."""
 
@@ -115,11 +127,13 @@ class NodeConfig(_Section):
     engine_host: Literal["auto", "thread", "process"] = "auto"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_stats_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0  # 0: no periodic summary
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     kv: KVConfig = msgspec.field(default_factory=KVConfig)
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = msgspec.field(default_factory=ParallelConfig)
     sm_disagg: SMDisaggConfig = msgspec.field(default_factory=SMDisaggConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
 
     def __post_init__(self) -> None:
         p = self.parallel
@@ -157,7 +171,7 @@ class NodeConfig(_Section):
         return f"tcp://{self.host}:{self.port}"
 
 
-_SECTIONS = {"model", "kv", "scheduler", "parallel", "sm_disagg"}
+_SECTIONS = {"model", "kv", "scheduler", "parallel", "sm_disagg", "http"}
 
 
 def _lookup(data: dict[str, Any], path: list[str]) -> Any:
@@ -315,6 +329,7 @@ def sm_disagg_budgets(cfg: NodeConfig) -> tuple[int, int]:
 
 __all__ = [
     "ConfigError",
+    "HttpConfig",
     "KVConfig",
     "ModelConfig",
     "NodeConfig",

@@ -54,6 +54,7 @@ class Node:
     refs: dict[str, ActorRef] = field(default_factory=dict)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _stop_task: asyncio.Task | None = None
+    _summary_task: asyncio.Task | None = None
 
     @property
     def address(self) -> str:
@@ -105,7 +106,7 @@ class Node:
             sched = await rt.spawn(
                 Scheduler, cfg, info, kv, engines, fe_ref, name="scheduler", host="loop"
             )
-            frontend.attach(sched)
+            frontend.attach(sched, kv)
         except BaseException:
             await rt.shutdown(timeout=10.0)
             raise
@@ -118,6 +119,10 @@ class Node:
             {"kv": kv, "scheduler": sched, "frontend": fe_ref, **engines},
         )
         holder["node"] = node
+        if cfg.log_stats_interval_s > 0:
+            node._summary_task = asyncio.get_running_loop().create_task(
+                node._log_summaries(cfg.log_stats_interval_s)
+            )
         log.info(
             "node ready",
             address=node.address,
@@ -134,6 +139,38 @@ class Node:
     async def scheduler_stats(self) -> dict:
         """The scheduler's counters (requests by state, plans, budget use)."""
         return await self.refs["scheduler"].ask(SchedulerStatsQuery(), timeout=30.0)
+
+    async def _log_summaries(self, interval_s: float) -> None:
+        """One info line every `interval_s` while the node is busy (and one when it goes idle)."""
+        last_prompt = last_gen = 0
+        was_busy = False
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                sched, kv = await self.scheduler_stats(), await self.kv_stats()
+            except Exception as exc:
+                log.warning("node summary unavailable", error=repr(exc))
+                continue
+            now = loop.time()
+            prompt, gen = sched.get("prefill_tokens", 0), sched.get("output_tokens", 0)
+            running, waiting = sched.get("active", 0), sched.get("waiting", 0)
+            busy = bool(running or waiting or gen != last_gen or prompt != last_prompt)
+            if busy or was_busy:
+                dt = max(now - t0, 1e-9)
+                used = kv.total_blocks - kv.free_blocks
+                log.info(
+                    "node summary",
+                    prompt_tokens_per_s=round((prompt - last_prompt) / dt, 1),
+                    generation_tokens_per_s=round((gen - last_gen) / dt, 1),
+                    running=running,
+                    waiting=waiting,
+                    kv_use_pct=round(100.0 * used / max(kv.total_blocks, 1), 1),
+                    prefix_hit_pct=round(100.0 * kv.hit_blocks / max(kv.lookups_blocks, 1), 1),
+                )
+            was_busy = busy
+            last_prompt, last_gen, t0 = prompt, gen, now
 
     async def wait_blocks_free(self, timeout: float = 10.0) -> KVStats:
         """Wait until no request holds a KV block (all finished, aborted or failed)."""
@@ -155,6 +192,8 @@ class Node:
         await asyncio.shield(self._stop_task)
 
     async def _shutdown(self, timeout: float) -> None:
+        if self._summary_task is not None:
+            self._summary_task.cancel()
         with contextlib.suppress(Exception):
             await self.refs["scheduler"].ask(Drain(), timeout=5.0)
             await asyncio.sleep(0.05)  # let the frontend flush the errors to clients
@@ -180,17 +219,51 @@ async def _start_engines(cfg: NodeConfig, sup: Supervisor) -> dict[str, ActorRef
     return await start_sm_engines(cfg, sup)
 
 
+async def _start_http(cfg: NodeConfig, node: Node):
+    from greenroom.http.launcher import HttpServer
+    from greenroom.http.settings import HttpSettings
+
+    h = cfg.http
+    settings = HttpSettings(
+        node_address=node.address,
+        model_path=cfg.model.path,
+        served_model_name=h.served_model_name,
+        chat_template=h.chat_template,
+        health_timeout_s=h.health_timeout_s,
+        request_timeout_s=cfg.scheduler.request_timeout_s,
+    )
+    server = HttpServer.start(settings, h.host, h.port, h.workers)
+    try:
+        await server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
 async def _serve(cfg: NodeConfig) -> int:
     node = await Node.start(cfg)
+    http = None
+    if cfg.http.enabled:
+        try:
+            http = await _start_http(cfg, node)
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"greenroom: the HTTP server did not start: {exc}", file=sys.stderr)
+            await node.stop()
+            return 1
     print(
         f"greenroom: serving {node.info.model_name} on {node.info.device}; clients connect to {node.address}",
         flush=True,
     )
+    if http is not None:
+        print(f"greenroom: OpenAI-compatible HTTP API at {http.url}/v1", flush=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, lambda: loop.create_task(node.stop()))
     await node.stopping.wait()
+    if http is not None:
+        http.stop()
     await node.stop()
     print("greenroom: stopped", flush=True)
     return 0

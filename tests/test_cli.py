@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from greenroom.bus.messages import SamplingParams
@@ -51,7 +52,18 @@ def test_bad_config_fails_with_a_clear_message() -> None:
 def server():
     """`greenroom serve` in its own process on a free port."""
     proc = subprocess.Popen(
-        [*CLI, "serve", "--port", "0", "--num-blocks", "1024", "--log-level", "warning"],
+        [
+            *CLI,
+            "serve",
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--num-blocks",
+            "1024",
+            "--log-level",
+            "warning",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -119,9 +131,16 @@ def test_serve_answers_then_exits_cleanly_on_sigterm(server) -> None:
         assert len(result.token_ids) == 5 and result.finish_reason == "length"
         info = client.server_info()
         assert info.model_name and info.vocab_size == 512
+    url = re.search(r"HTTP API at (http://\S+)/v1", proc.stdout.readline()).group(1)
+    body = {"prompt": [1, 2, 3, 4], "max_tokens": 5, "ignore_eos": True, "temperature": 0}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    assert httpx.get(url + "/health", timeout=30).status_code == 200
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert "stopped" in proc.stdout.read()
+    with pytest.raises(httpx.ConnectError):  # the HTTP server stopped with the node
+        httpx.get(url + "/health", timeout=5)
 
 
 def test_demo_runs_and_prints_its_metrics_table(tmp_path) -> None:

@@ -9,6 +9,7 @@ plan computes; a step that reaches the end of the known sequence samples one tok
 from __future__ import annotations
 
 import enum
+import time
 
 from greenroom.bus.messages import (
     KVAdmitted,
@@ -73,6 +74,7 @@ class Request:
         "admit_stats",
         "preemptions",
         "finish_reason",
+        "queue_time_s",
     )
 
     def __init__(self, req: SubmitRequest, max_model_len: int) -> None:
@@ -116,6 +118,7 @@ class Request:
         self.admit_stats: KVAdmitted | None = None  # first admission's KV statistics
         self.preemptions = 0
         self.finish_reason: str | None = None
+        self.queue_time_s = 0.0
 
     # ------------------------------------------------------------------ positions
 
@@ -152,6 +155,8 @@ class Request:
         self.flow = flow
         if self.admit_stats is None:
             self.admit_stats = result
+            if self.arrival_time:
+                self.queue_time_s = max(0.0, time.time() - self.arrival_time)
 
     def schedule(self, num_tokens: int) -> bool:
         """Account one step of ``num_tokens``; True when the step samples a token."""
@@ -227,4 +232,5 @@ class Request:
             new_blocks=s.new_blocks if s else 0,
             missed_blocks=s.missed_blocks if s else 0,
             preemptions=self.preemptions,
+            queue_time_s=self.queue_time_s,
         )
