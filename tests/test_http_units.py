@@ -1,4 +1,4 @@
-"""HTTP server pieces without a node: stop strings, prompts, sampling and error mapping."""
+"""HTTP server pieces without a node: prompts, bodies, sampling and error mapping."""
 
 from __future__ import annotations
 
@@ -6,41 +6,8 @@ import pytest
 
 from greenroom.client import Overloaded, RequestFailed, RequestRejected, RequestTimeout
 from greenroom.http.errors import ApiError, from_greenroom
-from greenroom.http.generation import choice_jobs, sampling_params
+from greenroom.http.generation import prompt_jobs, sampling_params
 from greenroom.http.protocol import ChatRequest, CompletionRequest, decode_body, prompt_list
-from greenroom.http.text import StopMatcher
-
-
-def run(matcher: StopMatcher, pieces: list[str]) -> tuple[str, bool]:
-    out = []
-    for p in pieces:
-        text, stopped = matcher.push(p)
-        out.append(text)
-        if stopped:
-            return "".join(out), True
-    return "".join(out) + matcher.flush(), False
-
-
-@pytest.mark.parametrize(
-    ("pieces", "stops", "want"),
-    [
-        (["Hello", " wor", "ld"], ["world"], ("Hello ", True)),
-        (["ab", "cS", "TOPd"], ["STOP"], ("abc", True)),
-        (["abc", "de"], ["xyz"], ("abcde", False)),
-        (["a", "S", "T", "x"], ["STOP"], ("aSTx", False)),
-        (["one two", " three"], ["two", "one"], ("", True)),
-        (["xx END yy"], ["END", "yy"], ("xx ", True)),
-        (["no stops"], [], ("no stops", False)),
-    ],
-)
-def test_stop_matcher(pieces, stops, want) -> None:
-    assert run(StopMatcher(stops), pieces) == want
-
-
-def test_stop_matcher_holds_back_only_a_possible_stop_prefix() -> None:
-    m = StopMatcher(["STOP"])
-    assert m.push("abcS") == ("abc", False)
-    assert m.push("x") == ("Sx", False)
 
 
 def test_prompt_forms() -> None:
@@ -66,13 +33,17 @@ def test_sampling_mapping_and_derived_seeds() -> None:
         CompletionRequest,
     )
     s = sampling_params(req, 10, 2)
-    assert (s.max_tokens, s.temperature, s.top_p, s.seed, s.stop_token_ids, s.logprobs) == (
-        10, 0.5, 0.9, 7, [5], 2,
+    assert (s.max_tokens, s.temperature, s.top_p, s.seed, s.stop_token_ids, s.logprobs, s.n) == (
+        10, 0.5, 0.9, 7, [5], 2, 3,
     )  # fmt: skip
-    jobs = choice_jobs([[1], [2]], s, 3)
-    assert [(j.index, j.prompt_ids, j.sampling.seed) for j in jobs] == [
-        (0, [1], 7), (1, [1], 8), (2, [1], 9), (3, [2], 7), (4, [2], 8), (5, [2], 9),
-    ]  # fmt: skip
+    jobs = prompt_jobs([[1], [2]], s)  # choice p * n + i is sample i of prompt p
+    assert [(j.first_index, j.prompt_ids) for j in jobs] == [(0, [1]), (3, [2])]
+    pen = decode_body(
+        b'{"prompt": "x", "presence_penalty": 0.5, "logit_bias": {"7": -100}, "stop": "END"}',
+        CompletionRequest,
+    )
+    s = sampling_params(pen, 4, 0)
+    assert (s.presence_penalty, s.logit_bias, s.stop) == (0.5, {7: -100.0}, ["END"])
     default = sampling_params(decode_body(b'{"prompt": "x"}', CompletionRequest), 16, 0)
     assert default.temperature == 1.0  # OpenAI's default, not greedy
 

@@ -11,7 +11,7 @@ from greenroom.http.errors import invalid
 from greenroom.http.generation import (
     ChoiceEvent,
     Usage,
-    choice_jobs,
+    prompt_jobs,
     sampling_params,
     token_strings,
 )
@@ -58,10 +58,10 @@ async def create_chat_completion(
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = limit if limit is not None else max(1, info.max_model_len - len(prompt))
     sampling = sampling_params(req, max_tokens, max(k, 1) if req.logprobs else 0)
-    jobs = choice_jobs([prompt], sampling, req.n)
+    jobs = prompt_jobs([prompt], sampling)
     usage = Usage(prompt_tokens=len(prompt))
     gen = await state.generation()
-    events = gen.run(jobs, req.stop_strings(), arrival)
+    events = gen.run(jobs, arrival)
     first = await first_event(events)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -118,7 +118,7 @@ async def create_chat_completion(
 
         return sse_stream(events, first, chunks, final)
 
-    outputs = await collect(events, first, len(jobs), usage)
+    outputs = await collect(events, first, len(jobs) * req.n, usage)
     choices = []
     for i, out in enumerate(outputs):
         c = {

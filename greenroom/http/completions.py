@@ -10,7 +10,7 @@ from greenroom.http.errors import invalid
 from greenroom.http.generation import (
     ChoiceEvent,
     Usage,
-    choice_jobs,
+    prompt_jobs,
     sampling_params,
     token_strings,
 )
@@ -53,13 +53,14 @@ async def create_completion(
     else:
         max_tokens = max(1, info.max_model_len - max(len(p) for p in prompts))
     sampling = sampling_params(req, max_tokens, 0 if k is None else max(k, 1))
-    jobs = choice_jobs(prompts, sampling, req.n)
+    jobs = prompt_jobs(prompts, sampling)
     usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
     gen = await state.generation()
-    events = gen.run(jobs, stops, arrival)
+    events = gen.run(jobs, arrival)
     first = await first_event(events)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    offsets = [0] * len(jobs)
+    num_choices = len(jobs) * req.n
+    offsets = [0] * num_choices
 
     def logprobs(ev_index: int, token_ids: list[int], lps) -> dict | None:
         if k is None:
@@ -101,7 +102,7 @@ async def create_completion(
 
         return sse_stream(events, first, chunks, final)
 
-    outputs = await collect(events, first, len(jobs), usage)
+    outputs = await collect(events, first, len(jobs) * req.n, usage)
     choices = []
     for i, out in enumerate(outputs):
         c = {

@@ -1,9 +1,9 @@
 """The choices of one API request: node requests streamed through the client library.
 
-Each choice is one node request; `n` choices run as `n` requests with seeds `seed + i`. Stop
-strings are matched here on the detokenized text: the text stops before the stop string and
-the node request is aborted (leaving the stream aborts it). Request-level metrics are recorded
-as the tokens arrive.
+Each prompt is one node request with the node's own `n` (its samples share the prompt's KV
+blocks and draw with seeds `seed + i`) and its own stop strings (matched by the node on the
+detokenized text, which it cuts before the stop string). Choice `p * n + i` is sample `i` of
+prompt `p`. Request-level metrics are recorded per sample as the tokens arrive.
 """
 
 from __future__ import annotations
@@ -19,15 +19,16 @@ from greenroom.client import AsyncClient, GreenroomError
 from greenroom.http.errors import invalid
 from greenroom.http.metrics import HttpMetrics
 from greenroom.http.protocol import _Common
-from greenroom.http.text import StopMatcher, TextCodec
+from greenroom.http.text import TextCodec
 
-MAX_N = 128
 MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
-class ChoiceJob:
-    index: int
+class PromptJob:
+    """One node request: a prompt and its sampling; its choices start at `first_index`."""
+
+    first_index: int
     prompt_ids: list[int]
     sampling: SamplingParams
 
@@ -64,8 +65,8 @@ class Usage:
         }
 
 
-# sampling fields that map one to one when the node's SamplingParams has them
-_OPTIONAL_SAMPLING = {
+# sampling fields passed through unchanged when they differ from the default
+_PASSED = {
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
     "repetition_penalty": 1.0,
@@ -74,24 +75,17 @@ _OPTIONAL_SAMPLING = {
 
 
 def sampling_params(req: _Common, max_tokens: int, logprobs: int) -> SamplingParams:
-    """The node's SamplingParams for one choice of `req` (seed added per choice)."""
-    if not 1 <= req.n <= MAX_N:
-        raise invalid(f"n = {req.n} is invalid: must be in [1, {MAX_N}]", "n")
+    """The node's SamplingParams for each prompt of `req`."""
+    if req.n < 1:
+        raise invalid(f"n = {req.n} is invalid: must be >= 1", "n")
     if not 0 <= logprobs <= MAX_LOGPROBS:
         raise invalid(
             f"logprobs = {logprobs} is invalid: must be in [0, {MAX_LOGPROBS}]", "logprobs"
         )
-    fields = SamplingParams.__struct_fields__
-    extra: dict = {}
-    for name, default in _OPTIONAL_SAMPLING.items():
-        value = getattr(req, name)
-        if value != default:
-            if name not in fields:
-                raise invalid(f"{name} is not supported by this server yet", name)
-            extra[name] = value
+    extra: dict = {
+        name: getattr(req, name) for name, d in _PASSED.items() if getattr(req, name) != d
+    }
     if req.logit_bias:
-        if "logit_bias" not in fields:
-            raise invalid("logit_bias is not supported by this server yet", "logit_bias")
         try:
             extra["logit_bias"] = {int(k): float(v) for k, v in req.logit_bias.items()}
         except ValueError:
@@ -103,106 +97,105 @@ def sampling_params(req: _Common, max_tokens: int, logprobs: int) -> SamplingPar
         top_k=-1 if req.top_k is None else req.top_k,
         seed=req.seed,
         stop_token_ids=list(req.stop_token_ids or []),
+        stop=req.stop_strings(),
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
+        n=req.n,
         **extra,
     )
 
 
-def choice_jobs(prompts: list[list[int]], sampling: SamplingParams, n: int) -> list[ChoiceJob]:
-    """`n` choices per prompt, indexed prompt-major; seeds `seed + i` when a seed is given."""
-    jobs = []
-    for p, ids in enumerate(prompts):
-        for i in range(n):
-            s = sampling
-            if n > 1 and sampling.seed is not None:
-                s = SamplingParams(**{**_fields(sampling), "seed": sampling.seed + i})
-            jobs.append(ChoiceJob(p * n + i, ids, s))
-    return jobs
+def prompt_jobs(prompts: list[list[int]], sampling: SamplingParams) -> list[PromptJob]:
+    return [PromptJob(p * sampling.n, ids, sampling) for p, ids in enumerate(prompts)]
 
 
-def _fields(s: SamplingParams) -> dict:
-    return {f: getattr(s, f) for f in s.__struct_fields__}
+class _SampleTimes:
+    __slots__ = ("first", "last", "tokens", "queue_time")
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.last = 0.0
+        self.tokens = 0
+        self.queue_time: float | None = None
 
 
 class Generation:
-    def __init__(self, client: AsyncClient, codec: TextCodec | None, metrics: HttpMetrics):
+    def __init__(self, client: AsyncClient, metrics: HttpMetrics):
         self.client = client
-        self.codec = codec
         self.metrics = metrics
 
-    async def choice(
-        self, job: ChoiceJob, stops: list[str], arrival: float
-    ) -> AsyncIterator[ChoiceEvent]:
+    async def prompt(self, job: PromptJob, arrival: float) -> AsyncIterator[ChoiceEvent]:
+        """The events of one node request (all its samples)."""
         m, label = self.metrics, self.metrics.model_name
-        detok = self.codec.detokenizer() if self.codec is not None else None
-        matcher = StopMatcher(stops)
-        first = last = None
-        n_out = 0
-        finish: str | None = "abort"  # until the stream says otherwise
-        queue_time = None
+        samples = [_SampleTimes() for _ in range(job.sampling.n)]
+        finished: dict[int, str] = {}
+        failed = False
         try:
             async with contextlib.aclosing(
                 self.client.stream(job.prompt_ids, job.sampling)
             ) as stream:
                 async for delta in stream:
                     now = time.perf_counter()
+                    st = samples[delta.index]
                     k = len(delta.token_ids)
                     if k:
-                        if first is None:
-                            first = now
+                        if st.first is None:
+                            st.first = now
                             m.ttft.labels(label).observe(now - arrival)
                         else:
-                            gap = (now - last) / k
+                            gap = (now - st.last) / k
                             for _ in range(k):
                                 m.itl.labels(label).observe(gap)
-                        last = now
-                        n_out += k
-                    piece = detok.push(list(delta.token_ids)) if detok is not None and k else ""
-                    text, stopped = matcher.push(piece)
-                    reason = "stop" if stopped else delta.finish_reason
-                    if reason is not None and not stopped:
-                        text += matcher.flush()
+                        st.last = now
+                        st.tokens += k
                     cached = 0
                     if delta.metrics is not None:
-                        queue_time = delta.metrics.queue_time_s
+                        st.queue_time = delta.metrics.queue_time_s
                         cached = delta.metrics.num_cached_tokens
+                    if delta.finish_reason is not None:
+                        finished[delta.index] = delta.finish_reason
+                        self._finished(job, st, delta.finish_reason, arrival)
                     yield ChoiceEvent(
-                        job.index, text, list(delta.token_ids), delta.logprobs, reason, cached
+                        job.first_index + delta.index,
+                        delta.text or "",
+                        list(delta.token_ids),
+                        delta.logprobs,
+                        delta.finish_reason,
+                        cached,
                     )
-                    if reason is not None:
-                        finish = reason
-                        break  # on a stop string, leaving the stream aborts the node request
         except GreenroomError as exc:
-            finish = None
-            m.request_failure.labels(label, exc.kind).inc()
+            failed = True
+            m.request_failure.labels(label, exc.kind).inc(len(samples) - len(finished))
             raise
         finally:
-            if finish is not None:
-                m.request_success.labels(label, finish).inc()
-                m.prompt_tokens.labels(label).inc(len(job.prompt_ids))
-                m.generation_tokens.labels(label).inc(n_out)
-                m.prompt_len.labels(label).observe(len(job.prompt_ids))
-                m.output_len.labels(label).observe(n_out)
-                m.e2e.labels(label).observe(time.perf_counter() - arrival)
-                if queue_time is not None:
-                    m.queue.labels(label).observe(queue_time)
+            for i, st in enumerate(samples):  # samples cut short (client gone): aborted
+                if i not in finished and not failed:
+                    self._finished(job, st, "abort", arrival)
 
-    async def run(
-        self, jobs: list[ChoiceJob], stops: list[str], arrival: float
-    ) -> AsyncIterator[ChoiceEvent]:
+    def _finished(self, job: PromptJob, st: _SampleTimes, reason: str, arrival: float) -> None:
+        m, label = self.metrics, self.metrics.model_name
+        m.request_success.labels(label, reason).inc()
+        m.prompt_tokens.labels(label).inc(len(job.prompt_ids))
+        m.generation_tokens.labels(label).inc(st.tokens)
+        m.prompt_len.labels(label).observe(len(job.prompt_ids))
+        m.output_len.labels(label).observe(st.tokens)
+        m.e2e.labels(label).observe(time.perf_counter() - arrival)
+        if st.queue_time is not None:
+            m.queue.labels(label).observe(st.queue_time)
+
+    async def run(self, jobs: list[PromptJob], arrival: float) -> AsyncIterator[ChoiceEvent]:
         """Every choice's events, interleaved as they come; an error ends all choices."""
         if len(jobs) == 1:
-            async with contextlib.aclosing(self.choice(jobs[0], stops, arrival)) as events:
+            async with contextlib.aclosing(self.prompt(jobs[0], arrival)) as events:
                 async for ev in events:
                     yield ev
             return
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
-        async def pump(job: ChoiceJob) -> None:
+        async def pump(job: PromptJob) -> None:
             try:
-                async with contextlib.aclosing(self.choice(job, stops, arrival)) as events:
+                async with contextlib.aclosing(self.prompt(job, arrival)) as events:
                     async for ev in events:
                         queue.put_nowait(ev)
             except Exception as exc:

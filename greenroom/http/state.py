@@ -58,7 +58,7 @@ class ServerState:
     async def generation(self) -> Generation:
         if self._generation is None:
             self._metrics = HttpMetrics(await self.model_name())
-            self._generation = Generation(self.client, self.codec, self._metrics)
+            self._generation = Generation(self.client, self._metrics)
         return self._generation
 
     async def metrics(self) -> HttpMetrics:
