@@ -16,6 +16,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from greenroom.actors import Actor, handles
 from greenroom.actors.placement import ContextActivity, GenerationPlacement
 from greenroom.actors.step_profile import EngineProfile, EngineProfileQuery, StepProfile
@@ -37,6 +39,17 @@ class InjectFault(Message):
     """Fault injection: the engine crashes on its next plan (tests and chaos runs)."""
 
     reason: str = "injected fault"
+
+
+class InjectTransferFault(Message):
+    """Fault injection on KV reads (tests): ``nixl_error`` makes the next read name an address
+    no agent registered; ``hold_s`` reports no read finished for that long (a slow transfer)."""
+
+    nixl_error: bool = False
+    hold_s: float = 0.0
+
+
+IDLE_READ_WAIT_S = 0.002
 
 
 class EngineCrashed(RuntimeError):
@@ -101,6 +114,7 @@ class Engine(Actor):
         self.activity = activity
         self.placement = placement
         self.executor = None
+        self.transfer = None  # KVTransferAgent: context and generation roles
         self._fault: str | None = None
         self.profile = StepProfile()
 
@@ -119,6 +133,10 @@ class Engine(Actor):
             runner = ModelRunner(self.cfg.model, self.cfg.kv, self.cfg.model.path)
             self.executor = PlanExecutor(runner, host_blocks=self.cfg.kv.host_blocks)
         r = self.executor.runner
+        if self.cfg.role in ("context", "generation"):
+            from greenroom.kv.transfer import KVTransferAgent
+
+            self.transfer = KVTransferAgent(r.kv_pool, r.model_name)
         log.info(
             "engine ready",
             role=self.role,
@@ -127,6 +145,11 @@ class Engine(Actor):
             num_blocks=r.num_blocks,
             load_s=round(time.perf_counter() - t0, 3),
         )
+
+    async def on_stop(self) -> None:
+        if self.transfer is not None:
+            self.transfer.close()
+            self.transfer = None
 
     @handles(EngineInfoQuery)
     async def info(self, _: EngineInfoQuery) -> EngineInfo:
@@ -139,11 +162,20 @@ class Engine(Actor):
             eos_token_ids=list(r.eos_token_ids),
             device=str(r.device),
             model_name=r.model_name,
+            kv_agent=self.transfer.info() if self.transfer is not None else None,
         )
 
     @handles(InjectFault)
     async def inject(self, msg: InjectFault) -> None:
         self._fault = msg.reason
+
+    @handles(InjectTransferFault)
+    async def inject_transfer(self, msg: InjectTransferFault) -> None:
+        if self.transfer is None:
+            raise ValueError("this engine moves no KV (role mixed)")
+        if msg.nixl_error:
+            self.transfer.fail_next = "injected"
+        self.transfer.hold_until = time.time() + msg.hold_s if msg.hold_s else 0.0
 
     @handles(EngineProfileQuery)
     def profile_query(self, msg: EngineProfileQuery) -> EngineProfile:
@@ -157,6 +189,8 @@ class Engine(Actor):
     def step(self, plan: StepPlan) -> StepResult:
         if self._fault is not None:
             self.crash(EngineCrashed(self._fault))
+        if self.transfer is not None:
+            self._start_reads(plan)
         start, gap_ms = self.profile.begin()
         marks = self.activity is not None and bool(plan.steps)
         if marks:
@@ -174,6 +208,12 @@ class Engine(Actor):
                 self.activity.end()
         if plan.steps:
             self._record(plan, start, gap_ms)
+        if self.transfer is not None and (self.transfer.pending or plan.receives):
+            if not plan.steps and self.transfer.pending:
+                self.transfer.wait_any(IDLE_READ_WAIT_S)
+            updates = self.transfer.poll()
+            if updates:
+                result = msgspec.structs.replace(result, transfers=updates)
         if self.role == "context" and result.sampled:
             eid = self.handoffs.record(self.stream) if self.stream is not None else 0
             result = StepResult(
@@ -184,6 +224,17 @@ class Engine(Actor):
                 duration_s=result.duration_s,
             )
         return result
+
+    def _start_reads(self, plan: StepPlan) -> None:
+        """Cancel, then post the plan's KV reads; in sync mode wait until they settle, so the
+        requests enter the decode flow only with their KV (or with an error)."""
+        for rid in plan.cancel_receives:
+            self.transfer.cancel(rid)
+        for recv in plan.receives:
+            self.transfer.start(recv)
+        if plan.receives and self.cfg.kv_transfer.mode == "sync":
+            deadline = max(r.deadline for r in plan.receives)
+            self.transfer.wait([r.request_id for r in plan.receives], deadline)
 
     def _record(self, plan: StepPlan, start: float, gap_ms: float) -> None:
         gpu_ms = None
@@ -211,4 +262,11 @@ def _node_config(data: dict) -> NodeConfig:
     return build_config(data)
 
 
-__all__ = ["Engine", "EngineCrashed", "EngineProfileQuery", "HandoffEvents", "InjectFault"]
+__all__ = [
+    "Engine",
+    "EngineCrashed",
+    "EngineProfileQuery",
+    "HandoffEvents",
+    "InjectFault",
+    "InjectTransferFault",
+]

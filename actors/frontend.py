@@ -22,18 +22,24 @@ from greenroom.bus.messages import (
     AbortRequest,
     CancelRequests,
     ClientMessages,
+    DecodeRequest,
     GenerateRequest,
+    KVLeaseRelease,
     KVStats,
     KVStatsQuery,
     NodeStats,
     NodeStatsQuery,
     OutputBatch,
+    PrefillRequest,
+    ReleaseKV,
     RequestError,
     SamplingParams,
     ServerInfo,
     ServerInfoQuery,
     SubmitRequest,
     TokenDelta,
+    TransferDone,
+    TransferHandle,
     sample_request_id,
 )
 from greenroom.bus.transport import Channel
@@ -129,6 +135,38 @@ def validate_sampling_options(s: SamplingParams, limits: FrontendLimits) -> str 
     return None
 
 
+def validate_handle(
+    h: TransferHandle, req: DecodeRequest, prompt_ids: list[int], info: ServerInfo
+) -> str | None:
+    """The reason a generation node refuses a transfer handle, or None."""
+    if h.request_id != req.request_id:
+        return f"the transfer handle is for request {h.request_id!r}, not {req.request_id!r}"
+    if h.tp_size != info.tp_size:
+        return (
+            f"tp_size mismatch: the context node runs tp_size = {h.tp_size}, this generation "
+            f"node tp_size = {info.tp_size}; pair nodes of equal tp_size"
+        )
+    if h.kv_layout != info.kv_layout or h.tokens_per_block != info.tokens_per_block:
+        return (
+            f"the context node's KV layout ({h.kv_layout}) differs from this node's "
+            f"({info.kv_layout}): serve the same model and kv.tokens_per_block on both"
+        )
+    if h.num_tokens != len(prompt_ids):
+        return f"the handle holds {h.num_tokens} tokens, the prompt has {len(prompt_ids)}"
+    need = -(-h.num_tokens // h.tokens_per_block)
+    if len(h.block_ids) != need:
+        return f"the handle names {len(h.block_ids)} blocks; {h.num_tokens} tokens need {need}"
+    if any(not 0 < b < h.pool_blocks for b in h.block_ids):
+        return f"the handle names blocks outside the context pool [1, {h.pool_blocks})"
+    if not 0 <= h.first_token < info.vocab_size:
+        return f"first token {h.first_token} is outside the vocabulary [0, {info.vocab_size})"
+    if req.sampling.max_tokens < 2:
+        return "max_tokens < 2: the context node's first token was the whole output"
+    if h.lease_deadline <= time.time():
+        return "the transfer handle's lease has run out"
+    return None
+
+
 class Frontend(Actor):
     """Serves the client library on one ROUTER socket."""
 
@@ -146,6 +184,11 @@ class Frontend(Actor):
         self._owner: dict[str, bytes] = {}  # request id -> client identity
         self._texts: dict[tuple[str, int], SampleText] = {}  # (request id, sample index)
         self._samples: dict[str, list[int]] = {}  # request id -> [n, still running], n > 1
+        # disaggregated roles: who gets a lease's handle / a receive's TransferDone, and who
+        # may release a lease
+        self._receiver: dict[str, bytes] = {}
+        self._lessee: dict[str, bytes] = {}
+        self._leasing: set[str] = set()  # prefill requests whose handle is still to come
         self.bound_address: str = address
         self.stats = defaultdict(int)
 
@@ -190,8 +233,25 @@ class Frontend(Actor):
                     ],
                 )
             return
-        if isinstance(msg, GenerateRequest):
+        if isinstance(msg, DecodeRequest):
+            self._on_decode(ident, msg)
+        elif isinstance(msg, PrefillRequest):
+            if msg.sampling.n > 1:
+                self._refuse(
+                    ident, msg.request_id, "n > 1 is not supported by disaggregated serving"
+                )
+            elif self.info.role != "context":
+                self._refuse(
+                    ident, msg.request_id, f"this node's role is {self.info.role!r}, not 'context'"
+                )
+            else:
+                self._on_generate(ident, msg, lease_kv=True)
+        elif isinstance(msg, GenerateRequest):
             self._on_generate(ident, msg)
+        elif isinstance(msg, ReleaseKV):
+            if self._lessee.get(msg.request_id) == ident and self.kv is not None:
+                del self._lessee[msg.request_id]
+                self._release_lease(msg.request_id, msg.outcome)
         elif isinstance(msg, AbortRequest):
             if self._owner.get(msg.request_id) == ident and self.scheduler is not None:
                 self._to_scheduler(CancelRequests(request_ids=[msg.request_id], reason="abort"))
@@ -233,7 +293,55 @@ class Frontend(Actor):
             ],
         )
 
-    def _on_generate(self, ident: bytes, req: GenerateRequest) -> None:
+    def _refuse(self, ident: bytes, rid: str, message: str, kind: str = "invalid") -> None:
+        self.stats["invalid"] += 1
+        self._reply(ident, [RequestError(request_id=rid, kind=kind, message=message)])
+
+    def _release_lease(self, rid: str, outcome: str) -> None:
+        msg = KVLeaseRelease(request_id=rid, outcome=outcome)
+        try:
+            self.kv.tell_nowait(msg)
+        except MailboxFull:
+            self.spawn_task(self.kv.tell(msg))
+
+    def _on_decode(self, ident: bytes, req: DecodeRequest) -> None:
+        """A generation node admits a prefilled request: every answer starts with one
+        TransferDone, so the router can acknowledge the context node."""
+        rid = req.request_id
+        reason = None
+        if self.info.role != "generation":
+            reason = f"this node's role is {self.info.role!r}, not 'generation'"
+        elif rid in self._owner or rid in self._receiver:
+            reason = f"duplicate request id {rid!r}: a request with this id is still running"
+        elif req.prompt_token_ids is None:
+            reason = "a decode request carries prompt_token_ids"
+        elif req.sampling.n > 1:
+            reason = "n > 1 is not supported by disaggregated serving"
+        else:
+            reason = validate_handle(req.handle, req, req.prompt_token_ids, self.info)
+        if reason is not None:
+            self.stats["invalid"] += 1
+            self._reply(
+                ident,
+                [
+                    TransferDone(request_id=rid, state="error", message=reason),
+                    RequestError(request_id=rid, kind="invalid", message=reason),
+                ],
+            )
+            return
+        self._receiver[rid] = ident
+        if not self._on_generate(ident, req, kv_handle=req.handle):
+            self._receiver.pop(rid, None)
+            self._reply(ident, [TransferDone(request_id=rid, state="error", message="refused")])
+
+    def _on_generate(
+        self,
+        ident: bytes,
+        req: GenerateRequest,
+        lease_kv: bool = False,
+        kv_handle: TransferHandle | None = None,
+    ) -> bool:
+        """Validate and submit; False when refused (the client has its error)."""
         rid = req.request_id
         if rid in self._owner:
             self._reply(
@@ -246,7 +354,7 @@ class Frontend(Actor):
                     )
                 ],
             )
-            return
+            return False
         prompt_ids = req.prompt_token_ids
         if prompt_ids is None and req.prompt is not None:
             if self.tokenizer is None:
@@ -260,7 +368,7 @@ class Frontend(Actor):
                         )
                     ],
                 )
-                return
+                return False
             prompt_ids = self.tokenizer.encode(req.prompt).ids
         elif prompt_ids is not None and req.prompt is not None:
             self._reply(
@@ -273,14 +381,14 @@ class Frontend(Actor):
                     )
                 ],
             )
-            return
+            return False
         reason = validate(req, self.limits, prompt_ids or [])
         if reason is None and req.sampling.stop and self.tokenizer is None:
             reason = "stop strings need a tokenizer.json in the model directory; use stop_token_ids"
         if reason is not None:
             self.stats["invalid"] += 1
             self._reply(ident, [RequestError(request_id=rid, kind="invalid", message=reason)])
-            return
+            return False
         if self.scheduler is None:  # bound before the scheduler exists: the node is starting
             self._reply(
                 ident,
@@ -292,7 +400,7 @@ class Frontend(Actor):
                     )
                 ],
             )
-            return
+            return False
         self._owner[rid] = ident
         s = req.sampling
         if s.n > 1:
@@ -300,6 +408,8 @@ class Frontend(Actor):
         if self.tokenizer is not None:
             for i in range(s.n):
                 self._texts[(rid, i)] = SampleText(self.tokenizer, s.stop, s.min_tokens)
+        if lease_kv:
+            self._leasing.add(rid)
         self.stats["submitted"] += 1
         self._to_scheduler(
             SubmitRequest(
@@ -309,8 +419,11 @@ class Frontend(Actor):
                 priority=req.priority,
                 cache_salt=req.cache_salt,
                 arrival_time=time.time(),
+                lease_kv=lease_kv,
+                kv_handle=kv_handle,
             )
         )
+        return rid in self._owner
 
     def _to_scheduler(self, msg) -> None:
         try:
@@ -318,6 +431,7 @@ class Frontend(Actor):
         except MailboxFull:
             if isinstance(msg, SubmitRequest):
                 ident = self._drop(msg.request_id)
+                self._leasing.discard(msg.request_id)
                 self._reply(
                     ident,
                     [
@@ -342,6 +456,10 @@ class Frontend(Actor):
     async def on_output(self, batch: OutputBatch) -> None:
         per_client: dict[bytes, list] = defaultdict(list)
         stopped: list[str] = []
+        for done in batch.transfers:
+            ident = self._receiver.pop(done.request_id, None)
+            if ident is not None:
+                per_client[ident].append(done)
         for delta in batch.deltas:
             rid = delta.request_id
             ident = self._owner.get(rid)
@@ -359,9 +477,19 @@ class Frontend(Actor):
                     stopped.append(sample_request_id(rid, key[1], n))
             per_client[ident].append(delta)
             if delta.finish_reason is not None:
+                self._leasing.discard(rid)
                 self._texts.pop(key, None)
                 self._sample_finished(rid)
+        for handle in batch.handles:
+            ident = self._forget(handle.request_id)
+            self._leasing.discard(handle.request_id)
+            if ident is None or not self._reply(ident, [handle]):
+                self._release_lease(handle.request_id, "cancelled")  # no one will read it
+            else:
+                self._lessee[handle.request_id] = ident
+                self.stats["leased"] += 1
         for err in batch.errors:
+            self._leasing.discard(err.request_id)
             ident = self._forget(err.request_id)
             if ident is not None:
                 per_client[ident].append(err)

@@ -7,20 +7,45 @@ first. Block events go out on an optional PUB socket for a router to consume.
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import zmq
 
 from greenroom.actors import Actor, handles
-from greenroom.bus.messages import KVEvent, KVStats, KVStatsQuery, KVStep, KVStepResult
+from greenroom.bus.messages import (
+    KVAgentInfo,
+    KVEvent,
+    KVLeaseRelease,
+    KVLeaseSweep,
+    KVStats,
+    KVStatsQuery,
+    KVStep,
+    KVStepResult,
+)
 from greenroom.bus.transport import Channel
-from greenroom.config import KVConfig
+from greenroom.config import KVConfig, KVTransferConfig
+
+LEASE_SWEEP_S = 0.1
 
 
 class KVManager(Actor):
     mailbox_size = 64
 
-    def __init__(self, cfg: KVConfig, num_gpu_blocks: int, events_address: str | None = None):
+    def __init__(
+        self,
+        cfg: KVConfig,
+        num_gpu_blocks: int,
+        events_address: str | None = None,
+        transfer_cfg: KVTransferConfig | None = None,
+        agent: KVAgentInfo | None = None,
+        tp_size: int = 1,
+    ):
+        """Context role: ``agent`` is the engine's NIXL agent, named by every lease handle."""
         super().__init__()
+        self.transfer_cfg = transfer_cfg or KVTransferConfig()
+        self.agent = agent
+        self.tp_size = tp_size
         self.cfg = cfg
         self.num_gpu_blocks = num_gpu_blocks
         self.events_address = events_address
@@ -36,6 +61,16 @@ class KVManager(Actor):
             self._pub = self.runtime.transport().bind(zmq.PUB, self.events_address)
             sink = self._publish
         self.manager = KVCacheManager(self.cfg, self.num_gpu_blocks, event_sink=sink)
+        self.manager.configure_transfer(self.transfer_cfg, self.agent, self.tp_size)
+        if self.agent is not None:
+            self.spawn_task(self._lease_timer(), name="lease-timer")
+
+    async def _lease_timer(self) -> None:
+        """Leases end on their own deadline even when no receiver ever answers."""
+        while True:
+            await asyncio.sleep(LEASE_SWEEP_S)
+            if self.manager.transfers.leases:
+                await self.ref.tell(KVLeaseSweep())
 
     async def on_stop(self) -> None:
         if self._pub is not None:
@@ -48,6 +83,14 @@ class KVManager(Actor):
     @handles(KVStep)
     async def step(self, msg: KVStep) -> KVStepResult:
         return self.manager.step(msg)
+
+    @handles(KVLeaseRelease)
+    def release_lease(self, msg: KVLeaseRelease) -> bool:
+        return self.manager.end_lease(msg.request_id, msg.outcome)
+
+    @handles(KVLeaseSweep)
+    def sweep(self, _: KVLeaseSweep) -> int:
+        return self.manager.sweep_leases()
 
     @handles(KVStatsQuery)
     async def stats(self, _: KVStatsQuery) -> KVStats:

@@ -26,6 +26,7 @@ from greenroom.bus.messages import (
     StepPlan,
     StepResult,
     SubmitRequest,
+    TransferDone,
 )
 from greenroom.config import NodeConfig, sm_disagg_budgets
 from greenroom.logging import get_logger
@@ -107,41 +108,35 @@ class Scheduler(Actor):
             ev.set()
 
     async def _emit(self, out: OutputBatch | None) -> None:
-        if out is not None and (out.deltas or out.errors):
+        if out is not None and (out.deltas or out.errors or out.handles or out.transfers):
             await self.frontend.tell(out)
 
     # ------------------------------------------------------------------ requests
 
+    async def _refuse(self, req: SubmitRequest, kind: str, message: str) -> None:
+        """End a request before it enters the core (a receiver hears its read will not happen)."""
+        done = [TransferDone(req.request_id, "error", message)] if req.kv_handle else []
+        err = RequestError(request_id=req.request_id, kind=kind, message=message)
+        await self._emit(OutputBatch(errors=[err], transfers=done))
+
     @handles(SubmitRequest)
     async def submit(self, req: SubmitRequest) -> None:
         if self._draining:
-            await self._emit(
-                OutputBatch(
-                    errors=[
-                        RequestError(
-                            request_id=req.request_id,
-                            kind="failed",
-                            message="the server is shutting down",
-                        )
-                    ]
-                )
-            )
+            await self._refuse(req, "failed", "the server is shutting down")
             return
         if self.core.num_waiting >= self.cfg.scheduler.max_queue_size:
-            await self._emit(
-                OutputBatch(
-                    errors=[
-                        RequestError(
-                            request_id=req.request_id,
-                            kind="overloaded",
-                            message=f"overloaded: {self.core.num_waiting} requests are waiting "
-                            f"(max_queue_size {self.cfg.scheduler.max_queue_size}); retry later",
-                        )
-                    ]
-                )
+            await self._refuse(
+                req,
+                "overloaded",
+                f"overloaded: {self.core.num_waiting} requests are waiting "
+                f"(max_queue_size {self.cfg.scheduler.max_queue_size}); retry later",
             )
             return
-        self.core.submit(req)
+        try:
+            self.core.submit(req)
+        except ValueError as exc:
+            await self._refuse(req, "invalid", str(exc))
+            return
         self._wake_all()
 
     @handles(CancelRequests)

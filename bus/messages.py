@@ -88,6 +88,26 @@ class AbortRequest(ClientMessage):
     request_id: str
 
 
+class PrefillRequest(GenerateRequest):
+    """Router -> context node: prefill, sample the first token, then keep the blocks leased
+    and reply with a TransferHandle (unless the first token already finished the request)."""
+
+
+class DecodeRequest(GenerateRequest, kw_only=True):
+    """Router -> generation node: receive the KV named by ``handle``, then decode the rest.
+    The node answers one TransferDone when the receive settles, then the token deltas."""
+
+    handle: TransferHandle
+
+
+class ReleaseKV(ClientMessage):
+    """Router -> context node: the receiver is done with a lease (``outcome`` is the
+    receive's final state); the blocks go back to the pool."""
+
+    request_id: str
+    outcome: str = "complete"
+
+
 class ServerInfoQuery(ClientMessage):
     request_id: str  # correlation id for the reply
 
@@ -105,6 +125,42 @@ class ServerInfo(Message):
     tokens_per_block: int
     device: str
     has_tokenizer: bool = False
+    role: str = "mixed"  # mixed | context | generation | router
+    tp_size: int = 1
+    kv_layout: str = ""  # what a KV block holds (layers, heads, dtype); equal to pair nodes
+
+
+class TransferHandle(Message):
+    """Context node -> router -> generation node: where a prefilled request's KV is.
+
+    The bytes move through NIXL (the receiver reads); only this handle travels on the bus.
+    Blocks are block-major and contiguous: block b starts at ``pool_address + b * block_bytes``.
+    """
+
+    request_id: str
+    agent_name: str
+    agent_metadata: bytes
+    pool_address: int
+    block_bytes: int
+    pool_blocks: int  # blocks in the context node's pool: every id is below this
+    mem_type: str  # DRAM | VRAM
+    device_id: int
+    block_ids: list[int]
+    num_tokens: int  # prompt tokens whose KV the blocks hold
+    first_token: int
+    tokens_per_block: int
+    tp_size: int
+    kv_layout: str
+    lease_deadline: float  # wall-clock time the context node frees the blocks unacknowledged
+
+
+class TransferDone(Message):
+    """Generation node -> router: a receive settled (complete | error | cancelled | timed_out);
+    the router acknowledges the context node with it."""
+
+    request_id: str
+    state: str
+    message: str = ""
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True, gc=False, frozen=True):
@@ -174,6 +230,8 @@ class SubmitRequest(Message):
     priority: int = 35
     cache_salt: str | None = None
     arrival_time: float = 0.0
+    lease_kv: bool = False  # context role: after the first token, lease the blocks
+    kv_handle: TransferHandle | None = None  # generation role: receive this KV first
 
 
 class CancelRequests(Message):
@@ -186,6 +244,8 @@ class OutputBatch(Message):
 
     deltas: list[TokenDelta] = []
     errors: list[RequestError] = []
+    handles: list[TransferHandle] = []  # context role: leases made this iteration
+    transfers: list[TransferDone] = []  # generation role: receives that settled
 
 
 # --------------------------------------------------------------------------- scheduler <-> kv manager
@@ -197,6 +257,7 @@ class KVAdmit(msgspec.Struct, array_like=True, gc=False, frozen=True, kw_only=Tr
     reserve_tokens: int  # blocks to hold for this many tokens (prompt, or prompt + max_tokens)
     priority: int = 35
     cache_salt: str | None = None
+    receive: TransferHandle | None = None  # generation role: blocks to fill from a context node
 
 
 class KVAdmitted(msgspec.Struct, array_like=True, gc=False, frozen=True, kw_only=True):
@@ -224,6 +285,36 @@ class KVComputed(msgspec.Struct, array_like=True, gc=False, frozen=True):
 class KVFree(msgspec.Struct, array_like=True, gc=False, frozen=True):
     request_id: str
     output_token_ids: list[int] = []  # generated tokens, so their full blocks can be reused
+    lease: bool = False  # context role: keep the blocks under a lease and make a handle
+
+
+class KVReceive(msgspec.Struct, array_like=True, gc=False, frozen=True, kw_only=True):
+    """Read the KV of ``remote_blocks`` (a TransferHandle's pool) into ``local_blocks``."""
+
+    request_id: str
+    handle: TransferHandle
+    remote_blocks: list[int]
+    local_blocks: list[int]
+    deadline: float  # wall clock: past it the read is abandoned (timed_out)
+
+
+class TransferUpdate(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """A receive settled on the engine: complete | error | cancelled | timed_out."""
+
+    request_id: str
+    state: str
+    message: str = ""
+
+
+class KVLeaseRelease(Message):
+    """The receiver acknowledged a lease (or will never read it): free its blocks."""
+
+    request_id: str
+    outcome: str = "complete"
+
+
+class KVLeaseSweep(Message):
+    """Free the blocks of every lease past its deadline (the KV manager's own timer)."""
 
 
 class KVStep(Message):
@@ -234,6 +325,7 @@ class KVStep(Message):
     computed: list[KVComputed] = []
     extend: list[KVExtend] = []
     admit: list[KVAdmit] = []
+    transfers: list[TransferUpdate] = []  # receives that settled on the engine
 
 
 class BlockCopy(msgspec.Struct, array_like=True, gc=False, frozen=True):
@@ -254,6 +346,8 @@ class KVStepResult(Message):
     failed_extend: list[str] = []  # no room to grow: the scheduler preempts
     free_blocks: int = 0
     total_blocks: int = 0
+    handles: list[TransferHandle] = []  # leases made by this step's frees
+    receives: list[KVReceive] = []  # reads the next plan must start (admitted receivers)
 
 
 class KVStats(Message):
@@ -267,6 +361,8 @@ class KVStats(Message):
     hit_blocks: int = 0
     onboarded_blocks: int = 0
     offloaded_blocks: int = 0
+    leased_blocks: int = 0  # context role: blocks held for receivers
+    transfers: dict[str, int] = {}  # transfer sessions by final or current state
 
 
 class KVStatsQuery(Message):
@@ -311,6 +407,8 @@ class StepPlan(Message):
     finished: list[str] = []  # forget these before running the step
     copies: list[BlockCopy] = []  # run in order before the forward
     flow: str = "mixed"  # mixed | context | generation
+    receives: list[KVReceive] = []  # KV reads to start before the forward
+    cancel_receives: list[str] = []  # abandon these reads (their requests ended)
 
 
 class SampledToken(msgspec.Struct, array_like=True, gc=False, frozen=True):
@@ -333,6 +431,20 @@ class StepResult(Message):
     flow: str = "mixed"
     error: str | None = None
     duration_s: float = 0.0
+    transfers: list[TransferUpdate] = []  # reads that settled since the last result
+
+
+class KVAgentInfo(msgspec.Struct, array_like=True, gc=False, frozen=True, kw_only=True):
+    """An engine's NIXL agent and its registered KV pool."""
+
+    agent_name: str
+    agent_metadata: bytes
+    pool_address: int
+    block_bytes: int
+    pool_blocks: int
+    mem_type: str
+    device_id: int
+    kv_layout: str
 
 
 class EngineInfo(Message):
@@ -343,11 +455,20 @@ class EngineInfo(Message):
     eos_token_ids: list[int]
     device: str
     model_name: str
+    kv_agent: KVAgentInfo | None = None  # context and generation roles
 
 
 class EngineInfoQuery(Message):
     pass
 
 
-ClientMessages = GenerateRequest | AbortRequest | ServerInfoQuery | NodeStatsQuery
-ClientReply = TokenDelta | RequestError | ServerInfo | NodeStats
+ClientMessages = (
+    GenerateRequest
+    | PrefillRequest
+    | DecodeRequest
+    | ReleaseKV
+    | AbortRequest
+    | ServerInfoQuery
+    | NodeStatsQuery
+)
+ClientReply = TokenDelta | RequestError | ServerInfo | NodeStats | TransferHandle | TransferDone

@@ -88,6 +88,18 @@ _NODE_FLAGS: list[tuple[Any, ...]] = [
         "Jinja chat template file used instead of the checkpoint's",
         "FILE",
     ),
+    (
+        "--role",
+        "role",
+        str,
+        "mixed: one whole node; context, generation, router: disaggregated serving",
+    ),
+    (
+        "--kv-transfer-mode",
+        "kv_transfer.mode",
+        str,
+        "generation role: sync (decode after the KV read settles) or async",
+    ),
     ("--log-format", "log_format", str, "auto: JSON when stdout is not a terminal"),
     ("--log-level", "log_level", str, "lowest level logged"),
 ]
@@ -170,6 +182,24 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
         help="do not start the OpenAI-compatible HTTP API (config: http.enabled=false)",
     )
     p.add_argument(
+        "--context-node",
+        dest="context_nodes",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="router role: a context node's client address, e.g. tcp://10.0.0.2:7700; "
+        "repeatable (config: router.context_nodes)",
+    )
+    p.add_argument(
+        "--generation-node",
+        dest="generation_nodes",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="router role: a generation node's client address; repeatable "
+        "(config: router.generation_nodes)",
+    )
+    p.add_argument(
         "--no-prefix-reuse",
         action="store_true",
         help="disable prefix reuse (config: kv.enable_prefix_reuse=false)",
@@ -218,6 +248,10 @@ def node_config_from_args(args: argparse.Namespace) -> NodeConfig:
         overrides["model.allow_long_max_model_len"] = True
     if getattr(args, "no_http", False):
         overrides["http.enabled"] = False
+    if args.context_nodes:
+        overrides["router.context_nodes"] = list(args.context_nodes)
+    if args.generation_nodes:
+        overrides["router.generation_nodes"] = list(args.generation_nodes)
     return load_config(args.config, overrides)
 
 
@@ -251,12 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     launch = command(
         "launch",
         "serve one node of a deployment (role and addresses from flags)",
-        "One command per node. Today a node runs whole (role 'mixed'); flags are those of serve.",
+        "One command per node; --role picks mixed, context, generation or router. "
+        "Flags are those of serve.",
     )
     add_node_arguments(launch)
-    launch.add_argument(
-        "--role", dest="role", choices=["mixed", "context", "generation"], default=None
-    )
 
     from greenroom.replay import cli as replay_cli
 
@@ -314,10 +346,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     if args.command in ("serve", "launch"):
         cfg = node_config_from_args(args)
-        if getattr(args, "role", None):
-            import msgspec
-
-            cfg = msgspec.structs.replace(cfg, role=args.role)
         from greenroom.node import serve
 
         return serve(cfg)

@@ -154,6 +154,28 @@ class AsyncClient:
         assert self._sock is not None
         await self._sock.send(_encoder.encode(msg))
 
+    # ------------------------------------------------------------------ raw protocol
+
+    def open_replies(self, request_id: str) -> asyncio.Queue:
+        """A queue that receives every reply for ``request_id`` (for a router or a test
+        driving the protocol's other messages: PrefillRequest, DecodeRequest, ReleaseKV)."""
+        if request_id in self._queues:
+            raise RequestRejected(f"request id {request_id!r} is already in use by this client")
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = q
+        return q
+
+    def close_replies(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    def fail_all(self, message: str) -> None:
+        """Every open queue gets a ``failed`` error (the peer is known to be gone)."""
+        for rid, q in self._queues.items():
+            q.put_nowait(RequestError(request_id=rid, kind="failed", message=message))
+
+    async def send(self, msg) -> None:
+        await self._send(msg)
+
     async def server_info(self) -> ServerInfo:
         qid = f"info-{uuid.uuid4().hex}"
         q: asyncio.Queue = asyncio.Queue()

@@ -116,10 +116,32 @@ class HttpConfig(_Section):
     health_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
 
 
+class KVTransferConfig(_Section):
+    """Disaggregated serving: KV moving from a context node to a generation node (NIXL)."""
+
+    # sync: a request enters the decode flow only after its receive settled (the engine
+    # waits for the read before the step's forward); async: it waits in waiting_for_kv
+    # while the others decode, and the engine checks the read every iteration
+    mode: Literal["sync", "async"] = "async"
+    timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # a read not done by then fails
+    # context role: leased blocks are freed this long after the handle unless acknowledged;
+    # a generation node starts no read later than lease_margin_s before the lease ends
+    lease_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    lease_margin_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+
+
+class RouterConfig(_Section):
+    """Router role: the client-facing endpoint that pairs context and generation nodes."""
+
+    context_nodes: list[str] = []  # client addresses of context nodes (tcp://host:port)
+    generation_nodes: list[str] = []
+    node_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0  # silent this long: node is dead
+
+
 class NodeConfig(_Section):
     """Everything one node needs; sections are passed down to their subsystem unchanged."""
 
-    role: Literal["mixed", "context", "generation"] = "mixed"
+    role: Literal["mixed", "context", "generation", "router"] = "mixed"
     host: str = "127.0.0.1"
     port: Port = 7700  # frontend's client port (0: pick a free one)
     # auto: its own process on a GPU (no GIL shared with the routing loops: measured 0.97 of a
@@ -134,12 +156,26 @@ class NodeConfig(_Section):
     parallel: ParallelConfig = msgspec.field(default_factory=ParallelConfig)
     sm_disagg: SMDisaggConfig = msgspec.field(default_factory=SMDisaggConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    kv_transfer: KVTransferConfig = msgspec.field(default_factory=KVTransferConfig)
+    router: RouterConfig = msgspec.field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:
         p = self.parallel
         if p.pp_size > 1 or p.tp_size > 1 or p.cp_size > 1:
             raise ValueError(
                 "parallel: pp_size, tp_size and cp_size > 1 are not supported yet (must be 1)"
+            )
+        if self.kv_transfer.lease_margin_s >= self.kv_transfer.lease_s:
+            raise ValueError(
+                f"kv_transfer.lease_margin_s = {self.kv_transfer.lease_margin_s} is invalid: "
+                f"must be below kv_transfer.lease_s ({self.kv_transfer.lease_s})"
+            )
+        if self.role == "router" and (
+            not self.router.context_nodes or not self.router.generation_nodes
+        ):
+            raise ValueError(
+                "role = 'router' is invalid without nodes: give router.context_nodes and "
+                "router.generation_nodes (--context-node / --generation-node)"
             )
         if self.sm_disagg.enabled:
             if self.role != "mixed":
@@ -171,7 +207,7 @@ class NodeConfig(_Section):
         return f"tcp://{self.host}:{self.port}"
 
 
-_SECTIONS = {"model", "kv", "scheduler", "parallel", "sm_disagg", "http"}
+_SECTIONS = {"model", "kv", "scheduler", "parallel", "sm_disagg", "http", "kv_transfer", "router"}
 
 
 def _lookup(data: dict[str, Any], path: list[str]) -> Any:
@@ -331,9 +367,11 @@ __all__ = [
     "ConfigError",
     "HttpConfig",
     "KVConfig",
+    "KVTransferConfig",
     "ModelConfig",
     "NodeConfig",
     "ParallelConfig",
+    "RouterConfig",
     "SMDisaggConfig",
     "SchedulerConfig",
     "build_config",

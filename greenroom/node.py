@@ -62,11 +62,15 @@ class Node:
 
     @classmethod
     async def start(cls, cfg: NodeConfig) -> Node:
-        if cfg.role != "mixed":
-            raise ConfigError(
-                f"role = {cfg.role!r} is not supported yet: a node serves role 'mixed' "
-                "(disaggregated context/generation nodes need KV transfer, not built yet)"
-            )
+        if cfg.role == "router":
+            raise ConfigError("role = 'router' is served by greenroom.router.RouterNode, not Node")
+        if cfg.role in ("context", "generation"):
+            from greenroom.kv.transfer import NixlUnavailable, load_nixl
+
+            try:
+                load_nixl()
+            except NixlUnavailable as exc:
+                raise ConfigError(f"role = {cfg.role!r}: {exc}") from None
         cfg = preflight(cfg)
         rt = Runtime()
         holder: dict[str, Node] = {}
@@ -82,7 +86,18 @@ class Node:
             engines = await _start_engines(cfg, sup)
             first = next(iter(engines.values()))
             info: EngineInfo = await first.ask(EngineInfoQuery(), timeout=ENGINE_START_TIMEOUT_S)
-            kv = await rt.spawn(KVManager, cfg.kv, info.num_blocks, name="kv-manager", host="loop")
+            agent = info.kv_agent
+            kv = await rt.spawn(
+                KVManager,
+                cfg.kv,
+                info.num_blocks,
+                None,
+                cfg.kv_transfer,
+                agent if cfg.role == "context" else None,
+                cfg.parallel.tp_size,
+                name="kv-manager",
+                host="loop",
+            )
             server_info = ServerInfo(
                 request_id="",
                 model_name=info.model_name,
@@ -92,6 +107,9 @@ class Node:
                 tokens_per_block=info.tokens_per_block,
                 device=info.device,
                 has_tokenizer=False,
+                role=cfg.role,
+                tp_size=cfg.parallel.tp_size,
+                kv_layout=agent.kv_layout if agent is not None else "",
             )
             tokenizer = _load_tokenizer(cfg.model.path)
             if tokenizer is not None:
@@ -242,11 +260,13 @@ async def _start_http(cfg: NodeConfig, node: Node):
 
 
 async def _serve(cfg: NodeConfig) -> int:
-    if cfg.http.enabled and cfg.http.port:
+    # context and generation nodes serve a router, not clients: no HTTP API there
+    http_on = cfg.http.enabled and cfg.role == "mixed"
+    if http_on and cfg.http.port:
         check_http_port(cfg.http.host, cfg.http.port)
     node = await Node.start(cfg)
     http = None
-    if cfg.http.enabled:
+    if http_on:
         try:
             http = await _start_http(cfg, node)
         except (RuntimeError, TimeoutError) as exc:
@@ -274,9 +294,14 @@ def serve(cfg: NodeConfig) -> int:
     """Run one node until SIGINT/SIGTERM (in-flight requests end with an error). Startup
     problems raise :class:`greenroom.startup.StartupError` or ``ConfigError``."""
     configure_logging(cfg.log_format, cfg.log_level)
+    main = _serve
+    if cfg.role == "router":
+        from greenroom.router import serve_router
+
+        main = serve_router
     try:
         import uvloop
 
-        return uvloop.run(_serve(cfg))
+        return uvloop.run(main(cfg))
     except ImportError:
-        return asyncio.run(_serve(cfg))
+        return asyncio.run(main(cfg))

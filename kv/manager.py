@@ -7,21 +7,29 @@ result lists the host-tier copies the engine must run, in order, before its next
 
 from __future__ import annotations
 
+import time
+
 from greenroom.bus.messages import (
+    KVAdmit,
+    KVAdmitted,
+    KVAgentInfo,
     KVComputed,
     KVExtend,
     KVFree,
+    KVReceive,
     KVStats,
     KVStep,
     KVStepResult,
+    TransferHandle,
 )
-from greenroom.config import KVConfig
+from greenroom.config import KVConfig, KVTransferConfig
 from greenroom.kv.admission import BatchAdmission
 from greenroom.kv.events import EventLog, EventSink
 from greenroom.kv.invariants import check_manager
 from greenroom.kv.prefix_cache import PrefixCache
 from greenroom.kv.radix_tree import block_hash, extra_key
 from greenroom.kv.request_blocks import RequestBlocks, cache_full_blocks, release_blocks
+from greenroom.kv.transfer_sessions import TransferSessions
 
 
 class KVCacheManager:
@@ -51,10 +59,23 @@ class KVCacheManager:
             self.prefix_reuse,
             kv_cfg.default_priority,
         )
+        self.transfers = TransferSessions()
+        self.transfer_cfg = KVTransferConfig()
+        self.agent: KVAgentInfo | None = None  # this node's engine's NIXL agent (context role)
+        self.tp_size = 1
+        self._handles: list[TransferHandle] = []
+
+    def configure_transfer(
+        self, cfg: KVTransferConfig, agent: KVAgentInfo | None, tp_size: int = 1
+    ) -> None:
+        """Disaggregated roles: lease timing and the agent whose pool the handles name."""
+        self.transfer_cfg, self.agent, self.tp_size = cfg, agent, tp_size
 
     # ------------------------------------------------------------------ the step
 
     def step(self, msg: KVStep) -> KVStepResult:
+        for t in msg.transfers:
+            self.transfers.settle_receive(t.request_id, t.state)
         for f in msg.free:
             self.free(f)
         for c in msg.computed:
@@ -68,6 +89,8 @@ class KVCacheManager:
             elif new_blocks:
                 extended[e.request_id] = new_blocks
         admitted, rejected = self.admission.admit_batch(msg.admit)
+        receives = self._receives(msg.admit, admitted)
+        handles, self._handles = self._handles, []
         result = KVStepResult(
             iteration=msg.iteration,
             copies=self.cache.take_copies(),
@@ -77,6 +100,8 @@ class KVCacheManager:
             failed_extend=failed_extend,
             free_blocks=self.num_free_blocks,
             total_blocks=self.cache.gpu.capacity,
+            handles=handles,
+            receives=receives,
         )
         self.events.flush()
         return result
@@ -95,7 +120,81 @@ class KVCacheManager:
             cache_full_blocks(
                 self.cache, req, written // self.tokens_per_block, self.tokens_per_block
             )
+        if msg.lease and self.agent is not None and msg.output_token_ids:
+            self._lease(
+                req, len(req.token_ids) - len(msg.output_token_ids), msg.output_token_ids[0]
+            )
+            return
         release_blocks(self.cache, req)
+
+    # ------------------------------------------------------------------ KV transfer
+
+    def _lease(self, req: RequestBlocks, num_tokens: int, first_token: int) -> None:
+        """Keep a prefilled request's blocks for a receiver and make its handle."""
+        a = self.agent
+        need = -(-num_tokens // self.tokens_per_block)
+        handle = TransferHandle(
+            request_id=req.request_id,
+            agent_name=a.agent_name,
+            agent_metadata=a.agent_metadata,
+            pool_address=a.pool_address,
+            block_bytes=a.block_bytes,
+            pool_blocks=a.pool_blocks,
+            mem_type=a.mem_type,
+            device_id=a.device_id,
+            block_ids=list(req.block_ids[:need]),
+            num_tokens=num_tokens,
+            first_token=first_token,
+            tokens_per_block=self.tokens_per_block,
+            tp_size=self.tp_size,
+            kv_layout=a.kv_layout,
+            lease_deadline=time.time() + self.transfer_cfg.lease_s,
+        )
+        self.transfers.lease(req, handle)
+        self._handles.append(handle)
+
+    def end_lease(self, request_id: str, outcome: str) -> bool:
+        """The receiver is done with a lease: free its blocks. False if no such lease."""
+        req = self.transfers.end_lease(request_id, outcome)
+        if req is None:
+            return False
+        release_blocks(self.cache, req)
+        return True
+
+    def sweep_leases(self, now: float | None = None) -> int:
+        """Free the blocks of leases past their deadline; how many leases ended."""
+        expired = self.transfers.expired_leases(time.time() if now is None else now)
+        for req in expired:
+            release_blocks(self.cache, req)
+        return len(expired)
+
+    def _receives(self, asks: list[KVAdmit], admitted: list[KVAdmitted]) -> list[KVReceive]:
+        """Generation role: the reads admitted receivers need, for the blocks the local prefix
+        cache did not already hold."""
+        wanted = {a.request_id: a.receive for a in asks if a.receive is not None}
+        out = []
+        now = time.time()
+        cfg = self.transfer_cfg
+        for a in admitted:
+            h = wanted.get(a.request_id)
+            if h is None:
+                continue
+            tpb = self.tokens_per_block
+            need = -(-h.num_tokens // tpb)
+            have = min(a.num_cached_tokens // tpb, need)
+            deadline = min(now + cfg.timeout_s, h.lease_deadline - cfg.lease_margin_s)
+            self.transfers.receive(a.request_id, h, deadline)
+            self.transfers.started(a.request_id)
+            out.append(
+                KVReceive(
+                    request_id=a.request_id,
+                    handle=h,
+                    remote_blocks=list(h.block_ids[have:need]),
+                    local_blocks=list(a.block_ids[have:need]),
+                    deadline=deadline,
+                )
+            )
+        return out
 
     def computed(self, msg: KVComputed) -> None:
         """Every later plan has the first `num_tokens` tokens' KV: make full blocks matchable."""
@@ -170,6 +269,8 @@ class KVCacheManager:
             hit_blocks=adm.hit_blocks,
             onboarded_blocks=cache.onboarded_blocks,
             offloaded_blocks=cache.offloaded_blocks,
+            leased_blocks=self.transfers.leased_blocks,
+            transfers=self.transfers.counts(),
         )
 
     def check_invariants(self) -> None:

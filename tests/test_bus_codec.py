@@ -46,6 +46,8 @@ def strategy_for(tp: typing.Any) -> st.SearchStrategy:
         return _FLOAT
     if tp is str:
         return st.text(max_size=12)
+    if tp is bytes:
+        return st.binary(max_size=16)
     if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
         hints = typing.get_type_hints(tp)
         fields = {f: strategy_for(hints[f]) for f in tp.__struct_fields__}

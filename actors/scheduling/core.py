@@ -16,9 +16,10 @@ from greenroom.actors.scheduling.budget import FlowBudget, IterationBudget, chec
 from greenroom.actors.scheduling.flight import Draft, IssuedPlan, PlanEntry
 from greenroom.actors.scheduling.outputs import ERROR_KINDS, OutputCollector
 from greenroom.actors.scheduling.planner import admit_for, extend_for, select_work
-from greenroom.actors.scheduling.request import FreeState, Request, RequestState
+from greenroom.actors.scheduling.request import FreeState, KVWait, Request, RequestState
 from greenroom.bus.messages import (
     KVComputed,
+    KVReceive,
     KVStep,
     KVStepResult,
     OutputBatch,
@@ -27,6 +28,9 @@ from greenroom.bus.messages import (
     StepPlan,
     StepResult,
     SubmitRequest,
+    TransferDone,
+    TransferHandle,
+    TransferUpdate,
     sample_request_id,
 )
 from greenroom.config import SchedulerConfig
@@ -59,6 +63,11 @@ class SchedulerCore:
         self._orphan_errors: list[RequestError] = []
         self._groups: dict[str, list[Request]] = {}  # client id -> its samples (n > 1)
         self._followers: dict[str, list[Request]] = {}  # first sample's id -> samples held back
+        self._orphan_handles: list[TransferHandle] = []  # context role: leases to hand out
+        self._orphan_transfers: list[TransferDone] = []  # generation role: receives settled
+        self._reading: dict[str, Request] = {}  # generation role: reads on the engine
+        self._cancel_reads: list[str] = []  # reads the next plan abandons
+        self._transfer_updates: list[TransferUpdate] = []  # for the KV manager's sessions
         self._head_rejected: str | None = None  # the queue head the KV manager last turned down
         self._num_active = 0
         self._iteration = 0
@@ -84,7 +93,11 @@ class SchedulerCore:
         """Whether ``build_kv_step(flow)`` would return a step now."""
         if flow in self._drafts:
             return False
-        return bool(self._free_ready) or bool(self._select(flow))
+        return bool(self._free_ready) or self._transfer_work() or bool(self._select(flow))
+
+    def _transfer_work(self) -> bool:
+        """Reads to poll, to cancel, or settled reads to report to the KV manager."""
+        return bool(self._reading or self._cancel_reads or self._transfer_updates)
 
     def stats(self) -> dict:
         running = Counter(r.flow for r in self._running.values())
@@ -93,6 +106,7 @@ class SchedulerCore:
             "active": self._num_active,
             "running": dict(running),
             "inflight": {f: len(q) for f, q in self._inflight.items()},
+            "waiting_for_kv": len(self._reading),
             **self._counters,
         }
 
@@ -171,7 +185,7 @@ class SchedulerCore:
             else:
                 kind = reason if reason in ERROR_KINDS else "aborted"
                 out.error(r, kind, f"request {reason}")
-        return out.batch()
+        return self._finish(out)
 
     def expired(self, now: float, timeout_s: float) -> list[str]:
         """Live requests that arrived more than ``timeout_s`` before ``now``."""
@@ -184,7 +198,7 @@ class SchedulerCore:
 
     def take_output(self) -> OutputBatch | None:
         """Errors decided outside a step result (a prompt that can never fit), if any."""
-        if not self._orphan_errors:
+        if not (self._orphan_errors or self._orphan_handles or self._orphan_transfers):
             return None
         return self._collector().batch()
 
@@ -196,7 +210,7 @@ class SchedulerCore:
             raise RuntimeError(f"flow {flow!r} already has a KVStep awaiting its result")
         sel = self._select(flow)
         frees = list(self._free_ready.values())
-        if not sel and not frees:
+        if not sel and not frees and not self._transfer_work():
             return None
         self._free_ready.clear()
         self._iteration += 1
@@ -206,7 +220,9 @@ class SchedulerCore:
             computed=self._computed(),
             extend=[e for r, n in sel.steps if (e := extend_for(r, n, self.tokens_per_block))],
             admit=[admit_for(r, self.cfg.capacity_policy) for r in sel.admits],
+            transfers=self._transfer_updates,
         )
+        self._transfer_updates = []
         for r in frees:
             r.free_state = FreeState.SENT
         draft = Draft(flow, step, [(r, r.epoch, n) for r, n in sel.steps], sel.admits, frees)
@@ -229,6 +245,8 @@ class SchedulerCore:
             if r is not None and r.free_state is FreeState.NONE:
                 r.block_ids.extend(blocks)
         newly = self._admit(flow, draft, result)
+        self._orphan_handles.extend(result.handles)
+        receives = [rc for rc in result.receives if self._start_read(rc)]
         if any(rid in stepping and stepping[rid].live for rid in result.failed_extend):
             self._preempt_newest()
         entries = self._fill(flow, draft, newly, set(result.failed_extend))
@@ -238,9 +256,12 @@ class SchedulerCore:
             e.request.holds += 1
         for r in draft.held():
             self._settle(r)
-        if not entries and not result.copies:
-            return None
-        return self._issue(flow, result, entries)
+        cancels, self._cancel_reads = self._cancel_reads, []
+        if not entries and not result.copies and not receives and not cancels:
+            if not self._reading:
+                return None
+            # async receives: an empty plan lets the engine check its reads
+        return self._issue(flow, result, entries, receives, cancels)
 
     def apply_step_result(self, flow: str, result: StepResult) -> OutputBatch:
         """Take the engine's sampled tokens: stream them, stop requests, hand off to generation."""
@@ -249,6 +270,8 @@ class SchedulerCore:
             raise ValueError(f"flow {flow!r}: no plan of iteration {result.iteration} in flight")
         plan = queue.popleft()
         out = self._collector()
+        for u in result.transfers:
+            self._read_settled(u, out)
         sampled = {s.request_id: s for s in result.sampled}
         handoffs = {h.request_id: h.event_id for h in result.handoffs}
         for e in plan.entries:
@@ -270,13 +293,16 @@ class SchedulerCore:
             reason = r.stop_reason(s.token_id, self.eos_token_ids)
             if reason is not None:
                 self._end(r, RequestState.FINISHED, reason)
+            elif r.lease_kv:  # context role: the blocks go to a lease, the rest elsewhere
+                r.leasing = True
+                self._end(r, RequestState.FINISHED, None)
             out.token(r, s.token_id, s.logprobs)
             if reason is None and flow == "context":
                 self._handoff(r, handoffs.get(r.request_id, 0))
         for e in plan.entries:
             e.request.holds -= 1
             self._settle(e.request)
-        return out.batch()
+        return self._finish(out)
 
     # ------------------------------------------------------------------ failures
 
@@ -295,6 +321,7 @@ class SchedulerCore:
         for r in self._running.values():
             if flow in r.known_by:
                 victims[r.request_id] = r
+        self._drop_reads(out, message)
         for r in victims.values():
             r.known_by.discard(flow)
             if r.live:
@@ -302,7 +329,7 @@ class SchedulerCore:
         for p in plans:
             for e in p.entries:
                 self._settle(e.request)
-        return out.batch()
+        return self._finish(out)
 
     def fail_all(self, message: str) -> OutputBatch:
         """Node shutdown (or a lost KV manager): every request ends with an error; pending
@@ -320,20 +347,74 @@ class SchedulerCore:
                     e.request.holds -= 1
             self._inflight[flow] = deque()
             self._finished_ids[flow] = []
+        self._drop_reads(out, message)
         for r in list(self._requests.values()):
             r.known_by.clear()
             if not r.state.terminal:
                 self._fail(r, out, message)
             self._settle(r)
-        return out.batch()
+        return self._finish(out)
 
     # ------------------------------------------------------------------ internals
 
     def _collector(self) -> OutputCollector:
         out = OutputCollector()
         out.errors.extend(self._orphan_errors)
-        self._orphan_errors = []
+        out.handles.extend(self._orphan_handles)
+        out.transfers.extend(self._orphan_transfers)
+        self._orphan_errors, self._orphan_handles, self._orphan_transfers = [], [], []
         return out
+
+    def _finish(self, out: OutputCollector) -> OutputBatch:
+        """The batch, with what was decided on the way (e.g. receives ended unread)."""
+        out.errors.extend(self._orphan_errors)
+        out.handles.extend(self._orphan_handles)
+        out.transfers.extend(self._orphan_transfers)
+        self._orphan_errors, self._orphan_handles, self._orphan_transfers = [], [], []
+        return out.batch()
+
+    # ------------------------------------------------------------------ KV receives
+
+    def _start_read(self, rc: KVReceive) -> bool:
+        """An admitted receiver's read goes into the plan; False if it ended meanwhile."""
+        r = self._requests.get(rc.request_id)
+        if r is None or r.kv_wait is not KVWait.READ:
+            # ended while the KVStep was out: no read starts, the sessions close as cancelled
+            self._transfer_updates.append(TransferUpdate(rc.request_id, "cancelled"))
+            return False
+        self._reading[r.request_id] = r
+        return True
+
+    def _read_settled(self, u: TransferUpdate, out: OutputCollector) -> None:
+        """The engine's report on a read: decode, fail, or free what a cancel kept."""
+        self._transfer_updates.append(u)
+        r = self._reading.pop(u.request_id, None)
+        if r is None:
+            return
+        out.transfers.append(TransferDone(u.request_id, u.state, u.message))
+        if r.kv_wait is KVWait.CANCEL:
+            r.kv_wait = KVWait.NONE
+            self._settle(r)
+        elif u.state == "complete" and r.live:
+            r.kv_received()
+            self._counters["kv_received"] += 1
+        else:
+            r.kv_wait = KVWait.NONE
+            self._counters[f"kv_{u.state}"] += 1
+            if r.live:
+                detail = f": {u.message}" if u.message else ""
+                self._fail(r, out, f"KV transfer {u.state}{detail}")
+            self._settle(r)
+
+    def _drop_reads(self, out: OutputCollector, message: str) -> None:
+        """The engine (and its NIXL agent) is gone: its reads ended with it."""
+        for rid, r in list(self._reading.items()):
+            del self._reading[rid]
+            r.kv_wait = KVWait.NONE
+            self._transfer_updates.append(TransferUpdate(rid, "error", message))
+            out.transfers.append(TransferDone(rid, "error", message))
+            self._settle(r)
+        self._cancel_reads = []
 
     def _select(self, flow: str):
         fb = self.flows[flow]
@@ -398,14 +479,21 @@ class SchedulerCore:
                 continue
             entries.append(PlanEntry(r, epoch, budget.take(n), False))
         for r in newly:
-            if not r.live:
-                continue  # preempted right away by this step's failed extends
+            if not r.live or r.waiting_for_kv:
+                continue  # preempted right away by this step's failed extends, or no KV yet
             n = budget.take(r.prompt_left)
             if n > 0:
                 entries.append(PlanEntry(r, r.epoch, n, False))
         return entries
 
-    def _issue(self, flow: str, result: KVStepResult, entries: list[PlanEntry]) -> StepPlan:
+    def _issue(
+        self,
+        flow: str,
+        result: KVStepResult,
+        entries: list[PlanEntry],
+        receives: list[KVReceive] = (),
+        cancels: list[str] = (),
+    ) -> StepPlan:
         extended = result.extended
         new, steps = [], []
         for e in entries:
@@ -436,6 +524,8 @@ class SchedulerCore:
             finished=self._finished_ids[flow],
             copies=list(result.copies),
             flow=flow,
+            receives=list(receives),
+            cancel_receives=list(cancels),
         )
         self._finished_ids[flow] = []
         self._inflight[flow].append(IssuedPlan(flow, result.iteration, entries))
@@ -445,9 +535,12 @@ class SchedulerCore:
     def _preempt_newest(self) -> None:
         """Extends failed: preempt the newest running request, unless blocks are on their way
         back from an earlier preemption (then the failed steps just retry next iteration)."""
-        if self._preempting or not self._running:
+        if self._preempting:
             return
-        victim = next(reversed(self._running.values()))
+        # a request waiting for its KV is never the victim: a read may be writing its blocks
+        victim = next((r for r in reversed(self._running.values()) if not r.waiting_for_kv), None)
+        if victim is None:
+            return
         del self._running[victim.request_id]
         for f in victim.known_by:
             self._finished_ids[f].append(victim.request_id)
@@ -476,6 +569,12 @@ class SchedulerCore:
             self._finished_ids[f].append(r.request_id)
         r.known_by.clear()
         r.release_blocks(with_output=state is not RequestState.FAILED)
+        if r.kv_wait is KVWait.READ:  # keep the blocks until the engine drops the read
+            r.kv_wait = KVWait.CANCEL
+            self._cancel_reads.append(r.request_id)
+        elif r.kv_wait is KVWait.ADMIT:  # never read: the context node can free its lease
+            r.kv_wait = KVWait.NONE
+            self._orphan_transfers.append(TransferDone(r.request_id, "cancelled", "request ended"))
         self._counters[state.value] += 1
         if r.request_id in self._followers:
             self._release_followers(r)
@@ -499,7 +598,7 @@ class SchedulerCore:
 
     def _settle(self, r: Request) -> None:
         """Queue the free once nothing holds the request; forget it once it is fully gone."""
-        if r.holds > 0:
+        if r.holds > 0 or r.kv_wait is KVWait.CANCEL:
             return
         if r.free_state is FreeState.PENDING:
             self._free_ready[r.request_id] = r

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 from greenroom.actors.scheduling.request import Request
-from greenroom.bus.messages import OutputBatch, RequestError, TokenDelta, TokenLogprobs
+from greenroom.bus.messages import (
+    OutputBatch,
+    RequestError,
+    TokenDelta,
+    TokenLogprobs,
+    TransferDone,
+    TransferHandle,
+)
 
 ERROR_KINDS = ("invalid", "overloaded", "timeout", "failed", "aborted")
 
 
 class OutputCollector:
-    __slots__ = ("deltas", "errors")
+    __slots__ = ("deltas", "errors", "handles", "transfers")
 
     def __init__(self) -> None:
         self.deltas: list[TokenDelta] = []
         self.errors: list[RequestError] = []
+        self.handles: list[TransferHandle] = []
+        self.transfers: list[TransferDone] = []
 
     def token(self, r: Request, token: int, logprobs: TokenLogprobs | None) -> None:
         """A new token; the final delta carries finish_reason and metrics when finished."""
@@ -46,4 +55,6 @@ class OutputCollector:
         self.errors.append(RequestError(request_id=r.client_id, kind=kind, message=message))
 
     def batch(self) -> OutputBatch:
-        return OutputBatch(deltas=self.deltas, errors=self.errors)
+        return OutputBatch(
+            deltas=self.deltas, errors=self.errors, handles=self.handles, transfers=self.transfers
+        )

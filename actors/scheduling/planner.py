@@ -45,7 +45,7 @@ def select_work(
         for r in mine:
             if budget.exhausted:
                 break
-            if r.state is RequestState.PREFILL and r.prompt_left > 0:
+            if r.state is RequestState.PREFILL and r.prompt_left > 0 and not r.waiting_for_kv:
                 sel.steps.append((r, budget.take(r.prompt_left)))
     if flow.admits:
         for r in waiting:
@@ -78,4 +78,5 @@ def admit_for(r: Request, capacity_policy: str) -> KVAdmit:
         reserve_tokens=reserve,
         priority=r.priority,
         cache_salt=r.cache_salt,
+        receive=r.kv_handle,
     )

@@ -18,6 +18,7 @@ from greenroom.bus.messages import (
     RequestMetrics,
     SamplingParams,
     SubmitRequest,
+    TransferHandle,
 )
 
 
@@ -32,6 +33,15 @@ class RequestState(enum.Enum):
     @property
     def terminal(self) -> bool:
         return self in (RequestState.FINISHED, RequestState.ABORTED, RequestState.FAILED)
+
+
+class KVWait(enum.Enum):
+    """Generation role: where a request's KV receive stands (NONE: nothing to receive)."""
+
+    NONE = 0
+    ADMIT = 1  # has a handle, no blocks yet
+    READ = 2  # blocks allocated, the read is handed to the engine: waiting_for_kv
+    CANCEL = 3  # ended while reading: blocks stay until the engine confirms the read is off
 
 
 class FreeState(enum.Enum):
@@ -75,6 +85,10 @@ class Request:
         "preemptions",
         "finish_reason",
         "queue_time_s",
+        "lease_kv",
+        "kv_handle",
+        "kv_wait",
+        "leasing",
     )
 
     def __init__(self, req: SubmitRequest, max_model_len: int) -> None:
@@ -119,6 +133,25 @@ class Request:
         self.preemptions = 0
         self.finish_reason: str | None = None
         self.queue_time_s = 0.0
+        self.lease_kv = req.lease_kv  # context role: lease the blocks after the first token
+        self.leasing = False  # its free asks the KV manager for a lease
+        self.kv_handle: TransferHandle | None = req.kv_handle
+        self.kv_wait = KVWait.NONE
+        h = req.kv_handle
+        if h is not None:
+            # the context node sampled the first token: it is output already, and its KV is
+            # what the first local step computes (prompt KV arrives by the read)
+            if h.num_tokens != n:
+                raise ValueError(
+                    f"request {req.request_id!r}: the handle holds {h.num_tokens} tokens, "
+                    f"the prompt has {n}"
+                )
+            if n + 1 >= max_model_len:
+                raise ValueError(f"request {req.request_id!r}: no room to decode")
+            self.prompt.append(h.first_token)
+            self.output.append(h.first_token)
+            self.num_prompt_output = 1
+            self.kv_wait = KVWait.ADMIT
 
     # ------------------------------------------------------------------ positions
 
@@ -133,7 +166,15 @@ class Request:
 
     def can_decode(self) -> bool:
         """One more decode fits: the previous step samples a token and the limit allows one more."""
-        return self.state is RequestState.DECODE and self.outputs_expected < self.max_output
+        return (
+            self.state is RequestState.DECODE
+            and self.outputs_expected < self.max_output
+            and not self.lease_kv  # a context-role request stops at its first token
+        )
+
+    @property
+    def waiting_for_kv(self) -> bool:
+        return self.kv_wait is not KVWait.NONE
 
     @property
     def live(self) -> bool:
@@ -157,6 +198,14 @@ class Request:
             self.admit_stats = result
             if self.arrival_time:
                 self.queue_time_s = max(0.0, time.time() - self.arrival_time)
+        if self.kv_wait is KVWait.ADMIT:
+            self.kv_wait = KVWait.READ
+
+    def kv_received(self) -> None:
+        """The read completed: every prompt token but the handed-over first token has KV."""
+        self.kv_wait = KVWait.NONE
+        self.kv_handle = None
+        self.num_scheduled = self.num_cached = len(self.prompt) - 1
 
     def schedule(self, num_tokens: int) -> bool:
         """Account one step of ``num_tokens``; True when the step samples a token."""
@@ -201,7 +250,7 @@ class Request:
         # but the last as written), so their full blocks can be reused
         end = self.num_scheduled + 1
         generated = self.sequence()[len(self.prompt) : end] if with_output else []
-        self.kv_free = KVFree(self.request_id, generated)
+        self.kv_free = KVFree(self.request_id, generated, self.leasing)
         self.free_state = FreeState.PENDING
         self.block_ids = []
 
@@ -220,6 +269,7 @@ class Request:
         self.pending_samples = 0
         self.handoff_event_id = 0
         self.preemptions += 1
+        self.kv_handle = None  # recomputed locally from here on
 
     def metrics(self) -> RequestMetrics:
         s = self.admit_stats
