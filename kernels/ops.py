@@ -92,29 +92,55 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 def paged_decode_attention(
-    q, k_cache, v_cache, block_tables, context_lens, scale, num_splits: int | None = None
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    context_lens,
+    scale,
+    num_splits: int | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
+    """``window > 0``: sliding-window attention over the last ``window`` tokens (only their
+    blocks are read)."""
     return implementation("paged_decode_attention", q.device)(
-        q, k_cache, v_cache, block_tables, context_lens, scale, num_splits
+        q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, window=window
     )
 
 
 def paged_decode_attention_partial(
-    q, k_cache, v_cache, block_tables, context_lens, scale, num_splits: int | None = None
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    context_lens,
+    scale,
+    num_splits: int | None = None,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return implementation("paged_decode_attention_partial", q.device)(
-        q, k_cache, v_cache, block_tables, context_lens, scale, num_splits
+        q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, window=window
     )
 
 
 def paged_prefill_attention(
-    q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, max_seqlen_q, tiles=None
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    cu_seqlens_q,
+    context_lens,
+    scale,
+    max_seqlen_q,
+    tiles=None,
+    window: int = 0,
 ) -> torch.Tensor:
     """``tiles``: a fixed-length work list (:mod:`greenroom.kernels.prefill_tiles`) for a
-    launch shape that does not follow the batch (CUDA graphs); the result is the same."""
+    launch shape that does not follow the batch (CUDA graphs); the result is the same.
+    ``window > 0``: the query at position ``p`` sees keys ``p - window < t <= p`` only."""
     fn = implementation("paged_prefill_attention", q.device)
     args = (q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, max_seqlen_q)
-    return fn(*args) if tiles is None else fn(*args, tiles=tiles)
+    return fn(*args, tiles=tiles, window=window)
 
 
 def merge_attn_states(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:

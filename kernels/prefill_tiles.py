@@ -5,7 +5,8 @@ requests), so its shape follows the batch. A CUDA graph needs a launch shape fix
 there the kernel runs over a fixed-length tile list instead, built on the host per batch. Tile
 ``t`` covers query block ``tiles[1, t]`` of request ``tiles[0, t]``; unused tiles carry a query
 block past any request (the program returns at once). Tiles are ordered by the number of keys
-they read, most first, so the longest-running programs start first.
+they read, most first, so the longest-running programs start first (with a sliding window
+a tile reads at most the window plus its own queries).
 """
 
 from __future__ import annotations
@@ -25,9 +26,14 @@ def max_tiles(num_tokens: int, num_requests: int, block_m: int = TILE_BLOCK_M) -
 
 
 def prefill_tiles(
-    q_lens: np.ndarray, context_lens: np.ndarray, num_tiles: int, block_m: int = TILE_BLOCK_M
+    q_lens: np.ndarray,
+    context_lens: np.ndarray,
+    num_tiles: int,
+    block_m: int = TILE_BLOCK_M,
+    window: int = 0,
 ) -> np.ndarray:
-    """int32 ``[2, num_tiles]``: (request, query block) per tile, busiest first, then unused."""
+    """int32 ``[2, num_tiles]``: (request, query block) per tile, busiest first, then unused.
+    ``window > 0``: every layer attends over that sliding window (only the order changes)."""
     q_lens = np.asarray(q_lens, dtype=np.int64)
     blocks = -(-q_lens // block_m)
     total = int(blocks.sum())
@@ -38,6 +44,8 @@ def prefill_tiles(
     block = np.arange(total) - first
     prefix = np.asarray(context_lens, dtype=np.int64)[request] - q_lens[request]
     keys = np.minimum(prefix + (block + 1) * block_m, prefix + q_lens[request])
+    if window > 0:
+        keys = np.minimum(keys, window + block_m)
     order = np.argsort(-keys, kind="stable")
     tiles = np.empty((2, num_tiles), dtype=np.int32)
     tiles[0, :total] = request[order]

@@ -43,6 +43,30 @@ def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Te
     return gathered.reshape(b, max_blocks * cache.shape[1], cache.shape[2], cache.shape[3])
 
 
+def _visible_from(context_lens: torch.Tensor, window: int) -> torch.Tensor:
+    """``[B]`` the first position the last query of each sequence sees (0 without a window)."""
+    if window <= 0:
+        return torch.zeros_like(context_lens)
+    return (context_lens - window).clamp(min=0)
+
+
+def _decode_partial(q, k_cache, v_cache, block_tables, lens, lo, scale):
+    """Attention of one query per sequence over table positions ``[lo[b], lens[b])``."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    keys = _gather_context(k_cache, block_tables).float()
+    values = _gather_context(v_cache, block_tables).float()
+    qg = q.float().view(b, hkv, hq // hkv, d)
+    scores = torch.einsum("bhgd,bthd->bhgt", qg, keys) * scale
+    t = torch.arange(keys.shape[1], device=q.device)
+    valid = (t < lens.view(b, 1, 1, 1)) & (t >= lo.view(b, 1, 1, 1))
+    scores = scores.masked_fill(~valid, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
+    out = torch.einsum("bhgt,bthd->bhgd", probs, values)
+    return out.reshape(b, hq, d), lse.reshape(b, hq)
+
+
 def paged_decode_attention_partial(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -51,25 +75,18 @@ def paged_decode_attention_partial(
     context_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query token per sequence over its first ``context_lens[b]`` cached tokens.
+    """One query token per sequence over its first ``context_lens[b]`` cached tokens; with
+    ``window > 0`` only over the last ``window`` of them (sliding-window attention: the query
+    at position ``p`` sees keys ``p - window < t <= p``, as Hugging Face's mask).
 
     Returns the normalised output ``[B, Hq, D]`` and the log-sum-exp ``[B, Hq]`` (both
     float32). A sequence with no context gets ``out = 0, lse = -inf``. ``num_splits`` is
     accepted for signature parity; the result does not depend on it.
     """
-    b, hq, d = q.shape
-    hkv = k_cache.shape[2]
-    keys = _gather_context(k_cache, block_tables).float()
-    values = _gather_context(v_cache, block_tables).float()
-    qg = q.float().view(b, hkv, hq // hkv, d)
-    scores = torch.einsum("bhgd,bthd->bhgt", qg, keys) * scale
-    valid = torch.arange(keys.shape[1], device=q.device) < context_lens.view(b, 1, 1, 1)
-    scores = scores.masked_fill(~valid, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
-    out = torch.einsum("bhgt,bthd->bhgd", probs, values)
-    return out.reshape(b, hq, d), lse.reshape(b, hq)
+    lo = _visible_from(context_lens, window)
+    return _decode_partial(q, k_cache, v_cache, block_tables, context_lens, lo, scale)
 
 
 def merge_attn_states(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +108,10 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
-    """Decode attention ``q [B, Hq, D]`` -> ``[B, Hq, D]`` (GQA: Hq a multiple of Hkv).
+    """Decode attention ``q [B, Hq, D]`` -> ``[B, Hq, D]`` (GQA: Hq a multiple of Hkv), over
+    the last ``window`` tokens when ``window > 0``.
 
     With ``num_splits > 1`` the block table is cut into that many contiguous ranges, each
     attended separately and merged with :func:`merge_attn_states` (split-K).
@@ -100,16 +119,19 @@ def paged_decode_attention(
     splits = max(1, min(num_splits or 1, block_tables.shape[1]))
     if splits == 1:
         out, _ = paged_decode_attention_partial(
-            q, k_cache, v_cache, block_tables, context_lens, scale
+            q, k_cache, v_cache, block_tables, context_lens, scale, window=window
         )
         return out.to(q.dtype)
     block_size = k_cache.shape[1]
+    first = _visible_from(context_lens, window)
     per_split = -(-block_tables.shape[1] // splits)
     outs, lses = [], []
     for start in range(0, block_tables.shape[1], per_split):
         table = block_tables[:, start : start + per_split]
-        lens = (context_lens - start * block_size).clamp(0, table.shape[1] * block_size)
-        out, lse = paged_decode_attention_partial(q, k_cache, v_cache, table, lens, scale)
+        offset = start * block_size
+        lens = (context_lens - offset).clamp(0, table.shape[1] * block_size)
+        lo = (first - offset).clamp(min=0)
+        out, lse = _decode_partial(q, k_cache, v_cache, table, lens, lo, scale)
         outs.append(out)
         lses.append(lse)
     out, _ = merge_attn_states(torch.stack(outs), torch.stack(lses))
@@ -126,11 +148,13 @@ def paged_prefill_attention(
     scale: float,
     max_seqlen_q: int,
     tiles: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Varlen causal attention over a cached prefix: sequence ``b`` has query tokens
     ``q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]``, the last ones of its ``context_lens[b]``
-    tokens (cached + new, all already written to the cache). ``tiles`` only shapes a GPU
-    launch; here every request's rows are computed whatever it says."""
+    tokens (cached + new, all already written to the cache); with ``window > 0`` the query at
+    position ``p`` sees only keys ``p - window < t <= p``. ``tiles`` only shapes a GPU launch;
+    here every request's rows are computed whatever it says."""
     out = torch.empty_like(q)
     hq, hkv = q.shape[1], k_cache.shape[2]
     block_size = k_cache.shape[1]
@@ -145,7 +169,10 @@ def paged_prefill_attention(
         keys = k_cache[blocks].reshape(-1, hkv, k_cache.shape[3])[:ctx]
         values = v_cache[blocks].reshape(-1, hkv, v_cache.shape[3])[:ctx]
         query_pos = torch.arange(ctx - n_q, ctx, device=q.device)
-        mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= query_pos.unsqueeze(1)
+        key_pos = torch.arange(ctx, device=q.device).unsqueeze(0)
+        mask = key_pos <= query_pos.unsqueeze(1)
+        if window > 0:
+            mask &= key_pos > query_pos.unsqueeze(1) - window
         attn = F.scaled_dot_product_attention(
             q[q_start:q_end].float().transpose(0, 1),
             keys.float().transpose(0, 1).repeat_interleave(hq // hkv, dim=0),

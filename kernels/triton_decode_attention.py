@@ -2,7 +2,8 @@
 
 One program handles one (request, kv head, split): the query heads of the kv head's group form
 the rows of the score tile, so each K/V tile is read from HBM once per group. Splits write
-(out, lse) partials that `merge_attn_states_into` combines.
+(out, lse) partials that `merge_attn_states_into` combines. With a sliding window the splits
+cut only the window's span, so blocks wholly before it are never read.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ _LOG2E = 1.4426950408889634
 # Below this many tokens per split the merge and launch overheads outweigh extra parallelism.
 _MIN_TOKENS_PER_SPLIT = 256
 _MAX_SPLITS = 32
+# The window passed for full attention: longer than any context, so every position is seen.
+NO_WINDOW = 1 << 30
 # SMs the caller's kernels run on, when a partition (green context) gives it fewer than the
 # device has; split-K and launch shapes are sized for that many.
 _SM_BUDGET: ContextVar[int | None] = ContextVar("decode_sm_budget", default=None)
@@ -48,6 +51,7 @@ def _decode_kernel(
     lse_ptr,
     scale_log2,
     num_splits,
+    window,
     head_dim,
     stride_qb,
     stride_qh,
@@ -75,8 +79,9 @@ def _decode_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * split_len
+    first = tl.maximum(ctx - window, 0)  # the first position the query sees
+    split_len = tl.cdiv(tl.cdiv(ctx - first, num_splits), BLOCK_N) * BLOCK_N
+    lo = first + split * split_len
     hi = tl.minimum(lo + split_len, ctx)
 
     g = tl.arange(0, BLOCK_G)
@@ -176,6 +181,7 @@ def _launch(
     out: torch.Tensor,
     lse: torch.Tensor | None,
     num_splits: int,
+    window: int = 0,
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -198,6 +204,7 @@ def _launch(
         lse if lse is not None else out,
         scale * _LOG2E,
         num_splits,
+        window if window > 0 else NO_WINDOW,
         head_dim,
         q.stride(0),
         q.stride(1),
@@ -225,8 +232,12 @@ def _launch(
     )
 
 
-def _splits(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor) -> int:
+def _splits(
+    q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor, window: int = 0
+) -> int:
     max_context = block_tables.shape[1] * k_cache.shape[1]
+    if window > 0:  # a program reads at most the window
+        max_context = min(max_context, window)
     return choose_num_splits(q.shape[0], k_cache.shape[2], max_context, q.device)
 
 
@@ -238,16 +249,18 @@ def paged_decode_attention_partial(
     context_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    window: int = 0,
     *,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     **launch: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode token per request -> (out [B, Hq, D] fp32, lse [B, Hq] fp32, natural log).
+    """One decode token per request -> (out [B, Hq, D] fp32, lse [B, Hq] fp32, natural log),
+    over the last ``window`` tokens when ``window > 0``.
 
     An empty context gives out = 0, lse = -inf.
     """
-    splits = num_splits or _splits(q, k_cache, block_tables)
+    splits = num_splits or _splits(q, k_cache, block_tables, window)
     batch, num_q_heads, head_dim = q.shape
     if out is None:
         out = torch.empty(batch, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
@@ -257,13 +270,14 @@ def paged_decode_attention_partial(
         return out, lse
     if splits == 1:
         _launch(q, k_cache, v_cache, block_tables, context_lens, scale, out.unsqueeze(0),
-                lse.unsqueeze(0), 1, **launch)  # fmt: skip
+                lse.unsqueeze(0), 1, window, **launch)  # fmt: skip
         return out, lse
     parts = torch.empty(splits, batch, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(splits, batch, num_q_heads, dtype=torch.float32, device=q.device)
     _launch(
-        q, k_cache, v_cache, block_tables, context_lens, scale, parts, part_lse, splits, **launch
-    )
+        q, k_cache, v_cache, block_tables, context_lens, scale, parts, part_lse, splits, window,
+        **launch,
+    )  # fmt: skip
     merge_attn_states_into(
         parts.view(splits, -1, head_dim),
         part_lse.view(splits, -1),
@@ -281,12 +295,14 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    window: int = 0,
     *,
     out: torch.Tensor | None = None,
     **launch: int,
 ) -> torch.Tensor:
-    """One decode token per request: q [B, Hq, D] over paged K/V -> out [B, Hq, D] in q.dtype."""
-    splits = num_splits or _splits(q, k_cache, block_tables)
+    """One decode token per request: q [B, Hq, D] over paged K/V -> out [B, Hq, D] in q.dtype;
+    ``window > 0``: sliding-window attention over the last ``window`` tokens."""
+    splits = num_splits or _splits(q, k_cache, block_tables, window)
     batch, num_q_heads, head_dim = q.shape
     out = torch.empty_like(q) if out is None else out
     if batch == 0:
@@ -302,14 +318,16 @@ def paged_decode_attention(
             out.unsqueeze(0),
             None,
             1,
+            window,
             **launch,
         )
         return out
     parts = torch.empty(splits, batch, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(splits, batch, num_q_heads, dtype=torch.float32, device=q.device)
     _launch(
-        q, k_cache, v_cache, block_tables, context_lens, scale, parts, part_lse, splits, **launch
-    )
+        q, k_cache, v_cache, block_tables, context_lens, scale, parts, part_lse, splits, window,
+        **launch,
+    )  # fmt: skip
     merge_attn_states_into(
         parts.view(splits, -1, head_dim), part_lse.view(splits, -1), out.view(-1, head_dim), None
     )

@@ -3,7 +3,10 @@
 The new tokens' K/V are already in the cache, so every key comes from the pool. Query i of
 request b sits at position context_lens[b] - q_len_b + i and attends to positions <= it.
 Each program handles BLOCK_M queries of one head: first the key chunks wholly before its first
-query (no mask), then the diagonal chunks (causal mask).
+query (no mask), then the diagonal chunks (causal mask). With a sliding window (query at p
+sees keys p - window < t <= p) the program starts at the chunk holding its first query's
+oldest visible key: chunks on the window's lower edge are masked too, chunks wholly inside
+every query's window are not, and keys older than the window are never read.
 """
 
 from __future__ import annotations
@@ -13,16 +16,17 @@ import triton
 import triton.language as tl
 
 from greenroom.kernels.prefill_tiles import TILE_BLOCK_M
+from greenroom.kernels.triton_decode_attention import NO_WINDOW
 
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _attend_chunk(
-    q, acc, m_i, l_i, start, k_base, v_base, table, pos, ctx, d, dmask,
+    q, acc, m_i, l_i, start, k_base, v_base, table, pos, ctx, window, d, dmask,
     stride_kb, stride_kt, stride_vb, stride_vt, scale_log2,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SLIDING: tl.constexpr,
 ):  # fmt: skip
     t = start + tl.arange(0, BLOCK_N)
     if MASKED:
@@ -41,10 +45,17 @@ def _attend_chunk(
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
     if MASKED:
-        qk = tl.where((t[None, :] <= pos[:, None]) & tmask[None, :], qk, float("-inf"))
+        visible = (t[None, :] <= pos[:, None]) & tmask[None, :]
+        if SLIDING:
+            visible &= t[None, :] > pos[:, None] - window
+        qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.exp2(qk - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
+    if SLIDING and MASKED:  # a window-edge chunk may show a row nothing yet: keep it finite
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    p = tl.exp2(qk - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
     if EVEN_D and not MASKED:
         v = tl.load(v_ptrs)
@@ -65,6 +76,7 @@ def _prefill_kernel(
     tiles_ptr,
     out_ptr,
     scale_log2,
+    window,
     head_dim,
     num_m_blocks,
     num_tiles,
@@ -87,6 +99,7 @@ def _prefill_kernel(
     EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TILED: tl.constexpr,
+    SLIDING: tl.constexpr,
 ):
     h = tl.program_id(1)
     if TILED:  # (request, query block) from the host's tile list (see prefill_tiles.py)
@@ -124,17 +137,30 @@ def _prefill_kernel(
     first_pos = prefix + mb * BLOCK_M
     full_end = (first_pos // BLOCK_N) * BLOCK_N
     end = tl.minimum(first_pos + BLOCK_M, ctx)
-    for start in range(0, full_end, BLOCK_N):
+    if SLIDING:  # [lo, full_lo): the window's lower edge, seen by some queries only
+        lo = (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(end - window, 0), BLOCK_N) * BLOCK_N
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), full_end)
+    else:
+        lo = 0
+        full_lo = 0
+    for start in range(lo, full_lo, BLOCK_N):
         acc, m_i, l_i = _attend_chunk(
-            q, acc, m_i, l_i, start, k_base, v_base, table, pos, ctx, d, dmask,
+            q, acc, m_i, l_i, start, k_base, v_base, table, pos, ctx, window, d, dmask,
             stride_kb, stride_kt, stride_vb, stride_vt, scale_log2,
-            PAGE, BLOCK_N, False, EVEN_D, DOT_PRECISION,
+            PAGE, BLOCK_N, True, EVEN_D, DOT_PRECISION, SLIDING,
+        )  # fmt: skip
+    for start in range(full_lo, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_chunk(
+            q, acc, m_i, l_i, start, k_base, v_base, table, pos, ctx, window, d, dmask,
+            stride_kb, stride_kt, stride_vb, stride_vt, scale_log2,
+            PAGE, BLOCK_N, False, EVEN_D, DOT_PRECISION, SLIDING,
         )  # fmt: skip
     for start in range(full_end, end, BLOCK_N):
         acc, m_i, l_i = _attend_chunk(
-            q, acc, m_i, l_i, start, k_base, v_base, table, pos, ctx, d, dmask,
+            q, acc, m_i, l_i, start, k_base, v_base, table, pos, ctx, window, d, dmask,
             stride_kb, stride_kt, stride_vb, stride_vt, scale_log2,
-            PAGE, BLOCK_N, True, EVEN_D, DOT_PRECISION,
+            PAGE, BLOCK_N, True, EVEN_D, DOT_PRECISION, SLIDING,
         )  # fmt: skip
 
     out = acc / l_i[:, None]
@@ -161,8 +187,10 @@ def paged_prefill_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     tiles: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
-    """Causal attention of varlen new tokens q [T, Hq, D] over cached + new K/V -> [T, Hq, D].
+    """Causal attention of varlen new tokens q [T, Hq, D] over cached + new K/V -> [T, Hq, D];
+    ``window > 0``: sliding-window attention (the query at p sees keys p - window < t <= p).
 
     ``tiles`` (int32 ``[2, n]`` from :func:`prefill_tiles`, built for ``block_m``, default
     ``TILE_BLOCK_M``) fixes the launch at ``n`` programs per head whatever the batch (CUDA
@@ -205,6 +233,7 @@ def paged_prefill_attention(
         cu_seqlens_q if tiles is None else tiles,
         out,
         scale * _LOG2E,
+        window if window > 0 else NO_WINDOW,
         head_dim,
         num_m_blocks,
         num_tiles,
@@ -227,6 +256,7 @@ def paged_prefill_attention(
         EVEN_D=block_d == head_dim,
         DOT_PRECISION="ieee" if fp32 else "tf32",
         TILED=tiles is not None,
+        SLIDING=window > 0,
         num_warps=num_warps or default[2],
         num_stages=num_stages or default[3],
     )

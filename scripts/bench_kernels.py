@@ -4,11 +4,14 @@
   (read + write counted), Llama-3.1-8B heads (32 q, 8 kv, dim 128), batch x context grid.
 - prefill: paged prefill attention TFLOP/s over torch SDPA (flash backend) on the equivalent
   dense causal problem.
+- decode_window / prefill_window: the same under a sliding window (greenroom.bench.
+  window_attention): decode at 32k context must read only the window (bytes per token, and
+  the bandwidth the time would imply if it read the whole context).
 - sm_partition: a decode-like GEMM alone, beside prefill GEMMs on a shared GPU, and beside them
   with disjoint green-context SM partitions.
 
-On CPU the torch references run on tiny shapes (the Triton kernels need a GPU there).
-Prints a table, then one JSON object as the last line.
+On CPU the torch references run on tiny shapes (the Triton kernels need a GPU there);
+``--quick`` is the smallest smoke run. Prints a table, then one JSON object as the last line.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ from functools import partial
 
 import torch
 
+from greenroom.bench.window_attention import (
+    AttentionShape,
+    windowed_decode_rows,
+    windowed_prefill_rows,
+)
 from greenroom.kernels import reference
 
 HQ, HKV, HEAD_DIM, PAGE = 32, 8, 128, 16
@@ -47,9 +55,9 @@ def bench(fn: Callable[[], object], device: torch.device, rep_ms: int = 100) -> 
     return statistics.median(times)
 
 
-def copy_bandwidth(device: torch.device) -> float:
+def copy_bandwidth(device: torch.device, quick: bool = False) -> float:
     """Bytes/s of a large device copy, counting bytes read plus bytes written."""
-    nbytes = (2 << 30) if device.type == "cuda" else (256 << 20)
+    nbytes = (2 << 30) if device.type == "cuda" else (16 << 20) if quick else (256 << 20)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     seconds = bench(lambda: dst.copy_(src), device)
@@ -257,18 +265,40 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+")
     parser.add_argument("--tune", action="store_true", help="also sweep kernel launch configs")
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["decode", "prefill", "sm_partition"]
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["decode", "prefill", "decode_window", "prefill_window", "sm_partition"],
     )
+    parser.add_argument(
+        "--window", type=int, help="sliding window of the windowed cases (default 4096 on GPU)"
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run")
     parser.add_argument("--context-percent", type=float, default=0.73)
     parser.add_argument("--json-out", help="also write the JSON result to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    args.batches = args.batches or ([1, 16, 64, 256] if gpu else [1, 4])
-    args.contexts = args.contexts or ([1024, 4096, 16384, 32768] if gpu else [256, 1024])
+    big = gpu and not args.quick
+    args.batches = args.batches or ([1, 16, 64, 256] if big else [1] if args.quick else [1, 4])
+    args.contexts = args.contexts or (
+        [1024, 4096, 16384, 32768] if big else [256] if args.quick else [256, 1024]
+    )
     # (batch, new tokens, cached prefix)
     args.prefill = (
-        [(1, 8192, 0), (4, 2048, 0), (16, 512, 0), (2, 2048, 4096)] if gpu else [(1, 256, 0)]
+        [(1, 8192, 0), (4, 2048, 0), (16, 512, 0), (2, 2048, 4096)]
+        if big
+        else [(1, 64 if args.quick else 256, 0)]
+    )
+    window = args.window or (4096 if big else 64)
+    # (batch, context, window) and (batch, new tokens, cached prefix, window)
+    args.decode_window = (
+        [(1, 32768, window), (16, 32768, window), (64, 32768, window)]
+        if big
+        else [(2, 4 * window, window)]
+    )
+    args.prefill_window = (
+        [(1, 8192, 0, window), (2, 2048, 30720, window)] if big else [(1, 2 * window, 0, window)]
     )
     dtype = torch.bfloat16 if gpu else torch.float32
     if gpu:
@@ -280,6 +310,7 @@ def main() -> None:
     result: dict = {
         "device": torch.cuda.get_device_name(device) if gpu else "cpu",
         "kernels": "triton" if gpu else "torch reference",
+        "quick": args.quick,
         "dtype": str(dtype).removeprefix("torch."),
     }
     if gpu:
@@ -288,7 +319,7 @@ def main() -> None:
             "torch": torch.__version__,
             "triton": __import__("triton").__version__,
         }
-    copy_bw = copy_bandwidth(device)
+    copy_bw = copy_bandwidth(device, args.quick)
     result["copy_GBps"] = copy_bw / 1e9
     log(f"{result['device']}: copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
     if "decode" not in args.skip:
@@ -301,7 +332,25 @@ def main() -> None:
         result["prefill"] = rows
         ratios = [r["ratio"] for r in rows if "ratio" in r]
         result["prefill_min_ratio_vs_sdpa"] = min(ratios) if ratios else None
-    if gpu and "sm_partition" not in args.skip:
+    shape = AttentionShape(HQ, HKV, HEAD_DIM, PAGE)
+    timer = partial(bench, device=device)
+    if "decode_window" not in args.skip:
+        rows = windowed_decode_rows(
+            decode, timer, copy_bw, shape, args.decode_window, dtype, device
+        )
+        for r in rows:
+            log(f"decode window={r['window']} B={r['batch']} ctx={r['context']}: {r['us']:.1f} us, "
+                f"{r['kv_bytes_per_token'] / 2**20:.2f} MiB/token read, ratio {r['ratio']:.3f} "
+                f"(whole context would be {r['ratio_if_whole_context_read']:.2f}), "
+                f"{r['time_vs_full_attention_over_window']:.2f}x full attention over the window")  # fmt: skip
+        result["decode_window"] = rows
+    if "prefill_window" not in args.skip:
+        rows = windowed_prefill_rows(prefill, timer, shape, args.prefill_window, dtype, device)
+        for r in rows:
+            log(f"prefill window={r['window']} B={r['batch']} new={r['new']} "
+                f"prefix={r['prefix']}: {r['TFLOPs']:.1f} TFLOP/s, ratio {r['ratio']:.3f}")  # fmt: skip
+        result["prefill_window"] = rows
+    if gpu and not args.quick and "sm_partition" not in args.skip:
         try:
             result["sm_partition"] = sm_partition_interference(device, args.context_percent)
         except (RuntimeError, ImportError) as exc:

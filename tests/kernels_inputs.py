@@ -81,3 +81,21 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     denom = ref.norm().item()
     diff = (out - ref).norm().item()
     return diff if denom == 0 else diff / denom
+
+
+def poison_before(paged: PagedKV, starts: list[int]) -> None:
+    """NaN in the slots of positions ``< starts[b]`` of request b: a kernel that must not read
+    them (keys older than a sliding window) shows NaN if it does."""
+    page = paged.k_cache.shape[1]
+    for b, start in enumerate(starts):
+        for t in range(max(start, 0)):
+            block = int(paged.block_tables[b, t // page])
+            paged.k_cache[block, t % page] = float("nan")
+            paged.v_cache[block, t % page] = float("nan")
+
+
+def window_unread_before(requests: list[tuple[int, int]], window: int, block_n: int) -> list[int]:
+    """Per (cached prefix, new tokens) request: the positions before the key chunk (of
+    ``block_n``) holding the oldest key its first query sees, which prefill attention under
+    a sliding ``window`` never reads."""
+    return [max(prefix - window + 1, 0) // block_n * block_n for prefix, _ in requests]

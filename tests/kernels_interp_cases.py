@@ -65,6 +65,36 @@ def test_decode_attention(num_q_heads, num_kv_heads, page, num_splits):
     torch.testing.assert_close(lse[1:], ref_lse[1:], rtol=TOL, atol=TOL)
 
 
+@pytest.mark.parametrize(
+    "window,page,num_splits", [(1, 4, 1), (5, 16, 3), (20, 4, 3), (20, 16, 1), (1000, 4, 3)]
+)
+def test_decode_attention_windowed(window, page, num_splits):
+    """Sliding window: the last `window` tokens only; slots before them are NaN, so a kernel
+    that reads a block (or a token) wholly outside the window fails."""
+    context_lens = [0, 1, 2 * page + 3, 45, 6]
+    kv = inputs.make_paged_kv(context_lens, page, 2, HEAD_DIM, torch.float32, "cpu")
+    q = torch.randn(len(context_lens), 8, HEAD_DIM)
+    args = (kv.block_tables, kv.context_lens, HEAD_DIM**-0.5)
+    k_ref, v_ref = kv.clean()
+    ref_out, ref_lse = reference.paged_decode_attention_partial(
+        q, k_ref, v_ref, *args, window=window
+    )
+    split_ref = reference.paged_decode_attention(q, k_ref, v_ref, *args, 3, window=window)
+    assert inputs.rel_err(split_ref, ref_out) <= TOL
+    if window < 45:  # the window changes the answer
+        full, _ = reference.paged_decode_attention_partial(q, k_ref, v_ref, *args)
+        assert inputs.rel_err(full[3], ref_out[3]) > 1e-2
+    inputs.poison_before(kv, [n - window for n in context_lens])
+
+    out = torch.full_like(q, float("nan"))
+    paged_decode_attention(q, kv.k_cache, kv.v_cache, *args, num_splits, window, out=out)
+    assert inputs.rel_err(out, ref_out) <= TOL
+    out, lse = paged_decode_attention_partial(q, kv.k_cache, kv.v_cache, *args, num_splits, window)
+    assert inputs.rel_err(out, ref_out) <= TOL
+    assert torch.isneginf(lse[0]).all()
+    torch.testing.assert_close(lse[1:], ref_lse[1:], rtol=TOL, atol=TOL)
+
+
 def test_decode_split_parts_merge_to_whole():
     """Partials over two halves of each block table, merged, equal attention over the whole."""
     page, context_lens = 4, [9, 16, 3]
@@ -125,8 +155,35 @@ def test_prefill_attention(num_q_heads, num_kv_heads, page):
     assert inputs.rel_err(out, ref) <= TOL
 
 
+@pytest.mark.parametrize(
+    "window,page,block_m", [(1, 4, 16), (6, 16, 32), (17, 4, 32), (17, 16, 16), (1000, 4, 16)]
+)
+def test_prefill_attention_windowed(window, page, block_m):
+    """Sliding window over cached prefixes and across chunk edges; keys older than any query's
+    window (below the chunk holding the first one's oldest key) are NaN and never read."""
+    requests = [(2 * page + 1, 7), (0, 37), (page - 1, 1), (5, 2 * page), (40, 9)]
+    context_lens = [p + n for p, n in requests]
+    kv = inputs.make_paged_kv(context_lens, page, 2, HEAD_DIM, torch.float32, "cpu")
+    q_lens = [n for _, n in requests]
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), 8, HEAD_DIM)
+    args = (kv.block_tables, cu, kv.context_lens, HEAD_DIM**-0.5, max(q_lens))
+    k_ref, v_ref = kv.clean()
+    ref = reference.paged_prefill_attention(q, k_ref, v_ref, *args, window=window)
+    if window < 37:
+        full = reference.paged_prefill_attention(q, k_ref, v_ref, *args)
+        assert inputs.rel_err(full, ref) > 1e-2
+    inputs.poison_before(kv, inputs.window_unread_before(requests, window, 16))
+    out = torch.full_like(q, float("nan"))
+    paged_prefill_attention(
+        q, kv.k_cache, kv.v_cache, *args, out=out, block_m=block_m, block_n=16, window=window
+    )
+    assert inputs.rel_err(out, ref) <= TOL
+
+
 @pytest.mark.parametrize("block_m", [16, 32])
-def test_prefill_attention_tiled(block_m):
+@pytest.mark.parametrize("window", [0, 6])
+def test_prefill_attention_tiled(block_m, window):
     """The fixed-shape launch (CUDA graphs): a tile list, padded rows and requests past the
     batch. Covered rows equal the reference; rows no tile covers are left untouched."""
     from greenroom.kernels.prefill_tiles import max_tiles, prefill_tiles
@@ -145,17 +202,21 @@ def test_prefill_attention_tiled(block_m):
     tables = torch.zeros((padded_requests, kv.block_tables.shape[1]), dtype=torch.int32)
     tables[: len(requests)] = kv.block_tables
     n = max_tiles(padded_tokens, padded_requests, block_m)
-    tiles = torch.from_numpy(prefill_tiles(q_lens, context_lens, n, block_m))
+    tiles = torch.from_numpy(prefill_tiles(q_lens, context_lens, n, block_m, window))
     q = torch.randn(padded_tokens, num_q_heads, HEAD_DIM)
     out = torch.full_like(q, float("nan"))
     args = (HEAD_DIM**-0.5, padded_tokens)
-    paged_prefill_attention(
-        q, kv.k_cache, kv.v_cache, tables, cu, lens, *args, out=out, block_m=block_m, tiles=tiles
-    )
     k_ref, v_ref = kv.clean()
+    if window:
+        inputs.poison_before(kv, inputs.window_unread_before(requests, window, 16))
+    paged_prefill_attention(
+        q, kv.k_cache, kv.v_cache, tables, cu, lens, *args,
+        out=out, block_m=block_m, block_n=16, tiles=tiles, window=window,
+    )  # fmt: skip
     ref = reference.paged_prefill_attention(
-        q[:real], k_ref, v_ref, kv.block_tables, cu[: len(requests) + 1], kv.context_lens, *args
-    )
+        q[:real], k_ref, v_ref, kv.block_tables, cu[: len(requests) + 1], kv.context_lens, *args,
+        window=window,
+    )  # fmt: skip
     assert inputs.rel_err(out[:real], ref) <= TOL
     assert out[real:].isnan().all()
 

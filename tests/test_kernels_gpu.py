@@ -90,6 +90,61 @@ def test_prefill_attention(dtype, num_q_heads, num_kv_heads):
     )
 
 
+@pytest.mark.parametrize("num_splits", [None, 1, 7])
+@pytest.mark.parametrize("window", [1, 1000, 4096])
+def test_decode_attention_windowed(num_splits, window):
+    """bf16 sliding-window decode; every slot older than the window is NaN (never read)."""
+    from greenroom.kernels import reference
+    from greenroom.kernels.triton_decode_attention import paged_decode_attention
+
+    dtype = torch.bfloat16
+    context_lens = [1, 0, 17, 4096, 1000, 2047, 3333, 64, 9000]
+    kv = inputs.make_paged_kv(context_lens, PAGE, 8, HEAD_DIM, dtype, "cuda")
+    q = torch.randn(len(context_lens), 32, HEAD_DIM, device="cuda").to(dtype)
+    args = (kv.block_tables, kv.context_lens, HEAD_DIM**-0.5)
+    k_ref, v_ref = kv.clean()
+    ref_out, _ = reference.paged_decode_attention_partial(q, k_ref, v_ref, *args, window=window)
+    inputs.poison_before(kv, [n - window for n in context_lens])
+    out = paged_decode_attention(
+        q, kv.k_cache, kv.v_cache, *args, num_splits, window, out=_nan_like(q)
+    )
+    _check(out[kv.context_lens > 0], ref_out[kv.context_lens > 0], dtype)
+
+
+@pytest.mark.parametrize("window", [1, 300, 4096])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_prefill_attention_windowed(window, tiled):
+    """bf16 sliding-window prefill over cached prefixes, per-batch and tile-list launches; keys
+    older than every query's window are NaN (never read)."""
+    from greenroom.kernels import reference
+    from greenroom.kernels.prefill_tiles import max_tiles, prefill_tiles
+    from greenroom.kernels.triton_prefill_attention import paged_prefill_attention
+
+    dtype = torch.bfloat16
+    requests = [(1000, 300), (0, 515), (37, 1), (4093, 129), (9000, 64)]
+    context_lens = [p + n for p, n in requests]
+    kv = inputs.make_paged_kv(context_lens, PAGE, 8, HEAD_DIM, dtype, "cuda")
+    q_lens = [n for _, n in requests]
+    cu = torch.tensor(
+        [0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda"
+    )
+    q = torch.randn(int(cu[-1]), 32, HEAD_DIM, device="cuda").to(dtype)
+    args = (kv.block_tables, cu, kv.context_lens, HEAD_DIM**-0.5, max(q_lens))
+    k_ref, v_ref = kv.clean()
+    ref = reference.paged_prefill_attention(
+        q.float(), k_ref.float(), v_ref.float(), *args, window=window
+    )
+    inputs.poison_before(kv, inputs.window_unread_before(requests, window, 128))
+    tiles = None
+    if tiled:
+        n = max_tiles(int(cu[-1]), len(requests))
+        tiles = torch.from_numpy(prefill_tiles(q_lens, context_lens, n, window=window)).cuda()
+    out = paged_prefill_attention(
+        q, kv.k_cache, kv.v_cache, *args, out=_nan_like(q), tiles=tiles, window=window
+    )
+    _check(out, ref, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_merge_attn_states(dtype):
     from greenroom.kernels import reference

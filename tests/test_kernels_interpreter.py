@@ -20,9 +20,11 @@ CASES = Path(__file__).with_name("kernels_interp_cases.py")
 GROUPS = [
     "test_interpreter_mode_is_active",
     "test_decode_attention",
+    "test_decode_attention_windowed",
     "test_decode_split_parts_merge_to_whole",
     "test_merge_attn_states",
     "test_prefill_attention",
+    "test_prefill_attention_windowed",
     "test_prefill_attention_tiled",
     "test_write_kv_cache",
     "test_rms_norm",

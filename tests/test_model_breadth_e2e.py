@@ -40,6 +40,14 @@ DIMS = dict(
 )
 
 CHECKPOINTS = {
+    # windows far shorter than prompt + output; prefill chunks (12) cross the window edge
+    "mistral-window": lambda: transformers.MistralConfig(**DIMS, sliding_window=10),
+    "qwen2-some-layers-slide": lambda: transformers.Qwen2Config(
+        **DIMS,
+        use_sliding_window=True,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
     "qwen3-untied": lambda: transformers.Qwen3Config(**DIMS, head_dim=24, rope_theta=1e6),
     "qwen3-yarn-tied": lambda: transformers.Qwen3Config(
         **DIMS, head_dim=24, rope_theta=1e6, rope_scaling=yarn_rope(32), tie_word_embeddings=True

@@ -40,10 +40,12 @@ def gpu_config(name: str):
 
     if name == "qwen3":  # q/k norms and a head_dim of its own (not 512 / 8)
         return transformers.Qwen3Config(**GPU_DIMS, head_dim=128, rope_theta=1e6)
+    if name == "mistral-window":  # a window shorter than the longer prompts, every layer
+        return transformers.MistralConfig(**GPU_DIMS, sliding_window=48)
     return transformers.LlamaConfig(**GPU_DIMS, rope_scaling=llama3_rope(128))
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "mistral-window"])
 def checkpoint(request, tmp_path_factory) -> Path:
     pytest.importorskip("transformers")
     path = tmp_path_factory.mktemp("gpu") / request.param

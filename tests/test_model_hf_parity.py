@@ -55,6 +55,12 @@ CHECKPOINTS = {
     ),
     "qwen2-bias-tied": lambda: transformers.Qwen2Config(**COMMON, tie_word_embeddings=True),
     "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=None),
+    # a window far shorter than prompt + output, on every layer
+    "mistral-window": lambda: transformers.MistralConfig(**COMMON, sliding_window=7),
+    # layer 0 attends fully, layer 1 over a window (max_window_layers)
+    "qwen2-some-layers-slide": lambda: transformers.Qwen2Config(
+        **COMMON, use_sliding_window=True, sliding_window=9, max_window_layers=1
+    ),
     # head_dim 24 is not hidden_size / heads (16): Qwen3 states its own
     "qwen3-untied": lambda: transformers.Qwen3Config(**COMMON, head_dim=24, rope_theta=1e6),
     "qwen3-yarn-tied": lambda: transformers.Qwen3Config(

@@ -113,9 +113,48 @@ def test_runner_reports_pool_and_model_facts(ckpt: Path) -> None:
     assert runner.eos_token_ids == [2] and runner.max_model_len == 2048
 
 
-def test_sliding_window_caps_max_model_len(ckpt: Path) -> None:
+def test_sliding_window_does_not_cap_max_model_len(ckpt: Path) -> None:
     edit_config(ckpt, architectures=["MistralForCausalLM"], sliding_window=512)
-    assert load(ckpt).max_model_len == 512
+    runner = load(ckpt)
+    assert runner.max_model_len == 2048 and runner.arch.layer_windows == (512, 512)
+
+
+QWEN2 = dict(TINY_CONFIG, architectures=["Qwen2ForCausalLM"], num_hidden_layers=4)
+
+
+@pytest.mark.parametrize(
+    "changes,windows",
+    [
+        ({"sliding_window": 64}, ()),  # use_sliding_window false: no layer slides
+        ({"sliding_window": 64, "use_sliding_window": True, "max_window_layers": 4}, ()),
+        (
+            {"sliding_window": 64, "use_sliding_window": True, "max_window_layers": 1},
+            (0, 64, 64, 64),
+        ),
+        (
+            {
+                "sliding_window": 64,
+                "use_sliding_window": True,
+                "max_window_layers": 0,  # layer_types wins over max_window_layers
+                "layer_types": ["sliding_attention", "full_attention"] * 2,
+            },
+            (64, 0, 64, 0),
+        ),
+        ({"sliding_window": None, "use_sliding_window": True}, ()),
+    ],
+)
+def test_qwen2_layer_windows_follow_transformers(changes: dict, windows: tuple) -> None:
+    arch = ArchConfig.from_dict(dict(QWEN2, **changes))
+    assert arch.layer_windows == windows
+    assert [arch.window(i) for i in range(4)] == list(windows or (0, 0, 0, 0))
+    assert arch.sliding_window == (64 if windows else None)
+
+
+def test_llama_ignores_sliding_window_and_unknown_layer_types_are_named() -> None:
+    assert ArchConfig.from_dict(dict(TINY_CONFIG, sliding_window=8)).layer_windows == ()
+    bad = dict(QWEN2, sliding_window=8, use_sliding_window=True, layer_types=["chunked"] * 4)
+    with pytest.raises(CheckpointError, match="layer_types.*not supported"):
+        ArchConfig.from_dict(bad)
 
 
 def test_generation_config_adds_eos_ids(ckpt: Path) -> None:

@@ -25,8 +25,10 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[bool, bool]] = {
 _ATTENTION_BIAS_FLAG = ("LlamaForCausalLM", "Qwen3ForCausalLM")
 # architectures with a per-head RMSNorm on q and k before rotary
 _QK_NORM = ("Qwen3ForCausalLM",)
-# architectures whose ``sliding_window`` applies only with ``use_sliding_window``
+# architectures whose ``sliding_window`` applies only with ``use_sliding_window``, and then to
+# the layers ``layer_types`` (or ``max_window_layers``) name
 _WINDOW_FLAG = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -52,10 +54,16 @@ class ArchConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # the window of the layers that slide; None: none does
+    layer_windows: tuple[int, ...] = ()  # per layer: its window, 0 for full attention
     qk_norm: bool = False
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str = "float32"
+
+    def window(self, layer: int) -> int:
+        """Layer ``layer``'s sliding window (its query at p sees keys p - window < t <= p);
+        0 for full attention."""
+        return self.layer_windows[layer] if self.layer_windows else 0
 
     @property
     def q_size(self) -> int:
@@ -89,15 +97,14 @@ class ArchConfig:
             if cfg.get("mlp_bias"):
                 raise CheckpointError(f"{source}: mlp_bias = true is not supported")
             rope_theta, rope_scaling = _rope(cfg, source)
-            window = cfg.get("sliding_window")
-            if arch in _WINDOW_FLAG and not cfg.get("use_sliding_window", False):
-                window = None
+            num_layers = int(cfg["num_hidden_layers"])
+            windows = _layer_windows(cfg, arch, num_layers, source)
             return cls(
                 architecture=arch,
                 vocab_size=int(cfg["vocab_size"]),
                 hidden_size=hidden,
                 intermediate_size=int(cfg["intermediate_size"]),
-                num_layers=int(cfg["num_hidden_layers"]),
+                num_layers=num_layers,
                 num_heads=heads,
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
@@ -108,7 +115,8 @@ class ArchConfig:
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=qkv_bias,
                 o_bias=o_bias,
-                sliding_window=int(window) if window else None,
+                sliding_window=max(windows) if windows else None,
+                layer_windows=windows,
                 qk_norm=arch in _QK_NORM,
                 eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
                 torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
@@ -136,6 +144,29 @@ class ArchConfig:
             eos = arch.eos_token_ids + [t for t in extra if t not in arch.eos_token_ids]
             arch = replace(arch, eos_token_ids=eos)
         return arch
+
+
+def _layer_windows(cfg: dict[str, Any], arch: str, num_layers: int, source: str) -> tuple[int, ...]:
+    """Each layer's sliding window (0: full attention), as transformers reads them: Mistral
+    slides every layer; Qwen2/Qwen3 only with ``use_sliding_window``, the layers ``layer_types``
+    marks ``sliding_attention`` (without it, those from ``max_window_layers`` on); Llama
+    ignores ``sliding_window``. Empty when no layer slides."""
+    window = int(cfg.get("sliding_window") or 0)
+    if arch == "MistralForCausalLM":
+        return (window,) * num_layers if window > 0 else ()
+    if arch not in _WINDOW_FLAG or not cfg.get("use_sliding_window") or window <= 0:
+        return ()
+    types = cfg.get("layer_types")
+    if types is None:
+        first = int(cfg.get("max_window_layers", 28))
+        types = [_LAYER_TYPES[i >= first] for i in range(num_layers)]
+    if len(types) != num_layers or any(t not in _LAYER_TYPES for t in types):
+        raise CheckpointError(
+            f"{source}: layer_types {types} is not supported: need {num_layers} entries, "
+            f"each one of {', '.join(_LAYER_TYPES)}"
+        )
+    windows = tuple(window if t == "sliding_attention" else 0 for t in types)
+    return windows if any(windows) else ()
 
 
 def _eos_ids(value: Any) -> list[int]:

@@ -1,8 +1,9 @@
 """The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3) over a paged KV pool.
 
 Read top to bottom: embed, then per layer RMSNorm -> fused QKV (optional bias) -> per-head
-q/k RMSNorm (Qwen3) -> RoPE -> KV write -> paged attention -> O projection -> RMSNorm
-(+residual) -> SwiGLU; final norm; the LM head runs only on the rows whose logits are asked for.
+q/k RMSNorm (Qwen3) -> RoPE -> KV write -> paged attention (over the layer's sliding window,
+if it has one) -> O projection -> RMSNorm (+residual) -> SwiGLU; final norm; the LM head runs
+only on the rows whose logits are asked for.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ class LlamaModel:
                 q = ops.rms_norm(q, layer.q_norm, arch.rms_norm_eps)
                 k = ops.rms_norm(k, layer.k_norm, arch.rms_norm_eps)
             q, k = ops.apply_rotary(q, k, batch.positions, self.cos_sin)
-            attn = self._attention(q, k, v, kv_pool[:, index, 0], kv_pool[:, index, 1], batch)
+            attn = self._attention(
+                q, k, v, kv_pool[:, index, 0], kv_pool[:, index, 1], batch, arch.window(index)
+            )
             h = F.linear(attn.reshape(n, arch.q_size), layer.o, layer.o_bias)
             x, residual = ops.fused_add_rms_norm(h, residual, layer.post_norm, arch.rms_norm_eps)
             gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
@@ -53,12 +56,16 @@ class LlamaModel:
         out, _ = ops.fused_add_rms_norm(h, residual, w.norm, arch.rms_norm_eps)
         return out
 
-    def _attention(self, q, k, v, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
+    def _attention(
+        self, q, k, v, k_cache, v_cache, batch: ForwardBatch, window: int = 0
+    ) -> torch.Tensor:
+        """``window``: the layer's sliding window (0: full attention)."""
         ops.write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
         if batch.decode_only:
             return ops.paged_decode_attention(
-                q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale
-            )
+                q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale,
+                window=window,
+            )  # fmt: skip
         return ops.paged_prefill_attention(
             q,
             k_cache,
@@ -69,6 +76,7 @@ class LlamaModel:
             self.scale,
             batch.max_seqlen_q,
             tiles=batch.attention_tiles,
+            window=window,
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -22,13 +22,5 @@ def decide_max_model_len(
             f"max_position_embeddings = {positions}; use at most {positions}, or set "
             "model.allow_long_max_model_len (--allow-long-max-model-len) to accept it"
         )
-    max_len = asked or positions
-    notes: list[str] = []
-    if arch.sliding_window and max_len > arch.sliding_window:
-        notes.append(
-            f"max_model_len lowered from {max_len} to {arch.sliding_window}: {source} uses "
-            f"sliding-window attention (window {arch.sliding_window}), which greenroom does "
-            "not implement, so a sequence stays inside one window"
-        )
-        max_len = arch.sliding_window
-    return max_len, notes
+    # sliding-window layers attend over their window at any length: no cap from the window
+    return asked or positions, []

@@ -133,7 +133,9 @@ class PrefillGraphs:
             self.cu_seqlens_q[b + 1 :].fill_(n)
             self.logits_indices[b:].zero_()
         q_lens, context_lens = batch.host_lens
-        tiles = prefill_tiles(q_lens, context_lens, self.device_tiles[size].shape[1])
+        arch = self.model.arch  # the tile order knows a window only when every layer slides
+        window = min(arch.layer_windows) if arch.layer_windows else 0
+        tiles = prefill_tiles(q_lens, context_lens, self.device_tiles[size].shape[1], window=window)
         self.device_tiles[size].copy_(torch.from_numpy(tiles), non_blocking=True)
 
     def _load_fitting(self, batch: ForwardBatch) -> int:
