@@ -309,14 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--requests",
         type=_typed(int, "--requests"),
-        default=200,
+        default=100,
         metavar="N",
         help="requests to replay from the slice (default: %(default)s)",
     )
     demo.add_argument(
         "--time-scale",
         type=_typed(float, "--time-scale"),
-        default=0.05,
+        default=0.5,
         metavar="X",
         help="arrival-time scale; smaller: faster arrivals (default: %(default)s)",
     )

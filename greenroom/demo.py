@@ -2,7 +2,8 @@
 
 Starts a node on the embedded tiny model in this process, replays the bundled slice of the
 Azure conversation trace against it with the replay tool (through real sockets and the client
-library), prints the metrics table and the JSON report, and shuts the node down.
+library), prints the metrics table and the paths of the files it wrote, and shuts the node
+down.
 """
 
 from __future__ import annotations

@@ -350,7 +350,12 @@ def main() -> None:
         "node": {"start_s": served["node_start_s"], "kv_blocks": served["node_kv_blocks"]},
         "phase_seconds": timings,
     }
+    # the sweep's failed requests; a lost request elsewhere raises (offline_throughput)
+    result["lost_requests"] = sum(r["num_failed"] for r in result["sweep"]["rows"])
     print(json.dumps(result))
+    if result["lost_requests"]:
+        print(f"bench_serve: {result['lost_requests']} requests failed", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

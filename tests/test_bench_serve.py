@@ -97,6 +97,7 @@ def test_quick_run_prints_one_json_result():
     rows = result["sweep"]["rows"]
     assert [r["load"] for r in rows] == [8.0, 32.0]
     assert all(r["num_completed"] == r["num_sent"] and r["num_failed"] == 0 for r in rows)
+    assert result["lost_requests"] == 0
     assert all(r["ttft_ms_p99"] > 0 and r["tpot_ms_p99"] > 0 for r in rows)
     peer = result["peer"]
     assert peer["transformers"]["output_tokens"] == peer["greenroom"]["output_tokens"]

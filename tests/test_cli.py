@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -141,22 +140,3 @@ def test_serve_answers_then_exits_cleanly_on_sigterm(server) -> None:
     assert "stopped" in proc.stdout.read()
     with pytest.raises(httpx.ConnectError):  # the HTTP server stopped with the node
         httpx.get(url + "/health", timeout=5)
-
-
-def test_demo_runs_and_prints_its_metrics_table(tmp_path) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    res = subprocess.run(
-        [*CLI, "demo", "--requests", "30", "--out", str(tmp_path / "demo")],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=REPO,
-        env=env,
-    )
-    assert res.returncode == 0, res.stderr
-    assert "requests sent" in res.stdout and "TTFT" in res.stdout
-    last = res.stdout.strip().splitlines()[-1]  # the table, then the files written; no JSON
-    assert last.startswith("wrote ") and "report.json" in last
-    assert len(res.stdout) < 4000
-    report = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert report["num_completed"] == 30

@@ -36,7 +36,7 @@ class ReplayProgress:
             file=sys.stderr,
             disable=not enabled,
             unit="req",
-            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {postfix}]",
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
         )
 
     def elapsed(self) -> float:
