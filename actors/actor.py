@@ -101,6 +101,14 @@ class Actor:
         self._cell.crash(reason)
         return None
 
+    def take_reply(self) -> Any:
+        """Inside a handler: take over the reply of the ask being handled (None for a
+        tell), to answer it later with ``greenroom.actors.cell.settle(reply, value, error)``
+        — e.g. once a result arrives from elsewhere, so the next message can be handled
+        meanwhile. The handler's return value is then ignored, and the actor must settle
+        every reply it took, on_stop included."""
+        return self._cell.take_reply()
+
     def spawn_task(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task:
         """A background task owned by this actor: cancelled when the actor stops; if it
         fails, the actor crashes."""

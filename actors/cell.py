@@ -128,6 +128,10 @@ class ActorCell:
         self.add_exit_callback(lambda _cell: done.done() or done.set_result(None), loop)
         await done
 
+    def take_reply(self) -> Any:
+        reply, self._current_reply = self._current_reply, None
+        return reply
+
     def spawn_task(self, coro: Coroutine[Any, Any, Any], name: str | None) -> asyncio.Task:
         task = self.loop.create_task(coro, name=name or f"{self.name}:task")
         self._tasks.add(task)
@@ -184,12 +188,12 @@ class ActorCell:
                 if is_async:
                     result = await result
             except Exception as exc:
-                if reply is not None:
+                if self._current_reply is not None:
                     settle(reply, None, RemoteError(type(exc).__name__, str(exc)))
                 else:
                     log.exception("handler failed", message=type(msg).__name__)
             else:
-                if reply is not None:
+                if self._current_reply is not None:
                     settle(reply, result)
             finally:
                 if tokens is not None:

@@ -100,6 +100,7 @@ _NODE_FLAGS: list[tuple[Any, ...]] = [
         str,
         "generation role: sync (decode after the KV read settles) or async",
     ),
+    ("--tp-size", "parallel.tp_size", int, "tensor-parallel ranks (one process per GPU)"),
     ("--log-format", "log_format", str, "auto: JSON when stdout is not a terminal"),
     ("--log-level", "log_level", str, "lowest level logged"),
 ]

@@ -82,9 +82,46 @@ class SchedulerConfig(_Section):
 
 
 class ParallelConfig(_Section):
+    """Ranks of a node (greenroom.parallel): sizes, the node's place, rendezvous, timeouts."""
+
     pp_size: PositiveInt = 1
     tp_size: PositiveInt = 1
     cp_size: PositiveInt = 1
+    nnodes: PositiveInt = 1
+    node_rank: NonNegInt = 0
+    # node 0's address: the torch.distributed store listens on master_port, the rank bus
+    # (plans, results, node agents) on master_port + 1; 0 picks free ports (one node only)
+    master_addr: str = "127.0.0.1"
+    master_port: Port = 0
+    collective_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    start_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0
+
+    def __post_init__(self) -> None:
+        for name in ("pp_size", "cp_size"):
+            if getattr(self, name) > 1:
+                raise ValueError(
+                    f"{name} = {getattr(self, name)} is invalid: only tensor parallelism "
+                    f"(tp_size) is supported yet, {name} must be 1"
+                )
+        world = self.pp_size * self.cp_size * self.tp_size
+        if world % self.nnodes:
+            raise ValueError(
+                f"nnodes = {self.nnodes} is invalid: inconsistent world size, "
+                f"{world} ranks (pp_size * cp_size * tp_size) cannot be spread evenly over "
+                f"{self.nnodes} nodes"
+            )
+        if self.node_rank >= self.nnodes:
+            raise ValueError(
+                f"node_rank = {self.node_rank} is invalid: must be below nnodes = {self.nnodes}"
+            )
+        if self.nnodes > 1 and self.master_port == 0:
+            raise ValueError(
+                "master_port = 0 is invalid with nnodes > 1: every node must be told the port"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.pp_size * self.cp_size * self.tp_size
 
 
 class SMDisaggConfig(_Section):
@@ -160,10 +197,10 @@ class NodeConfig(_Section):
     router: RouterConfig = msgspec.field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:
-        p = self.parallel
-        if p.pp_size > 1 or p.tp_size > 1 or p.cp_size > 1:
+        if self.parallel.world_size > 1 and self.sm_disagg.enabled:
             raise ValueError(
-                "parallel: pp_size, tp_size and cp_size > 1 are not supported yet (must be 1)"
+                f"sm_disagg.enabled with parallel.tp_size = {self.parallel.tp_size} is not "
+                "supported: SM-level disaggregation runs on one GPU"
             )
         if self.kv_transfer.lease_margin_s >= self.kv_transfer.lease_s:
             raise ValueError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,8 @@ class Node:
     frontend: Frontend
     refs: dict[str, ActorRef] = field(default_factory=dict)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    resources: list = field(default_factory=list)
+    exit_code: int = 0  # 1 once the supervisor gave up (restart limit)
     _stop_task: asyncio.Task | None = None
     _summary_task: asyncio.Task | None = None
 
@@ -79,11 +82,13 @@ class Node:
             log.error("restart limit reached; shutting the node down")
             node = holder.get("node")
             if node is not None:
+                node.exit_code = 1
                 asyncio.get_running_loop().create_task(node.stop())
 
         sup = Supervisor(rt, max_restarts=3, period_s=60.0, on_escalate=escalate)
+        resources: list = []  # closed after the actors stop (the rank bus, the store)
         try:
-            engines = await _start_engines(cfg, sup)
+            engines = await _start_engines(cfg, sup, resources)
             first = next(iter(engines.values()))
             info: EngineInfo = await first.ask(EngineInfoQuery(), timeout=ENGINE_START_TIMEOUT_S)
             agent = info.kv_agent
@@ -127,6 +132,7 @@ class Node:
             frontend.attach(sched, kv)
         except BaseException:
             await rt.shutdown(timeout=10.0)
+            _close_all(resources)
             raise
         node = cls(
             cfg,
@@ -136,6 +142,7 @@ class Node:
             frontend,
             {"kv": kv, "scheduler": sched, "frontend": fe_ref, **engines},
         )
+        node.resources = resources
         holder["node"] = node
         if cfg.log_stats_interval_s > 0:
             node._summary_task = asyncio.get_running_loop().create_task(
@@ -215,10 +222,21 @@ class Node:
         with contextlib.suppress(Exception):
             await self.refs["scheduler"].ask(Drain(), timeout=5.0)
             await asyncio.sleep(0.05)  # let the frontend flush the errors to clients
+        _close_all(self.resources)  # other nodes' agents hear "shutdown" before the sockets close
         await self.runtime.shutdown(timeout=timeout)
 
 
-async def _start_engines(cfg: NodeConfig, sup: Supervisor) -> dict[str, ActorRef]:
+def _close_all(resources: list) -> None:
+    for resource in reversed(resources):
+        with contextlib.suppress(Exception):
+            resource.close()
+
+
+async def _start_engines(cfg: NodeConfig, sup: Supervisor, resources: list) -> dict[str, ActorRef]:
+    if cfg.parallel.world_size > 1:
+        from greenroom.parallel.head import start_rank_group
+
+        return await start_rank_group(cfg, sup, resources)
     if not cfg.sm_disagg.enabled:
         import torch
 
@@ -286,6 +304,9 @@ async def _serve(cfg: NodeConfig) -> int:
     if http is not None:
         http.stop()
     await node.stop()
+    if node.exit_code:
+        print("greenroom: stopped: the engine crashed past its restart limit", file=sys.stderr)
+        return node.exit_code
     print("greenroom: stopped", flush=True)
     return 0
 

@@ -4,6 +4,12 @@ Read top to bottom: embed, then per layer RMSNorm -> fused QKV (optional bias) -
 q/k RMSNorm (Qwen3) -> RoPE -> KV write -> paged attention (over the layer's sliding window,
 if it has one) -> O projection -> RMSNorm (+residual) -> SwiGLU; final norm; the LM head runs
 only on the rows whose logits are asked for.
+
+Tensor parallel (``tp``, see greenroom.parallel.shard): ``arch`` is the rank's local shape
+(its heads, its intermediate slice); the O projection and the down projection are
+row-parallel and followed by an all-reduce; the embedding and the LM head hold a padded slice
+of the vocabulary (embedding: look up the ids this rank owns, all-reduce; LM head: all-gather
+the logits and cut the padding), so every rank ends with the same full logits.
 """
 
 from __future__ import annotations
@@ -16,14 +22,23 @@ from greenroom.models.arch import ArchConfig
 from greenroom.models.batch import ForwardBatch
 from greenroom.models.loader import ModelWeights
 from greenroom.models.rope import cos_sin_cache
+from greenroom.parallel.comm import TensorParallel
 
 
 class LlamaModel:
     def __init__(
-        self, arch: ArchConfig, weights: ModelWeights, max_position: int, device: torch.device
+        self,
+        arch: ArchConfig,
+        weights: ModelWeights,
+        max_position: int,
+        device: torch.device,
+        tp: TensorParallel | None = None,
     ) -> None:
         self.arch = arch
         self.weights = weights
+        self.tp = tp or TensorParallel.single()
+        self.vocab_size = arch.vocab_size
+        self.vocab_start = self.tp.rank * weights.embed.shape[0]
         self.scale = arch.head_dim**-0.5
         self.cos_sin = cos_sin_cache(
             arch.head_dim, max_position, arch.rope_theta, arch.rope_scaling, device
@@ -33,7 +48,7 @@ class LlamaModel:
         """Final-norm hidden states ``[T, hidden]``; writes the batch's K/V into ``kv_pool``."""
         arch, w = self.arch, self.weights
         n = batch.num_tokens
-        h = F.embedding(batch.input_ids, w.embed)
+        h = self._embed(batch.input_ids)
         residual = None
         for index, layer in enumerate(w.layers):
             x, residual = ops.fused_add_rms_norm(h, residual, layer.input_norm, arch.rms_norm_eps)
@@ -49,12 +64,21 @@ class LlamaModel:
             attn = self._attention(
                 q, k, v, kv_pool[:, index, 0], kv_pool[:, index, 1], batch, arch.window(index)
             )
-            h = F.linear(attn.reshape(n, arch.q_size), layer.o, layer.o_bias)
+            h = self.tp.all_reduce(F.linear(attn.reshape(n, arch.q_size), layer.o, layer.o_bias))
             x, residual = ops.fused_add_rms_norm(h, residual, layer.post_norm, arch.rms_norm_eps)
             gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = F.linear(F.silu(gate) * up, layer.down)
+            h = self.tp.all_reduce(F.linear(F.silu(gate) * up, layer.down))
         out, _ = ops.fused_add_rms_norm(h, residual, w.norm, arch.rms_norm_eps)
         return out
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weights.embed)
+        local = ids - self.vocab_start
+        rows = self.weights.embed.shape[0]
+        outside = (local < 0) | (local >= rows)
+        h = F.embedding(local.masked_fill(outside, 0), self.weights.embed)
+        return self.tp.all_reduce(h.masked_fill(outside.unsqueeze(-1), 0.0))
 
     def _attention(
         self, q, k, v, k_cache, v_cache, batch: ForwardBatch, window: int = 0
@@ -80,8 +104,11 @@ class LlamaModel:
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits of the given hidden rows."""
-        return F.linear(hidden, self.weights.lm_head).float()
+        """float32 logits of the given hidden rows (the full vocabulary on every rank)."""
+        logits = F.linear(hidden, self.weights.lm_head).float()
+        if self.tp.size == 1:
+            return logits
+        return self.tp.all_gather_last(logits)[:, : self.vocab_size]
 
     def forward(self, batch: ForwardBatch, kv_pool: torch.Tensor) -> torch.Tensor:
         hidden = self.hidden_states(batch, kv_pool)

@@ -2,7 +2,8 @@
 
 Tensors are read through safetensors' memory map (one file, or shards listed in
 ``model.safetensors.index.json``), checked against the shapes ``config.json`` implies,
-cast and moved to the device. q/k/v and gate/up are fused into one matrix each.
+cast and moved to the device. q/k/v and gate/up are fused into one matrix each. A
+tensor-parallel rank reads only its slices (``get_slice``): no full tensor is ever in memory.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
 from greenroom.models.arch import ArchConfig, CheckpointError
+
+if TYPE_CHECKING:
+    from greenroom.parallel.shard import TPShard
 
 
 @dataclass
@@ -105,78 +110,142 @@ class _Checkpoint:
             if path.is_file()
         }
 
-    def get(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def get(
+        self,
+        name: str,
+        dtype: torch.dtype,
+        device: torch.device,
+        rows: slice | None = None,
+        cols: slice | None = None,
+    ) -> torch.Tensor:
+        """The tensor, or only its ``rows`` (dim 0) or ``cols`` (dim 1) slice."""
         path = self.files.get(name)
         if path is None:
             raise CheckpointError(f"{self.model_dir}: checkpoint is missing tensor {name!r}")
         if path not in self._handles:
             raise CheckpointError(f"{self.model_dir}: shard {path.name!r} for {name!r} is missing")
-        tensor = self._handles[path].get_tensor(name)
+        part = self._handles[path].get_slice(name)
         expected = self.shapes[name]
-        if tuple(tensor.shape) != expected:
+        if tuple(part.get_shape()) != expected:
             raise CheckpointError(
-                f"{self.model_dir}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"{self.model_dir}: tensor {name!r} has shape {tuple(part.get_shape())}, "
                 f"config.json implies {expected}"
             )
+        if rows is not None:
+            tensor = part[rows]
+        elif cols is not None:
+            tensor = part[:, cols]
+        else:
+            tensor = part[:]
         return tensor.to(device=device, dtype=dtype)
 
 
-def _layers(ckpt: _Checkpoint, arch: ArchConfig, dtype, device) -> Iterator[LayerWeights]:
+def _layers(
+    ckpt: _Checkpoint, arch: ArchConfig, dtype, device, shard: TPShard | None = None
+) -> Iterator[LayerWeights]:
+    """Each layer's weights; with ``shard``, the rank's slices: q/k/v and gate/up by rows,
+    o and down by columns, the o bias on rank 0 only (added once by the all-reduce)."""
+    q_rows = kv_rows = inter = None
+    if shard is not None:
+        q_rows, kv_rows, inter = shard.q_slice(arch), shard.kv_slice(arch), shard.intermediate_slice
     for i in range(arch.num_layers):
         p = f"model.layers.{i}."
 
-        def get(name: str, p: str = p) -> torch.Tensor:
-            return ckpt.get(p + name, dtype, device)
+        def get(name: str, p: str = p, **part) -> torch.Tensor:
+            return ckpt.get(p + name, dtype, device, **part)
 
-        qkv_names = [f"self_attn.{x}_proj" for x in "qkv"]
+        def qkv(suffix: str) -> torch.Tensor:
+            return torch.cat(
+                [
+                    get("self_attn.q_proj" + suffix, rows=q_rows),
+                    get("self_attn.k_proj" + suffix, rows=kv_rows),
+                    get("self_attn.v_proj" + suffix, rows=kv_rows),
+                ]
+            )
+
         yield LayerWeights(
             input_norm=get("input_layernorm.weight"),
-            qkv=torch.cat([get(n + ".weight") for n in qkv_names]),
-            qkv_bias=torch.cat([get(n + ".bias") for n in qkv_names]) if arch.qkv_bias else None,
-            o=get("self_attn.o_proj.weight"),
-            o_bias=get("self_attn.o_proj.bias") if arch.o_bias else None,
+            qkv=qkv(".weight"),
+            qkv_bias=qkv(".bias") if arch.qkv_bias else None,
+            o=get("self_attn.o_proj.weight", cols=q_rows),
+            o_bias=get("self_attn.o_proj.bias")
+            if arch.o_bias and (shard is None or shard.rank == 0)
+            else None,
             post_norm=get("post_attention_layernorm.weight"),
-            gate_up=torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]),
-            down=get("mlp.down_proj.weight"),
+            gate_up=torch.cat(
+                [get("mlp.gate_proj.weight", rows=inter), get("mlp.up_proj.weight", rows=inter)]
+            ),
+            down=get("mlp.down_proj.weight", cols=inter),
             q_norm=get("self_attn.q_norm.weight") if arch.qk_norm else None,
             k_norm=get("self_attn.k_norm.weight") if arch.qk_norm else None,
         )
 
 
+def _vocab_rows(ckpt: _Checkpoint, name: str, dtype, device, shard: TPShard | None) -> torch.Tensor:
+    """The embedding or LM head; with ``shard``, its vocabulary rows padded with zeros."""
+    if shard is None:
+        return ckpt.get(name, dtype, device)
+    part = ckpt.get(name, dtype, device, rows=shard.vocab_slice)
+    pad = shard.vocab_per_rank - part.shape[0]
+    if pad:
+        part = torch.cat([part, part.new_zeros(pad, part.shape[1])])
+    return part
+
+
 def load_weights(
-    model_dir: str | Path, arch: ArchConfig, dtype: torch.dtype, device: torch.device
+    model_dir: str | Path,
+    arch: ArchConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    shard: TPShard | None = None,
 ) -> ModelWeights:
-    """Read, check and place every weight of ``arch`` from ``model_dir``."""
+    """Read, check and place every weight of ``arch`` (a rank's slices with ``shard``)."""
     model_dir = Path(model_dir)
     with ExitStack() as stack:
         ckpt = _Checkpoint(model_dir, arch, stack)
-        embed = ckpt.get("model.embed_tokens.weight", dtype, device)
-        layers = list(_layers(ckpt, arch, dtype, device))
+        embed = _vocab_rows(ckpt, "model.embed_tokens.weight", dtype, device, shard)
+        layers = list(_layers(ckpt, arch, dtype, device, shard))
         norm = ckpt.get("model.norm.weight", dtype, device)
-        lm_head = embed if arch.tie_word_embeddings else ckpt.get("lm_head.weight", dtype, device)
+        lm_head = (
+            embed
+            if arch.tie_word_embeddings
+            else _vocab_rows(ckpt, "lm_head.weight", dtype, device, shard)
+        )
     return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
 
 
 def random_weights(
-    arch: ArchConfig, dtype: torch.dtype, device: torch.device, seed: int = 0, std: float = 0.02
+    arch: ArchConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+    std: float = 0.02,
+    shard: TPShard | None = None,
 ) -> ModelWeights:
-    """Random weights of the right shapes, made directly on ``device`` (benchmarks)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
+    """Random weights of the right shapes (a rank's slice shapes with ``shard``), made
+    directly on ``device`` (benchmarks)."""
+    gen = torch.Generator(device=device).manual_seed(seed + (shard.rank if shard else 0))
     shapes = expected_shapes(arch)
 
-    def make(name: str) -> torch.Tensor:
-        shape = shapes[name]
-        if name.endswith("norm.weight"):
-            return torch.ones(shape, dtype=dtype, device=device)
-        t = torch.empty(shape, dtype=dtype, device=device)
-        return t.normal_(0.0, std, generator=gen)
-
     class _Random:
-        def get(self, name: str, dtype_: torch.dtype, device_: torch.device) -> torch.Tensor:
-            return make(name)
+        def get(self, name: str, dtype_, device_, rows=None, cols=None) -> torch.Tensor:
+            shape = list(shapes[name])
+            if rows is not None:
+                shape[0] = len(range(*rows.indices(shape[0])))
+            if cols is not None:
+                shape[1] = len(range(*cols.indices(shape[1])))
+            if name.endswith("norm.weight"):
+                return torch.ones(shape, dtype=dtype, device=device)
+            t = torch.empty(shape, dtype=dtype, device=device)
+            return t.normal_(0.0, std, generator=gen)
 
     source = _Random()
-    embed = make("model.embed_tokens.weight")
-    layers = list(_layers(source, arch, dtype, device))  # type: ignore[arg-type]
-    lm_head = embed if arch.tie_word_embeddings else make("lm_head.weight")
-    return ModelWeights(embed=embed, layers=layers, norm=make("model.norm.weight"), lm_head=lm_head)
+    embed = _vocab_rows(source, "model.embed_tokens.weight", dtype, device, shard)  # type: ignore[arg-type]
+    layers = list(_layers(source, arch, dtype, device, shard))  # type: ignore[arg-type]
+    lm_head = (
+        embed
+        if arch.tie_word_embeddings
+        else _vocab_rows(source, "lm_head.weight", dtype, device, shard)  # type: ignore[arg-type]
+    )
+    norm = source.get("model.norm.weight", dtype, device)
+    return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)

@@ -23,6 +23,8 @@ from greenroom.models.prefill_graphs import (
 )
 from greenroom.models.presets import is_preset, preset_config
 from greenroom.models.tiny import tiny_llama_dir
+from greenroom.parallel.comm import TensorParallel
+from greenroom.parallel.shard import TPShard
 
 log = get_logger(__name__)
 
@@ -52,7 +54,9 @@ class ModelRunner:
     """Runs forwards of flat varlen batches over the paged KV pool.
 
     ``model_dir`` None serves ``model_cfg.path``, or the embedded tiny Llama when that is
-    None too. ``device`` None follows ``model_cfg.device``.
+    None too. ``device`` None follows ``model_cfg.device``. With ``tp`` (a tensor-parallel
+    rank), the runner holds that rank's weight slices and a KV pool of its KV heads only;
+    ``arch`` is then the rank's local shape.
     """
 
     def __init__(
@@ -61,20 +65,24 @@ class ModelRunner:
         kv_cfg: KVConfig,
         model_dir: str | Path | None = None,
         device: str | torch.device | None = None,
+        tp: TensorParallel | None = None,
     ) -> None:
         device = resolve_device(device if device is not None else model_cfg.device)
+        tp = tp or TensorParallel.single()
         source = str(model_dir or model_cfg.path or "")
         if is_preset(source):  # random weights of a named shape, made on the device
             arch = ArchConfig.from_dict(preset_config(source), source=source)
+            shard = TPShard.of(arch, tp.rank, tp.size) if tp.size > 1 else None
             dtype = resolve_dtype(model_cfg.dtype, arch, device)
-            weights = random_weights(arch, dtype, device, seed=model_cfg.seed)
-            self._setup(model_cfg, kv_cfg, arch, weights, dtype, device, source)
+            weights = random_weights(arch, dtype, device, seed=model_cfg.seed, shard=shard)
+            self._setup(model_cfg, kv_cfg, arch, weights, dtype, device, source, tp)
             return
         path = Path(model_dir or model_cfg.path or tiny_llama_dir())
         arch = ArchConfig.from_dir(path)
+        shard = TPShard.of(arch, tp.rank, tp.size) if tp.size > 1 else None
         dtype = resolve_dtype(model_cfg.dtype, arch, device)
-        weights = load_weights(path, arch, dtype, device)
-        self._setup(model_cfg, kv_cfg, arch, weights, dtype, device, path.name)
+        weights = load_weights(path, arch, dtype, device, shard)
+        self._setup(model_cfg, kv_cfg, arch, weights, dtype, device, path.name, tp)
 
     @classmethod
     def from_weights(
@@ -101,7 +109,11 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         name: str,
+        tp: TensorParallel | None = None,
     ) -> None:
+        self.tp = tp = tp or TensorParallel.single()
+        if tp.size > 1:
+            arch = TPShard.of(arch, tp.rank, tp.size).local_arch(arch)
         self.model_cfg, self.kv_cfg, self.arch = model_cfg, kv_cfg, arch
         self.device, self.dtype, self.model_name = device, dtype, name
         self.tokens_per_block = kv_cfg.tokens_per_block
@@ -112,13 +124,23 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_len // self.tokens_per_block)
         self.vocab_size = arch.vocab_size
         self.eos_token_ids = list(arch.eos_token_ids)
-        self.model = LlamaModel(arch, weights, max_len, device)
-        self.num_blocks = plan_num_blocks(kv_cfg, arch, dtype, device)
+        self.model = LlamaModel(arch, weights, max_len, device, tp)
+        self.num_blocks = self._agree_num_blocks(plan_num_blocks(kv_cfg, arch, dtype, device))
         self.kv_pool = allocate_kv_pool(self.num_blocks, arch, self.tokens_per_block, dtype, device)
         self.block_bytes = bytes_per_block(arch, self.tokens_per_block, dtype)
         self.graphs: DecodeGraphs | None = None
         self.whole_graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
+
+    def _agree_num_blocks(self, num_blocks: int) -> int:
+        """Every rank of a TP group must number the same blocks: the smallest pool wins."""
+        if self.tp.size == 1:
+            return num_blocks
+        import torch.distributed as dist
+
+        t = torch.tensor([num_blocks], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp.group)
+        return int(t.item())
 
     def capture_cuda_graphs(
         self,

@@ -1,0 +1,98 @@
+"""What slice of each weight a tensor-parallel rank holds (Megatron-style).
+
+- q heads split evenly; KV heads split evenly when ``tp_size`` divides them, else (fewer KV
+  heads than ranks) each rank holds the one KV head its q heads read, replicated;
+- gate/up split by rows, down by columns (the intermediate dim); o_proj by columns;
+- embedding and LM head split by vocabulary rows, padded up to ``tp_size * vocab_per_rank``:
+  padded embedding rows are never looked up and padded logits columns are cut off before
+  sampling, so the vocabulary need not divide by ``tp_size``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from greenroom.models.arch import ArchConfig, CheckpointError
+
+
+@dataclass(frozen=True)
+class TPShard:
+    rank: int
+    size: int
+    num_heads: int  # local q heads
+    num_kv_heads: int  # local KV heads
+    kv_head_start: int
+    intermediate_size: int  # local
+    vocab_per_rank: int  # padded rows per rank
+    vocab_size: int  # the checkpoint's
+
+    @classmethod
+    def of(cls, arch: ArchConfig, rank: int, size: int) -> TPShard:
+        check_tp_size(arch, size)
+        heads = arch.num_heads // size
+        if arch.num_kv_heads >= size:
+            kv = arch.num_kv_heads // size
+            kv_start = rank * kv
+        else:
+            kv, kv_start = 1, rank // (size // arch.num_kv_heads)
+        return cls(
+            rank=rank,
+            size=size,
+            num_heads=heads,
+            num_kv_heads=kv,
+            kv_head_start=kv_start,
+            intermediate_size=arch.intermediate_size // size,
+            vocab_per_rank=-(-arch.vocab_size // size),
+            vocab_size=arch.vocab_size,
+        )
+
+    def head_rows(self, arch: ArchConfig, first_head: int, heads: int) -> slice:
+        return slice(first_head * arch.head_dim, (first_head + heads) * arch.head_dim)
+
+    def q_slice(self, arch: ArchConfig) -> slice:
+        return self.head_rows(arch, self.rank * self.num_heads, self.num_heads)
+
+    def kv_slice(self, arch: ArchConfig) -> slice:
+        return self.head_rows(arch, self.kv_head_start, self.num_kv_heads)
+
+    @property
+    def intermediate_slice(self) -> slice:
+        return slice(self.rank * self.intermediate_size, (self.rank + 1) * self.intermediate_size)
+
+    @property
+    def vocab_slice(self) -> slice:
+        """The real rows this rank holds (may be short, or empty, at the end)."""
+        start = min(self.rank * self.vocab_per_rank, self.vocab_size)
+        return slice(start, min(start + self.vocab_per_rank, self.vocab_size))
+
+    @property
+    def vocab_start(self) -> int:
+        return self.rank * self.vocab_per_rank
+
+    def local_arch(self, arch: ArchConfig) -> ArchConfig:
+        """The shapes one rank computes with (the vocabulary stays the checkpoint's)."""
+        return replace(
+            arch,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            intermediate_size=self.intermediate_size,
+        )
+
+
+def check_tp_size(arch: ArchConfig, size: int) -> None:
+    """A CheckpointError naming the numbers when ``arch`` cannot be split ``size`` ways."""
+    if size < 1:
+        raise CheckpointError(f"tp_size = {size} is invalid: must be >= 1")
+    if arch.num_heads % size:
+        raise CheckpointError(
+            f"tp_size = {size} does not divide num_attention_heads = {arch.num_heads}"
+        )
+    kv = arch.num_kv_heads
+    if (kv >= size and kv % size) or (kv < size and size % kv):
+        raise CheckpointError(
+            f"tp_size = {size} and num_key_value_heads = {kv}: one must divide the other"
+        )
+    if arch.intermediate_size % size:
+        raise CheckpointError(
+            f"tp_size = {size} does not divide intermediate_size = {arch.intermediate_size}"
+        )

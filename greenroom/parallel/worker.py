@@ -1,0 +1,188 @@
+"""A rank worker process: one GPU (or, on the CPU, one process) of a node's rank group.
+
+Started by the node agent of its node (the head for node 0) as
+``python -m greenroom.parallel.worker``, with a msgpack ``WorkerSpec`` on stdin; stdin stays
+open as the lifeline (EOF: the agent is gone, so the worker exits at once, even from inside a
+collective). The worker connects a DEALER to the head's rank bus, joins the epoch's
+torch.distributed world, loads its weight slices and KV pool, reports ready, then runs every
+plan the head sends, in order. Rank 0 of the TP group answers each plan with the step
+result; every rank samples the same tokens from the same all-gathered logits, so each keeps
+its own copy of the sequences' tokens without another message.
+
+Exit codes: 0 stopped, 3 failed to start, 4 a plan out of sequence, 5 ranks diverged,
+1 anything else (a collective timed out, a peer died).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+
+import msgspec
+
+EXIT_START_FAILED = 3
+EXIT_OUT_OF_SEQUENCE = 4
+EXIT_DIVERGED = 5
+
+
+class WorkerSpec(msgspec.Struct, kw_only=True):
+    rank: int = -1
+    epoch: int
+    pp_size: int
+    cp_size: int
+    tp_size: int
+    nnodes: int
+    bus_address: str
+    store_addr: str
+    store_port: int
+    config: dict  # NodeConfig as builtins
+    timeout_s: float
+    sys_path: list[str] = []
+
+
+def _lifeline() -> None:
+    """Exit as soon as stdin reaches EOF (the agent closed it or died)."""
+    try:
+        while sys.stdin.buffer.read(4096):
+            pass
+    finally:
+        os._exit(0)
+
+
+def _read_spec() -> WorkerSpec:
+    stdin = sys.stdin.buffer
+    size = int.from_bytes(stdin.read(8), "little")
+    return msgspec.msgpack.decode(stdin.read(size), type=WorkerSpec)
+
+
+def main() -> None:
+    spec = _read_spec()
+    for path in reversed(spec.sys_path):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    threading.Thread(target=_lifeline, name="lifeline", daemon=True).start()
+    sys.exit(run(spec))
+
+
+def run(spec: WorkerSpec) -> int:
+    import zmq
+
+    from greenroom.bus.codec import decode, encode
+    from greenroom.bus.messages import EngineInfo
+    from greenroom.config import build_config
+    from greenroom.logging import configure_logging, get_logger
+    from greenroom.models.executor import PlanError
+    from greenroom.parallel import messages as m
+    from greenroom.parallel.groups import init_rank_groups
+    from greenroom.parallel.layout import RankLayout
+
+    cfg = build_config(spec.config)
+    configure_logging(cfg.log_format, cfg.log_level, stream=sys.stderr)
+    log = get_logger("greenroom.parallel.worker").bind(rank=spec.rank, epoch=spec.epoch)
+    layout = RankLayout(spec.pp_size, spec.cp_size, spec.tp_size, spec.nnodes)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.IDENTITY, f"rank-{spec.rank}".encode())
+    sock.connect(spec.bus_address)
+
+    def send(msg) -> None:
+        sock.send_multipart(encode(msg), copy=False)
+
+    send(m.RankHello(epoch=spec.epoch, rank=spec.rank, pid=os.getpid(), host=socket.gethostname()))
+    try:
+        device = _device(cfg, layout.local_rank(spec.rank))
+        groups = init_rank_groups(
+            layout, spec.rank, spec.store_addr, spec.store_port, spec.epoch, device, spec.timeout_s
+        )
+        executor = _executor(cfg, device, groups)
+    except Exception as exc:
+        log.exception("rank failed to start")
+        send(m.RankFailed(epoch=spec.epoch, rank=spec.rank, error=f"{type(exc).__name__}: {exc}"))
+        return EXIT_START_FAILED
+    r = executor.runner
+    info = EngineInfo(
+        num_blocks=r.num_blocks,
+        tokens_per_block=r.tokens_per_block,
+        max_model_len=r.max_model_len,
+        vocab_size=r.vocab_size,
+        eos_token_ids=list(r.eos_token_ids),
+        device=str(r.device) + (f" x tp{layout.tp_size}" if layout.tp_size > 1 else ""),
+        model_name=r.model_name,
+    )
+    send(m.RankReady(epoch=spec.epoch, rank=spec.rank, info=info))
+    log.info("rank ready", device=str(device), num_blocks=r.num_blocks)
+    answers = groups.coords.tp == 0
+    tp = groups.tp
+    expected = 1
+    while True:
+        msg = decode(sock.recv_multipart(copy=False))
+        if isinstance(msg, m.Shutdown):
+            groups.destroy()
+            return 0
+        if not isinstance(msg, m.RankPlan):
+            continue
+        if msg.epoch != spec.epoch or msg.plan_id != expected:
+            log.error(
+                "plan out of sequence; this rank stops",
+                got=(msg.epoch, msg.plan_id),
+                expected=(spec.epoch, expected),
+            )
+            return EXIT_OUT_OF_SEQUENCE
+        expected += 1
+        check = _start_plan_check(tp, msg.plan_id, device)
+        result, error = None, None
+        try:
+            result = executor.execute(msg.plan)
+        except PlanError as exc:  # the same on every rank: raised before any collective
+            error = str(exc)
+        if check is not None:
+            gathered, work = check
+            work.wait()
+            ids = gathered.tolist()
+            if any(i != msg.plan_id for i in ids):
+                log.error("ranks ran different plans; the group stops", plan_ids=ids)
+                return EXIT_DIVERGED
+        if answers:
+            send(m.RankResult(epoch=spec.epoch, plan_id=msg.plan_id, result=result, error=error))
+
+
+def _device(cfg, local_rank: int):
+    import torch
+
+    from greenroom.models.runner import resolve_device
+
+    device = resolve_device(cfg.model.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def _executor(cfg, device, groups):
+    from greenroom.models.executor import PlanExecutor
+    from greenroom.models.runner import ModelRunner
+
+    runner = ModelRunner(cfg.model, cfg.kv, cfg.model.path, device, tp=groups.tp)
+    return PlanExecutor(runner, host_blocks=cfg.kv.host_blocks)
+
+
+def _start_plan_check(tp, plan_id: int, device):
+    """Launch the gather of every TP rank's plan id; waited on after the step (the step's
+    own read-back of the sampled tokens already synchronises, so this adds no stall)."""
+    if tp.size == 1:
+        return None
+    import torch
+
+    from greenroom.parallel.comm import gather_into
+
+    local = torch.tensor([plan_id], dtype=torch.int64, device=device)
+    gathered = torch.empty(tp.size, dtype=torch.int64, device=device)
+    work = gather_into(gathered, local, tp.group, async_op=True)
+    return gathered, work
+
+
+if __name__ == "__main__":
+    main()
