@@ -134,6 +134,7 @@ def preflight(cfg: NodeConfig) -> NodeConfig:
     from greenroom.models.max_len import decide_max_model_len
     from greenroom.models.presets import is_preset, preset_config
     from greenroom.models.tiny import TINY_CONFIG
+    from greenroom.parallel.checks import check_parallel
 
     check_listen_address(cfg.host, cfg.port)
     if cfg.model.device == "cuda":
@@ -150,6 +151,7 @@ def preflight(cfg: NodeConfig) -> NodeConfig:
         else:
             arch, source = ArchConfig.from_dir(path), path
         decide_max_model_len(cfg.model, arch, source)
+        check_parallel(cfg, arch)
     except (CheckpointError, ConfigError, ValueError) as exc:
         raise StartupError(str(exc)) from None
     if path != cfg.model.path:

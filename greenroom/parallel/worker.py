@@ -93,7 +93,7 @@ def run(spec: WorkerSpec) -> int:
 
     send(m.RankHello(epoch=spec.epoch, rank=spec.rank, pid=os.getpid(), host=socket.gethostname()))
     try:
-        device = _device(cfg, layout.local_rank(spec.rank))
+        device = _device(cfg, layout, layout.local_rank(spec.rank))
         groups = init_rank_groups(
             layout, spec.rank, spec.store_addr, spec.store_port, spec.epoch, device, spec.timeout_s
         )
@@ -149,15 +149,20 @@ def run(spec: WorkerSpec) -> int:
             send(m.RankResult(epoch=spec.epoch, plan_id=msg.plan_id, result=result, error=error))
 
 
-def _device(cfg, local_rank: int):
+def _device(cfg, layout, local_rank: int):
     import torch
 
+    from greenroom.models.cpu_threads import available_cores
     from greenroom.models.runner import resolve_device
 
     device = resolve_device(cfg.model.device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    else:  # the node's cores but the head's one, shared by its CPU ranks
+        requested = cfg.model.cpu_threads
+        threads = requested or (available_cores() - 1) // layout.ranks_per_node
+        torch.set_num_threads(max(1, threads))
     return device
 
 
