@@ -227,6 +227,7 @@ class Scheduler(Actor):
             what = "crashed" if crashed else "step failed"
             await self._emit(self.core.fail_inflight(flow, f"the engine {what}: {exc}"))
             if crashed:
+                self.core.engine_lost_kv()
                 await self._await_engine(flow)
             self._wake_all()
             return

@@ -326,6 +326,9 @@ class KVStep(Message):
     extend: list[KVExtend] = []
     admit: list[KVAdmit] = []
     transfers: list[TransferUpdate] = []  # receives that settled on the engine
+    # the engine restarted and lost its KV memory: after the frees, forget every cached block
+    # no request holds (both tiers), so no admit reuses KV that no longer exists
+    drop_cache: bool = False
 
 
 class BlockCopy(msgspec.Struct, array_like=True, gc=False, frozen=True):

@@ -228,10 +228,10 @@ def _add_debug(p: argparse.ArgumentParser) -> None:
     )
 
 
-def node_config_from_args(args: argparse.Namespace) -> NodeConfig:
+def node_config_from_args(args: argparse.Namespace, extra: dict | None = None) -> NodeConfig:
     from greenroom.config import parse_override
 
-    overrides: dict = {}
+    overrides: dict = dict(extra or {})
     for item in args.overrides:
         k, v = parse_override(item)
         overrides[k] = v
@@ -283,13 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_node_arguments(serve)
 
+    from greenroom.parallel import launch as launch_cli
+
     launch = command(
         "launch",
-        "serve one node of a deployment (role and addresses from flags)",
-        "One command per node; --role picks mixed, context, generation or router. "
-        "Flags are those of serve.",
+        "serve one node of a deployment: multi-GPU, multi-node or a disaggregated role",
+        "One command per node; --role picks mixed, context, generation or router. For a node "
+        "spanning several GPUs or machines, node 0 runs the head (frontend, scheduler, KV "
+        "manager) and its ranks, and every other node starts its ranks for the head; where this "
+        "node sits comes from the flags, else torchrun's environment, else Slurm's, and the "
+        "resolved layout is printed at start. The other flags are those of serve.",
     )
+    launch.epilog = launch_cli.EXAMPLES
+    launch.formatter_class = argparse.RawDescriptionHelpFormatter
     add_node_arguments(launch)
+    launch_cli.add_launch_arguments(launch)
 
     from greenroom.replay import cli as replay_cli
 
@@ -345,7 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command in ("serve", "launch"):
+    if args.command == "launch":
+        import os
+
+        from greenroom.parallel.launch import LaunchError, launch_node, place_from_args
+
+        try:
+            place = place_from_args(args, os.environ)
+        except LaunchError as exc:
+            fail(str(exc))
+        return launch_node(node_config_from_args(args, place.overrides()), place)
+    if args.command == "serve":
         cfg = node_config_from_args(args)
         from greenroom.node import serve
 

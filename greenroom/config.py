@@ -94,7 +94,9 @@ class ParallelConfig(_Section):
     master_addr: str = "127.0.0.1"
     master_port: Port = 0
     collective_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
-    start_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0
+    start_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0  # ranks loading weights
+    # a node agent gives up on a head it cannot reach (or stops hearing) after this long
+    connect_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
 
     def __post_init__(self) -> None:
         for name in ("pp_size", "cp_size"):
@@ -184,6 +186,8 @@ class NodeConfig(_Section):
     # auto: its own process on a GPU (no GIL shared with the routing loops: measured 0.97 of a
     # bare loop vs 0.93 on a thread), a thread on the CPU and with SM disaggregation
     engine_host: Literal["auto", "thread", "process"] = "auto"
+    # engine (or rank group) crashes within a minute past which the node stops, exit status 1
+    engine_max_restarts: NonNegInt = 3
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_stats_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0  # 0: no periodic summary

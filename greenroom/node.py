@@ -85,7 +85,9 @@ class Node:
                 node.exit_code = 1
                 asyncio.get_running_loop().create_task(node.stop())
 
-        sup = Supervisor(rt, max_restarts=3, period_s=60.0, on_escalate=escalate)
+        sup = Supervisor(
+            rt, max_restarts=cfg.engine_max_restarts, period_s=60.0, on_escalate=escalate
+        )
         resources: list = []  # closed after the actors stop (the rank bus, the store)
         try:
             engines = await _start_engines(cfg, sup, resources)

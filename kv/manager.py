@@ -80,6 +80,8 @@ class KVCacheManager:
             self.free(f)
         for c in msg.computed:
             self.computed(c)
+        if msg.drop_cache:
+            self.cache.drop_idle()
         extended: dict[str, list[int]] = {}
         failed_extend: list[str] = []
         for e in msg.extend:

@@ -112,6 +112,31 @@ class PrefixCache:
             done += 1
         return done
 
+    def drop_idle(self) -> int:
+        """The engine's KV memory is gone (it restarted): forget every cached block no request
+        holds, GPU and host, copying nothing; returns the GPU blocks freed."""
+        dropped = 0
+        while self.num_idle_cached:
+            node = self.evictable.pop()
+            assert node is not None and node.parent is not None
+            block, parent = node.block, node.parent
+            self.node_of_block[block] = None
+            self.num_idle_cached -= 1
+            self._drop_subtree(node)
+            self.gpu.free(block)
+            dropped += 1
+            if (
+                not parent.is_root
+                and not parent.gpu_children
+                and self.gpu.refcounts[parent.block] == 0
+            ):
+                self.evictable.push(parent)
+        while (leaf := self.host.evictable.pop()) is not None:
+            block = leaf.block
+            self._drop_host_leaf(leaf)
+            self.host.release(block)
+        return dropped
+
     def _evict_one(self) -> int:
         node = self.evictable.pop()
         if node is None:

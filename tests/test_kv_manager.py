@@ -251,3 +251,18 @@ def test_result_block_lists_are_not_shared_with_manager_state():
     a.block_ids.append(99)
     step(mgr, extend=[KVExtend("a", 8)])
     assert 99 not in mgr.blocks_of("a") and len(mgr.blocks_of("a")) == 2
+
+
+def test_drop_cache_forgets_cached_blocks_on_both_tiers_before_admits():
+    mgr = make(num_blocks=9, host_blocks=8)
+    cache_prompt(mgr, "a", toks(0, 12))
+    cache_prompt(mgr, "b", toks(100, 12))  # pushes some of "a" to the host tier
+    step(mgr, admit=[admit("x", toks(200, 28))])  # evicts to host
+    step(mgr, free=[KVFree("x")])
+    assert mgr.match_prefix(toks(0, 13)) > 0 or mgr.match_prefix(toks(100, 13)) > 0
+    held = step(mgr, admit=[admit("h", toks(300, 8))]).admitted[0]
+    res = step(mgr, drop_cache=True, admit=[admit("a2", toks(0, 13))])
+    assert res.admitted[0].num_cached_tokens == 0 and not res.copies
+    assert mgr.match_prefix(toks(100, 13)) == 0
+    assert mgr.blocks_of("h") == held.block_ids  # blocks a request holds stay its own
+    assert mgr.stats().free_host_blocks == 8

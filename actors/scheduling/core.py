@@ -71,6 +71,7 @@ class SchedulerCore:
         self._head_rejected: str | None = None  # the queue head the KV manager last turned down
         self._num_active = 0
         self._iteration = 0
+        self._drop_cache = False  # the next KVStep tells the KV manager to forget cached KV
         self._admit_seq = 0
         self._counters: Counter[str] = Counter()
 
@@ -221,8 +222,10 @@ class SchedulerCore:
             extend=[e for r, n in sel.steps if (e := extend_for(r, n, self.tokens_per_block))],
             admit=[admit_for(r, self.cfg.capacity_policy) for r in sel.admits],
             transfers=self._transfer_updates,
+            drop_cache=self._drop_cache,
         )
         self._transfer_updates = []
+        self._drop_cache = False
         for r in frees:
             r.free_state = FreeState.SENT
         draft = Draft(flow, step, [(r, r.epoch, n) for r, n in sel.steps], sel.admits, frees)
@@ -330,6 +333,10 @@ class SchedulerCore:
             for e in p.entries:
                 self._settle(e.request)
         return self._finish(out)
+
+    def engine_lost_kv(self) -> None:
+        """An engine crashed: its KV memory is gone, so cached prefixes must not be reused."""
+        self._drop_cache = True
 
     def fail_all(self, message: str) -> OutputBatch:
         """Node shutdown (or a lost KV manager): every request ends with an error; pending

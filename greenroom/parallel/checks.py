@@ -14,6 +14,12 @@ def check_parallel(cfg: NodeConfig, arch: ArchConfig, gpu_count: int | None = No
     if p.world_size == 1:
         return
     check_tp_size(arch, p.tp_size)
+    check_local_gpus(cfg, gpu_count)
+
+
+def check_local_gpus(cfg: NodeConfig, gpu_count: int | None = None) -> None:
+    """ValueError when this node has fewer GPUs than the ranks it must host."""
+    p = cfg.parallel
     if gpu_count is None:
         gpu_count = _gpu_count(cfg)
     local = p.world_size // p.nnodes

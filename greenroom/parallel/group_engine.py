@@ -104,6 +104,7 @@ class RankGroupEngine(Actor):
             everyone.cancel()
             self._stop_ranks()
             raise
+        self._start_failure = None
         self.info = self._ready[0].info
         log.info("rank group ready", epoch=self.epoch, world_size=self.layout.world_size)
 

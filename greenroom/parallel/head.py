@@ -9,6 +9,7 @@ from greenroom.config import NodeConfig
 from greenroom.logging import get_logger
 from greenroom.parallel.group_engine import RankGroupEngine, layout_of
 from greenroom.parallel.hub import RankHub
+from greenroom.startup import StartupError
 
 log = get_logger(__name__)
 
@@ -23,11 +24,12 @@ class _Store:
         self.store = None
 
 
-def rank_bus_address(cfg: NodeConfig, ipc_address: str) -> str:
+def rank_bus_address(cfg: NodeConfig, ipc_address: str) -> tuple[str, str]:
+    """(where the head binds the rank bus, where workers and agents connect to it)."""
     p = cfg.parallel
     if p.nnodes == 1:
-        return ipc_address
-    return f"tcp://{p.master_addr}:{p.master_port + 1}"
+        return ipc_address, ipc_address
+    return f"tcp://*:{p.master_port + 1}", f"tcp://{p.master_addr}:{p.master_port + 1}"
 
 
 async def start_rank_group(
@@ -39,15 +41,26 @@ async def start_rank_group(
 
     p = cfg.parallel
     layout = layout_of(cfg)
-    store = dist.TCPStore(
-        p.master_addr,
-        p.master_port,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=timedelta(seconds=p.collective_timeout_s),
-    )
+    try:
+        store = dist.TCPStore(
+            p.master_addr,
+            p.master_port,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=timedelta(seconds=p.collective_timeout_s),
+        )
+    except (RuntimeError, OSError) as exc:
+        raise StartupError(
+            f"cannot listen on the master address {p.master_addr}:{p.master_port} ({exc}); "
+            "is another node already node 0 (a node rank given twice), or is "
+            "--master-addr not an address of this machine?"
+        ) from None
     resources.append(_Store(store))
-    hub = RankHub(sup.rt.transport(), layout, rank_bus_address(cfg, sup.rt.ipc_address("rank-bus")))
+    bind, address = rank_bus_address(cfg, sup.rt.ipc_address("rank-bus"))
+    try:
+        hub = RankHub(sup.rt.transport(), layout, bind, address)
+    except Exception as exc:
+        raise StartupError(f"cannot bind the rank bus at {bind}: {exc}") from None
     resources.append(hub)
     log.info("rank layout\n" + layout.describe(), rank_bus=hub.address, store_port=store.port)
     ref = await sup.start_child(

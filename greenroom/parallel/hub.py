@@ -30,10 +30,14 @@ Listener = Callable[[Any], None]
 
 
 class RankHub:
-    def __init__(self, transport: Transport, layout: RankLayout, address: str) -> None:
+    def __init__(
+        self, transport: Transport, layout: RankLayout, bind: str, address: str | None = None
+    ) -> None:
+        """Bind ``bind``; ``address`` is where workers and agents connect (default: the
+        bound address)."""
         self.layout = layout
-        self.channel = transport.bind_router(address, self._on_frames)
-        self.address = self.channel.address
+        self.channel = transport.bind_router(bind, self._on_frames)
+        self.address = address or self.channel.address
         self.listener: Listener | None = None
         self.agents: dict[int, bytes] = {}  # node rank -> identity
         self._heard: dict[int, float] = {}

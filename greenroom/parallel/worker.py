@@ -63,7 +63,10 @@ def main() -> None:
         if path not in sys.path:
             sys.path.insert(0, path)
     threading.Thread(target=_lifeline, name="lifeline", daemon=True).start()
-    sys.exit(run(spec))
+    code = run(spec)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # not sys.exit: the lifeline thread holds stdin's lock
 
 
 def run(spec: WorkerSpec) -> int:
