@@ -206,6 +206,11 @@ class NodeConfig(_Section):
                 f"sm_disagg.enabled with parallel.tp_size = {self.parallel.tp_size} is not "
                 "supported: SM-level disaggregation runs on one GPU"
             )
+        if self.parallel.world_size > 1 and self.role != "mixed":
+            raise ValueError(
+                f"role = {self.role!r} with parallel.tp_size = {self.parallel.tp_size} is not "
+                "supported yet: a multi-rank node serves role 'mixed'"
+            )
         if self.kv_transfer.lease_margin_s >= self.kv_transfer.lease_s:
             raise ValueError(
                 f"kv_transfer.lease_margin_s = {self.kv_transfer.lease_margin_s} is invalid: "
