@@ -19,6 +19,15 @@ def test_small_preset_runs_a_forward() -> None:
     assert logits.shape == (1, runner.vocab_size)
 
 
+def test_qwen3_and_mistral_presets_read_as_their_checkpoints() -> None:
+    from greenroom.models.arch import ArchConfig
+
+    qwen3 = ArchConfig.from_dict(PRESETS["qwen3-8b"])
+    assert qwen3.qk_norm and qwen3.head_dim == 128 and qwen3.layer_windows == ()
+    mistral = ArchConfig.from_dict(PRESETS["mistral-7b"])
+    assert mistral.layer_windows == (4096,) * 32 and mistral.max_position_embeddings == 32768
+
+
 def test_unknown_preset_names_the_known_ones() -> None:
     cfg = load_config(overrides={"model.path": "random:nope"})
     with pytest.raises(ValueError, match="random:llama-3.1-8b"):
