@@ -141,15 +141,14 @@ def _prefill_kernel(
         lo = (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N
         full_lo = tl.cdiv(tl.maximum(end - window, 0), BLOCK_N) * BLOCK_N
         full_lo = tl.minimum(tl.maximum(full_lo, lo), full_end)
+        for start in range(lo, full_lo, BLOCK_N):
+            acc, m_i, l_i = _attend_chunk(
+                q, acc, m_i, l_i, start, k_base, v_base, table, pos, ctx, window, d, dmask,
+                stride_kb, stride_kt, stride_vb, stride_vt, scale_log2,
+                PAGE, BLOCK_N, True, EVEN_D, DOT_PRECISION, SLIDING,
+            )  # fmt: skip
     else:
-        lo = 0
         full_lo = 0
-    for start in range(lo, full_lo, BLOCK_N):
-        acc, m_i, l_i = _attend_chunk(
-            q, acc, m_i, l_i, start, k_base, v_base, table, pos, ctx, window, d, dmask,
-            stride_kb, stride_kt, stride_vb, stride_vt, scale_log2,
-            PAGE, BLOCK_N, True, EVEN_D, DOT_PRECISION, SLIDING,
-        )  # fmt: skip
     for start in range(full_lo, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_chunk(
             q, acc, m_i, l_i, start, k_base, v_base, table, pos, ctx, window, d, dmask,
