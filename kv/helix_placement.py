@@ -1,20 +1,19 @@
 """Helix placement: which context-parallel (CP) rank holds each KV block of a request.
 
-A request's KV is cut into blocks of ``tokens_per_block`` tokens, and the blocks are dealt to
-the ``cp_size`` ranks in one round-robin sequence:
+A request's tokens fill blocks of ``tokens_per_block`` in order (token ``t`` in block
+``t // tokens_per_block``, as on one GPU), and block ``j`` lives on rank ``j mod cp_size``:
+prompt blocks round-robin, and decode blocks continue the same round-robin. The token at
+position ``t`` is appended by one rank only, the request's *active* rank
+``(t // tokens_per_block) mod cp_size``; the active rank moves to the next rank each time a
+block fills. So at every step a request's per-rank block counts differ by at most one.
 
-- prompt block ``i`` lives on rank ``i mod cp_size``;
-- decode tokens go by decode block: the token of decode iteration ``t`` (1-based, the first
-  token sampled after the prompt is iteration 1) belongs to decode block
-  ``d = (t - 1) // tokens_per_block``, which lives on rank ``(P + d) mod cp_size`` where ``P``
-  is the number of prompt blocks. That rank is the request's *active* rank for the token: the
-  only one that allocates and appends it.
-
-Continuing the prompt's round-robin (``P + d`` rather than ``d``) keeps every request's
-per-rank block counts within one of each other at every step, whatever the prompt length;
-when ``P`` is a multiple of ``cp_size`` it is the same as placing decode block ``d`` on rank
-``d mod cp_size``. Decode tokens never fill the prompt's last partial block: a partial block
-stays where the prompt put it, so the active rank changes only at decode-block boundaries.
+With prompt length ``P`` a multiple of ``tokens_per_block``, decode block
+``d = (decode_iter - 1) // tokens_per_block`` is global block ``P / tokens_per_block + d``;
+when ``P`` is also a multiple of ``tokens_per_block * cp_size`` it lives on rank
+``d mod cp_size``. Otherwise decode tokens first fill the prompt's last partial block on its
+owner rank, and each rank's shard stays a run of blocks filled from its start (one partial
+block at most, its last), which is what the paged attention kernels read. Block ``j`` of every
+request is on the same rank, so a cached prefix block is on the rank a new request expects it.
 Positions stay global; only the storage is sharded.
 """
 
@@ -34,70 +33,40 @@ class HelixPlacement:
         if self.tokens_per_block < 1:
             raise ValueError(f"tokens_per_block = {self.tokens_per_block} is invalid: must be >= 1")
 
-    def num_prompt_blocks(self, prompt_len: int) -> int:
-        return -(-prompt_len // self.tokens_per_block)
-
-    def prompt_block_rank(self, block_index: int) -> int:
+    def block_rank(self, block_index: int) -> int:
         return block_index % self.cp_size
 
-    def decode_block_index(self, decode_iter: int) -> int:
-        if decode_iter < 1:
-            raise ValueError(f"decode_iter = {decode_iter} is invalid: iterations start at 1")
-        return (decode_iter - 1) // self.tokens_per_block
+    def active_rank(self, position: int) -> int:
+        """The one rank that stores (appends) the token at global ``position``."""
+        return (position // self.tokens_per_block) % self.cp_size
 
-    def active_rank(self, prompt_len: int, decode_iter: int) -> int:
-        """The one rank that appends the token of decode iteration ``decode_iter``."""
-        d = self.decode_block_index(decode_iter)
-        return (self.num_prompt_blocks(prompt_len) + d) % self.cp_size
+    def num_blocks(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.tokens_per_block)
 
-    def opens_block(self, decode_iter: int) -> bool:
-        """Whether the token of ``decode_iter`` is the first of a new decode block."""
-        return (decode_iter - 1) % self.tokens_per_block == 0
+    def blocks_per_rank(self, num_tokens: int) -> list[int]:
+        n, cp = self.num_blocks(num_tokens), self.cp_size
+        return [n // cp + (1 if r < n % cp else 0) for r in range(cp)]
 
-    def block_ranks(self, prompt_len: int, num_decoded: int) -> list[int]:
-        """Owner rank of every block, in the request's global block order."""
-        prompt = self.num_prompt_blocks(prompt_len)
-        decode = -(-num_decoded // self.tokens_per_block)
-        return [i % self.cp_size for i in range(prompt + decode)]
-
-    def blocks_per_rank(self, prompt_len: int, num_decoded: int) -> list[int]:
-        counts = [0] * self.cp_size
-        for r in self.block_ranks(prompt_len, num_decoded):
-            counts[r] += 1
-        return counts
-
-    def tokens_per_rank(self, prompt_len: int, num_decoded: int) -> list[int]:
-        """KV tokens each rank holds for the request (its shard's context length)."""
+    def shard_length(self, num_tokens: int, rank: int) -> int:
+        """Tokens ``rank`` holds of a request with ``num_tokens`` tokens in its KV."""
         tpb, cp = self.tokens_per_block, self.cp_size
-        counts = [0] * cp
-        prompt_blocks = self.num_prompt_blocks(prompt_len)
-        for i in range(prompt_blocks):
-            counts[i % cp] += min(tpb, prompt_len - i * tpb)
-        for d in range(-(-num_decoded // tpb)):
-            counts[(prompt_blocks + d) % cp] += min(tpb, num_decoded - d * tpb)
-        return counts
+        full_blocks, tail = divmod(num_tokens, tpb)
+        held = (full_blocks // cp + (1 if rank < full_blocks % cp else 0)) * tpb
+        if tail and full_blocks % cp == rank:
+            held += tail
+        return held
 
-    def shard_lengths(self, prompt_len: int, num_decoded: int, rank: int) -> tuple[int, int]:
-        """Tokens ``rank`` holds of the prompt and of the decoded tokens: its shard is these
-        two runs of blocks, each filled from its start (see :mod:`greenroom.models.helix_attention`)."""
-        tpb, cp = self.tokens_per_block, self.cp_size
-        prompt_blocks = self.num_prompt_blocks(prompt_len)
-        prompt = sum(min(tpb, prompt_len - i * tpb) for i in range(rank, prompt_blocks, cp))
-        decode = 0
-        for d in range(-(-num_decoded // tpb)):
-            if (prompt_blocks + d) % cp == rank:
-                decode += min(tpb, num_decoded - d * tpb)
-        return prompt, decode
+    def tokens_per_rank(self, num_tokens: int) -> list[int]:
+        return [self.shard_length(num_tokens, r) for r in range(self.cp_size)]
 
-    def positions_on_rank(self, prompt_len: int, num_decoded: int, rank: int) -> list[int]:
+    def positions_on_rank(self, num_tokens: int, rank: int) -> list[int]:
         """Global positions of the tokens ``rank`` holds, in storage order."""
-        tpb, cp = self.tokens_per_block, self.cp_size
+        tpb = self.tokens_per_block
         out: list[int] = []
-        prompt_blocks = self.num_prompt_blocks(prompt_len)
-        for i in range(rank, prompt_blocks, cp):
-            out.extend(range(i * tpb, min((i + 1) * tpb, prompt_len)))
-        for d in range(-(-num_decoded // tpb)):
-            if (prompt_blocks + d) % cp == rank:
-                start = prompt_len + d * tpb
-                out.extend(range(start, min(start + tpb, prompt_len + num_decoded)))
+        for j in range(rank, self.num_blocks(num_tokens), self.cp_size):
+            out.extend(range(j * tpb, min((j + 1) * tpb, num_tokens)))
         return out
+
+    def local_blocks(self, block_table: list[int], rank: int) -> list[int]:
+        """The entries of a request's (global-order) block table that ``rank`` holds."""
+        return block_table[rank :: self.cp_size]

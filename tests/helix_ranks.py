@@ -29,42 +29,29 @@ def sequences(cases: list[tuple[int, int]], seed: int = 0):
 
 
 def shard_inputs(cases, kv, placement: HelixPlacement, rank: int):
-    """This rank's paged cache and the block tables / lengths of its two runs per request."""
+    """This rank's paged cache and each request's block table and length on this rank."""
     tpb = placement.tokens_per_block
     slots: list[tuple[torch.Tensor, torch.Tensor]] = []
-    tables: dict[str, list[list[int]]] = {"prompt": [], "decode": []}
-    lens: dict[str, list[int]] = {"prompt": [], "decode": []}
+    tables: list[list[int]] = []
+    lens: list[int] = []
     for (p, n), (k, v) in zip(cases, kv, strict=True):
-        positions = placement.positions_on_rank(p, n, rank)
-        prompt_len, decode_len = placement.shard_lengths(p, n, rank)
-        runs = {"prompt": positions[:prompt_len], "decode": positions[prompt_len:]}
-        assert len(runs["decode"]) == decode_len
-        for name, pos in runs.items():
-            table = []
-            for start in range(0, len(pos), tpb):
-                idx = torch.tensor(pos[start : start + tpb])
-                table.append(len(slots))
-                slots.append((k[idx], v[idx]))
-            tables[name].append(table)
-            lens[name].append(len(pos))
+        positions = placement.positions_on_rank(p + n, rank)
+        table = []
+        for start in range(0, len(positions), tpb):
+            idx = torch.tensor(positions[start : start + tpb])
+            table.append(len(slots))
+            slots.append((k[idx], v[idx]))
+        tables.append(table)
+        lens.append(len(positions))
+        assert len(positions) == placement.shard_length(p + n, rank)
     k_cache = torch.zeros(len(slots) + 1, tpb, KV_HEADS, HEAD_DIM)
     v_cache = torch.zeros_like(k_cache)
     for i, (k, v) in enumerate(slots):
         k_cache[i, : len(k)], v_cache[i, : len(v)] = k, v
-
-    def pad(rows: list[list[int]]) -> torch.Tensor:
-        width = max(1, max(len(r) for r in rows))
-        null = len(slots)  # an all-zero block: never read below a run's length
-        return torch.tensor([r + [null] * (width - len(r)) for r in rows], dtype=torch.int32)
-
-    return (
-        k_cache,
-        v_cache,
-        pad(tables["prompt"]),
-        torch.tensor(lens["prompt"], dtype=torch.int32),
-        pad(tables["decode"]),
-        torch.tensor(lens["decode"], dtype=torch.int32),
-    )
+    width = max(1, max(len(t) for t in tables))
+    null = len(slots)  # an all-zero block, never read below a shard's length
+    block_tables = torch.tensor([t + [null] * (width - len(t)) for t in tables], dtype=torch.int32)
+    return k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32)
 
 
 def decode_rank(rank: int, world: int, port: int, tpb: int, cases, out_dir: str) -> None:

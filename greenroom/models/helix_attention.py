@@ -53,36 +53,18 @@ def helix_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    prompt_tables: torch.Tensor,
-    prompt_lens: torch.Tensor,
-    decode_tables: torch.Tensor,
-    decode_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    shard_lens: torch.Tensor,
     scale: float,
     group: dist.ProcessGroup | None,
 ) -> torch.Tensor:
     """Decode attention of ``q [B, Hq, D]`` over this rank's shard, combined across the group.
 
-    A rank's shard of a request is two runs of blocks, each filled from its start: its prompt
-    blocks (only the prompt's last block can be partial, and it comes last) and its decode
-    blocks (only the newest can be partial). ``*_tables`` / ``*_lens`` give each run's block
-    table and token count (``0`` where the rank holds none). Both runs are attended in one
-    launch (as ``2B`` rows), merged locally, then exchanged. Returns this rank's head slice
-    ``[B, Hq / cp, D]`` in ``q``'s dtype."""
-    b = q.shape[0]
-    width = max(prompt_tables.shape[1], decode_tables.shape[1])
-    tables = torch.cat([_pad_columns(prompt_tables, width), _pad_columns(decode_tables, width)])
+    ``block_tables`` / ``shard_lens`` are this rank's blocks of each request (filled from the
+    start, see :mod:`greenroom.kv.helix_placement`) and its token count there (``0`` where the
+    rank holds nothing). Returns this rank's head slice ``[B, Hq / cp, D]`` in ``q``'s dtype."""
     out, lse = ops.paged_decode_attention_partial(
-        torch.cat([q, q]), k_cache, v_cache, tables, torch.cat([prompt_lens, decode_lens]), scale
+        q, k_cache, v_cache, block_tables, shard_lens, scale
     )
-    local_out, local_lse = ops.merge_attn_states(
-        out.view(2, b, *out.shape[1:]), lse.view(2, b, *lse.shape[1:])
-    )
-    merged, _ = exchange_and_merge(local_out, local_lse, group)
+    merged, _ = exchange_and_merge(out, lse, group)
     return merged.to(q.dtype)
-
-
-def _pad_columns(table: torch.Tensor, width: int) -> torch.Tensor:
-    if table.shape[1] == width:
-        return table
-    pad = table.new_zeros(table.shape[0], width - table.shape[1])
-    return torch.cat([table, pad], dim=1)
