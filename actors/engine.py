@@ -11,9 +11,12 @@ that event before the first plan that reads the handed-off request's KV.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -90,6 +93,14 @@ class HandoffEvents:
         return len(self._events)
 
 
+@dataclass
+class InflightStep:
+    launched: Any  # greenroom.models.executor.LaunchedStep
+    reply: Any  # the deferred reply of its StepPlan
+    start: float
+    gap_ms: float
+
+
 class Engine(Actor):
     mailbox_size = 8
 
@@ -117,6 +128,12 @@ class Engine(Actor):
         self.transfer = None  # KVTransferAgent: context and generation roles
         self._fault: str | None = None
         self.profile = StepProfile()
+        # Overlapped steps (one engine on the default stream): the plan launched last, its
+        # deferred reply and profile marks; it is finished when the next plan has been
+        # launched behind it, or when its tokens are ready and no plan came.
+        self.overlap = False
+        self._inflight: InflightStep | None = None
+        self._waiter: ThreadPoolExecutor | None = None
 
     async def on_start(self) -> None:
         t0 = time.perf_counter()
@@ -137,6 +154,16 @@ class Engine(Actor):
             from greenroom.kv.transfer import KVTransferAgent
 
             self.transfer = KVTransferAgent(r.kv_pool, r.model_name)
+        self.overlap = (
+            self.cfg.model.overlap_steps
+            and self.role == "mixed"
+            and self.stream is None
+            and self.placement is None
+            and self.transfer is None  # KV sent or received between steps: plain steps
+            and hasattr(self.executor, "launch")
+        )
+        if self.overlap and r.device.type == "cuda":
+            self._waiter = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-tokens")
         log.info(
             "engine ready",
             role=self.role,
@@ -145,11 +172,6 @@ class Engine(Actor):
             num_blocks=r.num_blocks,
             load_s=round(time.perf_counter() - t0, 3),
         )
-
-    async def on_stop(self) -> None:
-        if self.transfer is not None:
-            self.transfer.close()
-            self.transfer = None
 
     @handles(EngineInfoQuery)
     async def info(self, _: EngineInfoQuery) -> EngineInfo:
@@ -185,12 +207,27 @@ class Engine(Actor):
         self.executor.time_forwards = msg.gpu_timing
         return out
 
+    async def on_stop(self) -> None:
+        if self.transfer is not None:
+            self.transfer.close()
+            self.transfer = None
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            _answer(inflight.reply, error=EngineCrashed("the engine stopped"))
+        if self._waiter is not None:
+            self._waiter.shutdown(wait=False)
+        # drop every reference to GPU memory, so the process's memory returns on stop
+        self.executor = None
+
     @handles(StepPlan)
-    def step(self, plan: StepPlan) -> StepResult:
+    def step(self, plan: StepPlan) -> StepResult | None:
         if self._fault is not None:
+            self._settle_inflight()
             self.crash(EngineCrashed(self._fault))
         if self.transfer is not None:
             self._start_reads(plan)
+        if self.overlap:
+            return self._step_overlapped(plan)
         start, gap_ms = self.profile.begin()
         marks = self.activity is not None and bool(plan.steps)
         if marks:
@@ -236,6 +273,48 @@ class Engine(Actor):
             deadline = max(r.deadline for r in plan.receives)
             self.transfer.wait([r.request_id for r in plan.receives], deadline)
 
+    # ------------------------------------------------------------------ overlapped steps
+
+    def _step_overlapped(self, plan: StepPlan) -> None:
+        """Launch ``plan`` behind the one in flight, then finish that one: the GPU goes from
+        one forward to the next while the host reads tokens and sends results."""
+        start, gap_ms = self.profile.begin()
+        try:
+            launched = self.executor.launch(plan)
+        except Exception:
+            self._settle_inflight()  # results stay in plan order
+            raise
+        reply = self.take_reply()
+        self._settle_inflight()
+        inflight = InflightStep(launched, reply, start, gap_ms)
+        self._inflight = inflight
+        if self._waiter is None:
+            asyncio.get_running_loop().call_soon(self._settle_if_idle, inflight)
+        else:
+            loop = asyncio.get_running_loop()
+            done = loop.run_in_executor(self._waiter, launched.wait)
+            done.add_done_callback(lambda _f, i=inflight: self._settle_if_idle(i))
+        self.profile.mark_idle()
+        return None
+
+    def _settle_if_idle(self, inflight: InflightStep) -> None:
+        """Its tokens are on the host and no plan was launched behind it: finish it now."""
+        if self._inflight is inflight:
+            self._settle_inflight()
+
+    def _settle_inflight(self) -> None:
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return
+        try:
+            result = self.executor.finish(inflight.launched)
+        except Exception as exc:
+            _answer(inflight.reply, error=exc)
+            return
+        if inflight.launched.plan.steps:
+            self._record(inflight.launched.plan, inflight.start, inflight.gap_ms)
+        _answer(inflight.reply, result)
+
     def _record(self, plan: StepPlan, start: float, gap_ms: float) -> None:
         gpu_ms = None
         events = self.executor.forward_events
@@ -243,7 +322,9 @@ class Engine(Actor):
             events[1].synchronize()  # done already: sampling read the logits back
             gpu_ms = events[0].elapsed_time(events[1])
         decode_only = all(s.num_tokens == 1 for s in plan.steps)
-        self.profile.end(start, gap_ms, decode_only, len(plan.steps), gpu_ms)
+        self.profile.end(
+            start, gap_ms, decode_only, len(plan.steps), gpu_ms, self.executor.last_timing
+        )
 
     def _execute_on_stream(self, plan: StepPlan, stream) -> StepResult:
         import torch
@@ -254,6 +335,18 @@ class Engine(Actor):
                     if seq.handoff_event_id:
                         self.handoffs.wait(seq.handoff_event_id, stream)
             return self.executor.execute(plan)
+
+
+def _answer(reply: Any, value: Any = None, error: BaseException | None = None) -> None:
+    """Settle a reply taken with ``take_reply``; an error reaches the asker as a RemoteError."""
+    from greenroom.actors.cell import settle
+    from greenroom.actors.errors import ActorError, RemoteError
+
+    if reply is None:
+        return
+    if error is not None and not isinstance(error, ActorError):
+        error = RemoteError(type(error).__name__, str(error))
+    settle(reply, value, error)
 
 
 def _node_config(data: dict) -> NodeConfig:

@@ -1,9 +1,12 @@
 """Per-step engine timings: where a decode step's time goes (host, GPU, waiting for a plan).
 
 An engine records, per plan: the wall time of the step, the gap since its previous step ended
-(the engine idles there unless the next plan was already queued), and, when GPU timing is on,
-the forward's device time from CUDA events. ``summary()`` splits decode-only plans from the
-rest; host overhead of a step is its wall time minus the forward's device time.
+(the engine idles there unless the next plan was already queued), the executor's host
+timeline (inputs built and copied, forward launched, sampling and token copy queued, waiting
+for the tokens, result built) and, when GPU timing is on, the forward's device time from CUDA
+events. ``summary()`` splits decode-only plans from the rest; host overhead of a step is its
+wall time minus the forward's device time (with overlapped steps the wall time spans the next
+plan's launch too).
 """
 
 from __future__ import annotations
@@ -39,9 +42,14 @@ class EngineProfile(Message):
 @dataclass
 class StepProfile:
     max_steps: int = 100_000
-    decode: list[tuple[float, float, float | None, int]] = field(default_factory=list)
-    other: list[tuple[float, float, float | None, int]] = field(default_factory=list)
+    decode: list[tuple[float, float, float | None, int, dict[str, float]]] = field(
+        default_factory=list
+    )
+    other: list[tuple[float, float, float | None, int, dict[str, float]]] = field(
+        default_factory=list
+    )
     _last_end: float | None = None
+    _overlapped: bool = False
 
     def begin(self) -> tuple[float, float]:
         """(start time, gap since the previous step's end in ms)."""
@@ -50,12 +58,26 @@ class StepProfile:
         return now, gap
 
     def end(
-        self, start: float, gap_ms: float, decode_only: bool, batch: int, gpu_ms: float | None
+        self,
+        start: float,
+        gap_ms: float,
+        decode_only: bool,
+        batch: int,
+        gpu_ms: float | None,
+        phases: dict[str, float] | None = None,
     ) -> None:
-        self._last_end = time.perf_counter()
+        now = time.perf_counter()
+        if not self._overlapped:
+            self._last_end = now
         rows = self.decode if decode_only else self.other
         if len(rows) < self.max_steps:
-            rows.append(((self._last_end - start) * 1e3, gap_ms, gpu_ms, batch))
+            rows.append(((now - start) * 1e3, gap_ms, gpu_ms, batch, phases or {}))
+
+    def mark_idle(self) -> None:
+        """Overlapped steps: the engine waits for a plan from now (a step's ``end`` comes
+        later, once the next plan was launched behind it)."""
+        self._overlapped = True
+        self._last_end = time.perf_counter()
 
     def reset(self) -> None:
         self.decode.clear()
@@ -66,7 +88,7 @@ class StepProfile:
         return {"decode": _summarize(self.decode), "other": _summarize(self.other)}
 
 
-def _summarize(rows: list[tuple[float, float, float | None, int]]) -> dict:
+def _summarize(rows: list[tuple[float, float, float | None, int, dict[str, float]]]) -> dict:
     if not rows:
         return {"steps": 0}
     walls = [r[0] for r in rows]
@@ -84,6 +106,12 @@ def _summarize(rows: list[tuple[float, float, float | None, int]]) -> dict:
     if gpus:
         out["forward_gpu_ms_mean"] = round(statistics.fmean(gpus), 3)
         out["host_ms_mean"] = round(out["wall_ms_mean"] - out["forward_gpu_ms_mean"], 3)
+    # the step's timeline on the host (PlanExecutor's StepTiming): mean ms per phase
+    phases = [r[4] for r in rows if r[4]]
+    for key in phases[0] if phases else ():
+        out[f"{key.removesuffix('_ms')}_ms_mean"] = round(
+            statistics.fmean(p[key] for p in phases), 3
+        )
     return out
 
 

@@ -186,3 +186,62 @@ def test_mixed_batch_of_decode_and_prefill_steps(runner) -> None:
         for s in res.sampled:
             got.setdefault(s.request_id, []).append(s.token_id)
     assert got == {"a": alone_a, "b": alone_b}
+
+
+def test_launching_ahead_of_finish_gives_the_same_tokens(runner) -> None:
+    """A plan launched before the previous plan's tokens were read takes them from the
+    device: greedy and seeded tokens match plain steps, logprobs included."""
+    greedy = SamplingParams(max_tokens=8)
+    lp = SamplingParams(max_tokens=8, temperature=0.7, seed=3, logprobs=2)
+
+    def plans() -> list[StepPlan]:
+        out = [
+            StepPlan(
+                iteration=0,
+                new=[
+                    new_seq("g", PROMPT, [1, 2], sampling=greedy),
+                    new_seq("h", PROMPT[:9], [3, 4], sampling=HOT),
+                ],
+                steps=[SequenceStep("g", 19), SequenceStep("h", 9)],
+            ),
+            StepPlan(
+                iteration=1,
+                new=[new_seq("l", PROMPT[:5], [5, 6], sampling=lp)],
+                steps=[SequenceStep("g", 1), SequenceStep("h", 1), SequenceStep("l", 5)],
+            ),
+        ]
+        for it in range(2, 8):
+            steps = [SequenceStep(r, 1) for r in ("l", "g", "h")]
+            out.append(StepPlan(iteration=it, steps=steps, finished=["g"] if it == 7 else []))
+        return out
+
+    plain = PlanExecutor(runner)
+    want = [plain.execute(p) for p in plans()[:-1]]
+    ex = PlanExecutor(runner)
+    got, previous = [], None
+    for plan in plans()[:-1]:
+        launched = ex.launch(plan)
+        if previous is not None:
+            got.append(ex.finish(previous))
+        previous = launched
+    got.append(ex.finish(previous))
+    assert [r.sampled for r in got] == [r.sampled for r in want]
+    assert all(s.logprobs is not None for r in got for s in r.sampled if s.request_id == "l")
+    assert ex.sequences["g"].tokens == plain.sequences["g"].tokens
+    assert -1 not in ex.sequences["h"].tokens
+
+
+def test_a_plan_cannot_read_a_token_no_step_sampled(runner) -> None:
+    ex = PlanExecutor(runner)
+    greedy = SamplingParams(max_tokens=8)
+    first = ex.launch(
+        StepPlan(
+            iteration=0,
+            new=[new_seq("g", PROMPT, [1, 2], sampling=greedy)],
+            steps=[SequenceStep("g", 19)],
+        )
+    )
+    ex._pending.clear()  # as if the launched step had been lost
+    with pytest.raises(PlanError):
+        ex.launch(StepPlan(iteration=1, steps=[SequenceStep("g", 1)]))
+    ex.finish(first)

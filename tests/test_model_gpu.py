@@ -168,3 +168,50 @@ def test_prefill_graph_replay_matches_eager(checkpoint: Path) -> None:
         torch.testing.assert_close(graph_pool[1:], pool[1:], atol=2e-2, rtol=2e-2)
         err = float((got - plain).norm() / plain.norm())
         assert err < 3e-2, f"relative error {err:.3e} against the eager forward"
+
+
+def greedy_plans(steps: int) -> list[StepPlan]:
+    """Every prompt prefilled in one plan, then ``steps - 1`` decode plans of all of them."""
+    prompt_list = prompts()
+    per_seq = math.ceil((max(PROMPT_LENGTHS) + steps) / BS)
+    new = [
+        NewSequence(
+            request_id=str(i),
+            prompt_token_ids=p,
+            sampling=SamplingParams(max_tokens=steps),
+            num_cached_tokens=0,
+            block_ids=list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)),
+        )
+        for i, p in enumerate(prompt_list)
+    ]
+    plans = [
+        StepPlan(
+            iteration=0,
+            new=new,
+            steps=[SequenceStep(str(i), len(p)) for i, p in enumerate(prompt_list)],
+        )
+    ]
+    for it in range(1, steps):
+        plans.append(
+            StepPlan(iteration=it, steps=[SequenceStep(str(i), 1) for i in range(len(prompt_list))])
+        )
+    return plans
+
+
+def test_overlapped_steps_give_the_tokens_of_plain_steps(checkpoint: Path) -> None:
+    """Each plan launched before the previous one's tokens are read (decode inputs taken
+    from the device, argmax inside the decode graph): the same greedy tokens as plain steps
+    on the eager path."""
+    eager_runner = runner_for(checkpoint, graphs=False)
+    plain_ex = PlanExecutor(eager_runner)
+    want = [plain_ex.execute(p).sampled for p in greedy_plans(24)]
+    runner = runner_for(checkpoint, graphs=True)
+    ex = PlanExecutor(runner)
+    got, previous = [], None
+    for plan in greedy_plans(24):
+        launched = ex.launch(plan)
+        if previous is not None:
+            got.append(ex.finish(previous).sampled)
+        previous = launched
+    got.append(ex.finish(previous).sampled)
+    assert got == want

@@ -50,6 +50,8 @@ class DecodeRate:
     tokens: int  # output tokens inside the measured window
     seconds: float
     batch: int  # requests decoding in every step of the window
+    # mean ms per phase of the measured steps (bare loop: PlanExecutor's step timeline)
+    timeline: dict[str, float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,32 +124,61 @@ def _sync(executor: PlanExecutor) -> None:
         torch.cuda.synchronize(executor.runner.device)
 
 
+def run_plans(executor: PlanExecutor, plans: list[StepPlan], overlap: bool) -> list[dict]:
+    """Run ``plans`` in order; with ``overlap`` each is launched before the previous one's
+    tokens are read, as the node's engine does. Returns each step's host timeline."""
+    timelines = []
+    if not overlap:
+        for plan in plans:
+            executor.execute(plan)
+            timelines.append(executor.last_timing)
+        return timelines
+    previous = None
+    for plan in plans:
+        launched = executor.launch(plan)
+        if previous is not None:
+            executor.finish(previous)
+            timelines.append(executor.last_timing)
+        previous = launched
+    if previous is not None:
+        executor.finish(previous)
+        timelines.append(executor.last_timing)
+    return timelines
+
+
+def mean_timeline(timelines: list[dict]) -> dict[str, float]:
+    rows = [t for t in timelines if t]
+    if not rows:
+        return {}
+    return {k: sum(t[k] for t in rows) / len(rows) for k in rows[0]}
+
+
 def bare_decode(
     executor: PlanExecutor,
     prompts: list[list[int]],
     work: DecodeWorkload,
     max_num_tokens: int = 8192,
+    overlap: bool = True,
 ) -> DecodeRate:
     """Prefill every prompt, then decode all requests together, one plan per step; time the
-    steps after ``warmup_tokens``. The plans are built before the clock starts."""
+    steps after ``warmup_tokens``. The plans are built before the clock starts. ``overlap``:
+    launch each plan before reading the previous one's tokens (the engine's default)."""
     first = len(executor.sequences)
     prefill, decode = bare_plans(executor, prompts, work, max_num_tokens)
     ids = [s.request_id for p in prefill for s in p.steps]
     decode_steps = len(decode)
     warm = min(work.warmup_tokens, decode_steps - 1)
-    for plan in prefill + decode[:warm]:
-        executor.execute(plan)
+    run_plans(executor, prefill + decode[:warm], overlap)
     _sync(executor)
     started = time.perf_counter()
-    for plan in decode[warm:]:
-        executor.execute(plan)
+    timelines = run_plans(executor, decode[warm:], overlap)
     _sync(executor)
     seconds = time.perf_counter() - started
     executor.execute(StepPlan(iteration=len(prefill) + decode_steps, finished=ids))
     if len(executor.sequences) != first:
         raise RuntimeError("the bare loop left sequences behind in the executor")
     tokens = len(ids) * (decode_steps - warm)
-    return DecodeRate(tokens / seconds, tokens, seconds, len(ids))
+    return DecodeRate(tokens / seconds, tokens, seconds, len(ids), mean_timeline(timelines))
 
 
 # --------------------------------------------------------------------------- through a node
@@ -269,7 +300,9 @@ __all__ = [
     "bare_decode",
     "bare_plans",
     "load_sweep",
+    "mean_timeline",
     "offline_throughput",
+    "run_plans",
     "served_decode",
     "steady_window",
     "sweep_row",

@@ -83,21 +83,51 @@ class ForwardBatch:
             (t for c in chunks for t in c.token_ids), dtype=np.int64, count=int(cu[-1])
         )
         logits_indices = np.arange(int(cu[-1])) if all_logits else cu[1:] - 1
-
-        def put(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(a).to(device=device, dtype=dtype, non_blocking=True)
-
+        wide, narrow = upload_packed(
+            [input_ids, positions, slots, logits_indices], [tables, context_lens, cu], device
+        )
         return cls(
-            input_ids=put(input_ids, torch.int64),
-            positions=put(positions, torch.int64),
-            slot_mapping=put(slots, torch.int64),
-            block_tables=put(tables, torch.int32),
-            context_lens=put(context_lens, torch.int32),
-            cu_seqlens_q=put(cu, torch.int32),
-            logits_indices=put(logits_indices, torch.int64),
+            input_ids=wide[0],
+            positions=wide[1],
+            slot_mapping=wide[2],
+            block_tables=narrow[0],
+            context_lens=narrow[1],
+            cu_seqlens_q=narrow[2],
+            logits_indices=wide[3],
             max_seqlen_q=int(q_lens.max()),
             max_context_len=int(context_lens.max()),
             decode_only=bool((q_lens == 1).all()),
             all_logits=all_logits,
             host_lens=(q_lens, context_lens),
         )
+
+
+def upload_packed(
+    wide: list[np.ndarray], narrow: list[np.ndarray], device: torch.device | str
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``wide`` arrays as int64 and ``narrow`` ones as int32 tensors on ``device``, in one
+    host-to-device copy from pinned memory: the copy is asynchronous, so the host can run
+    ahead of a forward still on the GPU (a pageable copy would wait for it)."""
+    device = torch.device(device)
+    sizes = [a.size for a in wide] + [a.size for a in narrow]
+    n_wide = sum(sizes[: len(wide)])
+    total = n_wide * 2 + sum(sizes[len(wide) :])  # in int32 words
+    total += total % 2
+    host = torch.empty(total, dtype=torch.int32, pin_memory=device.type == "cuda")
+    words = host.numpy()
+    words[: 2 * n_wide].view(np.int64)[:] = np.concatenate([a.ravel() for a in wide])
+    if narrow:
+        words[2 * n_wide : 2 * n_wide + sum(sizes[len(wide) :])] = np.concatenate(
+            [a.ravel() for a in narrow]
+        )
+    dev = host.to(device, non_blocking=True) if device.type != "cpu" else host
+    wide_dev = dev[: 2 * n_wide].view(torch.int64)
+    out_wide, out_narrow, at = [], [], 0
+    for a in wide:
+        out_wide.append(wide_dev[at : at + a.size].view(a.shape))
+        at += a.size
+    at = 2 * n_wide
+    for a in narrow:
+        out_narrow.append(dev[at : at + a.size].view(a.shape))
+        at += a.size
+    return out_wide, out_narrow

@@ -71,11 +71,14 @@ def capture_forwards(
     static_batch: Callable[[int], ForwardBatch],
     stream: torch.cuda.Stream,
     warmups: int = 1,
+    greedy: dict[int, torch.Tensor] | None = None,
 ) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
     """One graph per size of ``model.forward`` over ``static_batch(size)``, captured on
     ``stream`` into one private memory pool, largest first (smaller ones reuse its memory);
     returns (graphs, their output logits) by size. Each capture is preceded by ``warmups``
-    eager forwards, so compiles, autotuning and lazy initialisation stay out of the graph."""
+    eager forwards, so compiles, autotuning and lazy initialisation stay out of the graph.
+    With ``greedy`` given, each graph also takes the logits' argmax, stored there by size:
+    a greedy step then needs no sampling launch after the replay."""
     graphs: dict[int, torch.cuda.CUDAGraph] = {}
     outputs: dict[int, torch.Tensor] = {}
     pool = torch.cuda.graph_pool_handle()
@@ -89,6 +92,8 @@ def capture_forwards(
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=stream):
             outputs[size] = model.forward(batch, kv_pool)
+            if greedy is not None:
+                greedy[size] = outputs[size].argmax(dim=-1)
         graphs[size] = graph
     torch.cuda.current_stream().wait_stream(stream)
     return graphs, outputs
@@ -119,6 +124,7 @@ class DecodeGraphs:
         self.logits_indices = torch.arange(bmax, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.greedy: dict[int, torch.Tensor] = {}  # argmax of each graph's logits
         self._capture(stream or torch.cuda.Stream(device))
 
     def _static_batch(self, size: int) -> ForwardBatch:
@@ -137,7 +143,13 @@ class DecodeGraphs:
 
     def _capture(self, stream: torch.cuda.Stream) -> None:
         self.graphs, self.outputs = capture_forwards(
-            self.model, self.kv_pool, self.batch_sizes, self._static_batch, stream, warmups=2
+            self.model,
+            self.kv_pool,
+            self.batch_sizes,
+            self._static_batch,
+            stream,
+            warmups=2,
+            greedy=self.greedy,
         )
 
     def can_run(self, batch: ForwardBatch) -> bool:
@@ -150,6 +162,12 @@ class DecodeGraphs:
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits ``[B, vocab]`` of a decode batch through the smallest graph that fits it."""
+        return self.run_greedy(batch)[0]
+
+    def run_greedy(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits ``[B, vocab]``, their argmax ``[B]``) of a decode batch, both computed by
+        the replay. Both are views of the graph's outputs: the next replay of the same size
+        overwrites them (stream-ordered, so work queued before it still reads this step's)."""
         b = batch.num_requests
         size = next(s for s in self.batch_sizes if s >= b)
         width = batch.block_tables.shape[1]
@@ -166,4 +184,4 @@ class DecodeGraphs:
             self.block_tables[b:size].fill_(NULL_BLOCK)
             self.context_lens[b:size].fill_(1)
         self.graphs[size].replay()
-        return self.outputs[size][:b]
+        return self.outputs[size][:b], self.greedy[size][:b]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from greenroom.bus.messages import (
@@ -22,11 +23,17 @@ from greenroom.bus.messages import (
     StepResult,
     TokenLogprobs,
 )
-from greenroom.models.batch import SequenceChunk
+from greenroom.models.batch import SequenceChunk, upload_packed
 from greenroom.models.kv_pool import allocate_kv_pool
 from greenroom.models.logits_adjust import LogitsAdjustments, needs_adjustment
 from greenroom.models.runner import GraphKind, ModelRunner
-from greenroom.models.sampling import SamplingBatch, request_seed, sample
+from greenroom.models.sampling import (
+    SamplerOutput,
+    SamplingBatch,
+    is_plain_greedy,
+    request_seed,
+    sample,
+)
 from greenroom.models.token_history import TokenHistory
 
 
@@ -81,6 +88,10 @@ class PlanExecutor:
         # Profiling: when True, each forward is bracketed by CUDA events (``forward_events``).
         self.time_forwards = False
         self.forward_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        # host phases of the last finished step (StepTiming.phases)
+        self.last_timing: dict[str, float] = {}
+        # request id -> (launched step, row) of a sampled token the host has not read yet
+        self._pending: dict[str, tuple[LaunchedStep, int]] = {}
         if graphs == "decode" and runner.graphs is None:
             runner.capture_cuda_graphs(graph_stream)
 
@@ -182,51 +193,165 @@ class PlanExecutor:
     # ------------------------------------------------------------------ execute
 
     def execute(self, plan: StepPlan) -> StepResult:
+        """Run one plan to completion: its sampled tokens are on the host when this returns."""
+        return self.finish(self.launch(plan))
+
+    def launch(self, plan: StepPlan) -> LaunchedStep:
+        """Queue a plan's work on the device and return without reading its tokens.
+
+        The sequences' bookkeeping advances at once: each sampled token is a placeholder in
+        ``Sequence.tokens`` until ``finish``; a later plan that steps such a sequence takes the
+        token from the device (the forward reads it there), so the next plan can be launched
+        while this one is still on the GPU. ``finish`` the steps in launch order.
+        """
         started = time.perf_counter()
         for request_id in plan.finished:
             self._forget(request_id)
         self._copy_blocks(plan.copies)
         for new in plan.new:
             self._register(new)
+        timing = StepTiming()
         if not plan.steps:
-            return StepResult(iteration=plan.iteration, flow=plan.flow)
+            return LaunchedStep(plan, started, timing)
         ids = [s.request_id for s in plan.steps]
         if len(set(ids)) != len(ids):
             raise PlanError(f"plan {plan.iteration} steps a request more than once: {ids}")
         chunks = [self._chunk(s.request_id, s.num_tokens, s.new_block_ids) for s in plan.steps]
         batch = self.runner.build_batch(chunks)
-        ready_rows, ready = [], []
-        for row, step in enumerate(plan.steps):
-            seq = self.sequences[step.request_id]
-            if seq.num_computed + step.num_tokens == len(seq.tokens):
-                ready_rows.append(row)
-                ready.append(seq)
+        pending = self._pending_inputs(ids, chunks)
+        if pending is not None:
+            batch.input_ids = self._with_pending_tokens(batch.input_ids, pending)
+        seqs = [self.sequences[i] for i in ids]
+        ready_rows = [
+            row
+            for row, (seq, step) in enumerate(zip(seqs, plan.steps, strict=True))
+            if seq.num_computed + step.num_tokens == len(seq.tokens)
+        ]
+        ready = [seqs[r] for r in ready_rows] if len(ready_rows) != len(seqs) else seqs
+        plain = all(is_plain_greedy(s.sampling) and not s.adjusts for s in ready)
         # Every host-to-device copy of the step goes before the forward: a copy from pageable
         # memory waits on the host until its stream has drained, so after the launch it would
         # hold the host for the whole forward.
-        sampling = self._prepare_sampling(ready_rows, ready, len(plan.steps))
-        timed = self.time_forwards and self.runner.device.type == "cuda"
-        if timed:
-            self.forward_events = (
-                torch.cuda.Event(enable_timing=True),
-                torch.cuda.Event(enable_timing=True),
-            )
-            self.forward_events[0].record()
-        logits = self.runner.forward(batch, graphs=self.graph_kind)
-        if timed:
-            self.forward_events[1].record()
-        for step in plan.steps:
-            self.sequences[step.request_id].num_computed += step.num_tokens
-        sampled = self._sample(logits, ready, sampling)
-        if self.on_sequence_ready is not None:
-            for seq in ready:
-                self.on_sequence_ready(seq)
+        sampling = None if plain else self._prepare_sampling(ready_rows, ready, len(seqs))
+        index = None
+        if plain and ready and len(ready_rows) != len(seqs):
+            index = self._upload_rows(ready_rows)
+        timing.prepare = time.perf_counter()
+        cuda = self.runner.device.type == "cuda"
+        events = self._timing_events() if self.time_forwards and cuda else None
+        if events is not None:
+            events[0].record()
+        logits, greedy = self.runner.forward_greedy(batch, graphs=self.graph_kind)
+        if events is not None:
+            events[1].record()
+            self.forward_events = events
+        timing.forward = time.perf_counter()
+        for seq, step in zip(seqs, plan.steps, strict=True):
+            seq.num_computed += step.num_tokens
+        out = None
+        if not ready:
+            tokens = None
+        elif plain:
+            tokens = greedy if greedy is not None else logits.argmax(dim=-1)
+            if index is not None:
+                tokens = tokens.index_select(0, index)
+        else:
+            index, batch_sampling = sampling
+            out = sample(logits if index is None else logits.index_select(0, index), batch_sampling)
+            if batch_sampling.adjustments is not None:
+                batch_sampling.adjustments.record(out.token_ids)
+            tokens = out.token_ids
+        launched = LaunchedStep(plan, started, timing, ready, tokens)
+        if ready:
+            positions = []
+            for row, seq in enumerate(ready):
+                positions.append(len(seq.tokens))
+                seq.tokens.append(PENDING_TOKEN)
+                seq.num_output_tokens += 1
+                self._pending[seq.request_id] = (launched, row)
+            launched.positions = positions
+            launched.read_back(out, cuda)
+        timing.sample = time.perf_counter()
+        return launched
+
+    def finish(self, launched: LaunchedStep) -> StepResult:
+        """Wait for a launched plan's tokens and settle them into the sequences."""
+        plan, timing = launched.plan, launched.timing
+        if not plan.steps:
+            return StepResult(iteration=plan.iteration, flow=plan.flow)
+        t0 = time.perf_counter()
+        sampled: list[SampledToken] = []
+        if launched.ready:
+            token_ids, logprobs = launched.host_values()
+            timing.wait = time.perf_counter() - t0
+            pending = self._pending
+            for i, (seq, pos, token) in enumerate(
+                zip(launched.ready, launched.positions, token_ids, strict=True)
+            ):
+                seq.tokens[pos] = token
+                if pending.get(seq.request_id, (None,))[0] is launched:
+                    del pending[seq.request_id]
+                lp = None
+                if logprobs is not None and seq.sampling.logprobs > 0:
+                    n = seq.sampling.logprobs
+                    lp = TokenLogprobs(logprobs[0][i], logprobs[1][i][:n], logprobs[2][i][:n])
+                sampled.append(SampledToken(seq.request_id, token, lp))
+            if self.on_sequence_ready is not None:
+                for seq in launched.ready:
+                    self.on_sequence_ready(seq)
+        done = time.perf_counter()
+        timing.result = done - t0 - timing.wait
+        self.last_timing = timing.phases(launched.started, done)
         return StepResult(
             iteration=plan.iteration,
             sampled=sampled,
             flow=plan.flow,
-            duration_s=time.perf_counter() - started,
+            duration_s=done - launched.started,
         )
+
+    # ------------------------------------------------------------------ launch helpers
+
+    def _pending_inputs(self, ids: list[str], chunks: list[SequenceChunk]) -> PendingInputs | None:
+        """Flat token positions of the batch whose token is still on the device, and the rows
+        of the launched step that sampled them (None when every token is known). A pending
+        token is always its sequence's last, so only a chunk's last token can be one."""
+        at, flat, rows, source = 0, [], [], None
+        pending = self._pending
+        for request_id, chunk in zip(ids, chunks, strict=True):
+            n = len(chunk.token_ids)
+            at += n
+            if chunk.token_ids[-1] != PENDING_TOKEN:
+                continue
+            entry = pending.get(request_id)
+            if entry is None:
+                raise PlanError(f"request {request_id!r}: a token no launched step samples")
+            step, row = entry
+            if step.positions[row] != chunk.num_cached + n - 1:
+                raise PlanError(f"request {request_id!r}: a pending token out of place")
+            if source is not None and step is not source:
+                raise PlanError("a plan reads tokens of two unfinished steps")
+            source = step
+            flat.append(at - 1)
+            rows.append(row)
+        if source is None:
+            return None
+        return PendingInputs(flat, rows, source)
+
+    def _with_pending_tokens(self, input_ids: torch.Tensor, pending: PendingInputs) -> torch.Tensor:
+        device = input_ids.device
+        (flat, rows), _ = upload_packed(
+            [np.asarray(pending.flat, dtype=np.int64), np.asarray(pending.rows, dtype=np.int64)],
+            [],
+            device,
+        )
+        return input_ids.index_put((flat,), pending.source.tokens.index_select(0, rows))
+
+    def _upload_rows(self, rows: list[int]) -> torch.Tensor:
+        (index,), _ = upload_packed([np.asarray(rows, dtype=np.int64)], [], self.runner.device)
+        return index
+
+    def _timing_events(self) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def _prepare_sampling(
         self, rows: list[int], seqs: list[Sequence], num_rows: int
@@ -237,7 +362,7 @@ class PlanExecutor:
         device = self.runner.device
         index = None
         if len(rows) != num_rows:
-            index = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+            index = self._upload_rows(rows)
         params = [s.sampling for s in seqs]
         steps = [s.num_output_tokens for s in seqs]
         adjustments = None
@@ -253,31 +378,77 @@ class PlanExecutor:
         sampling = SamplingBatch.build(params, [s.seed for s in seqs], steps, device, adjustments)
         return index, sampling
 
-    def _sample(
-        self,
-        logits: torch.Tensor,
-        seqs: list[Sequence],
-        prepared: tuple[torch.Tensor | None, SamplingBatch] | None,
-    ) -> list[SampledToken]:
-        if prepared is None:
-            return []
-        index, batch = prepared
-        if index is not None:
-            logits = logits.index_select(0, index)
-        out = sample(logits, batch)
-        if batch.adjustments is not None:
-            batch.adjustments.record(out.token_ids)
-        token_ids = out.token_ids.tolist()
-        if out.top_ids is not None:
-            token_lps = out.token_logprobs.tolist()
-            top_ids, top_lps = out.top_ids.tolist(), out.top_logprobs.tolist()
-        result = []
-        for i, (seq, token) in enumerate(zip(seqs, token_ids, strict=True)):
-            seq.tokens.append(token)
-            seq.num_output_tokens += 1
-            logprobs = None
-            n = seq.sampling.logprobs
-            if n > 0:
-                logprobs = TokenLogprobs(token_lps[i], top_ids[i][:n], top_lps[i][:n])
-            result.append(SampledToken(seq.request_id, token, logprobs))
-        return result
+
+PENDING_TOKEN = -1  # a sampled token the host has not read yet (``Sequence.tokens``)
+
+
+@dataclass
+class StepTiming:
+    """Host-side marks of one step (perf_counter seconds; ``wait``/``result`` durations)."""
+
+    prepare: float = 0.0  # inputs built and their copies queued
+    forward: float = 0.0  # forward launched (graph replayed or eager kernels queued)
+    sample: float = 0.0  # sampling and the device-to-host copy of the tokens queued
+    wait: float = 0.0  # seconds finish() waited for the tokens
+    result: float = 0.0  # seconds finish() spent settling tokens and building the result
+
+    def phases(self, started: float, done: float) -> dict[str, float]:
+        """Milliseconds per phase of the step that started at ``started``."""
+        if not self.prepare:
+            return {}
+        return {
+            "prepare_ms": (self.prepare - started) * 1e3,
+            "forward_launch_ms": (self.forward - self.prepare) * 1e3,
+            "sample_launch_ms": (self.sample - self.forward) * 1e3,
+            "token_wait_ms": self.wait * 1e3,
+            "result_ms": self.result * 1e3,
+            "step_ms": (done - started) * 1e3,
+        }
+
+
+@dataclass
+class PendingInputs:
+    flat: list[int]  # positions in the batch's flat token list
+    rows: list[int]  # the source step's sampled-token rows
+    source: LaunchedStep
+
+
+@dataclass
+class LaunchedStep:
+    """A plan queued on the device; ``PlanExecutor.finish`` turns it into its result."""
+
+    plan: StepPlan
+    started: float
+    timing: StepTiming
+    ready: list[Sequence] = field(default_factory=list)  # sequences that sample a token
+    tokens: torch.Tensor | None = None  # [len(ready)] int64 on the device
+    positions: list[int] = field(default_factory=list)  # each token's index in its sequence
+    _host: list[torch.Tensor] = field(default_factory=list)
+    _done: torch.cuda.Event | None = None
+
+    def read_back(self, out: SamplerOutput | None, cuda: bool) -> None:
+        """Queue the copies of the tokens (and log-probs) to pinned host memory."""
+        values = [self.tokens]
+        if out is not None and out.top_ids is not None:
+            values += [out.token_logprobs, out.top_ids, out.top_logprobs]
+        if not cuda:
+            self._host = values
+            return
+        for v in values:
+            host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+            host.copy_(v, non_blocking=True)
+            self._host.append(host)
+        self._done = torch.cuda.Event()
+        self._done.record()
+
+    def wait(self) -> None:
+        """Block until the tokens are on the host (releases the GIL while waiting)."""
+        if self._done is not None:
+            self._done.synchronize()
+
+    def host_values(self) -> tuple[list[int], tuple[list, list, list] | None]:
+        self.wait()
+        tokens = self._host[0].tolist()
+        if len(self._host) == 1:
+            return tokens, None
+        return tokens, (self._host[1].tolist(), self._host[2].tolist(), self._host[3].tolist())

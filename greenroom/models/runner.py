@@ -190,16 +190,24 @@ class ModelRunner:
         ``graphs``: which captured graphs may run the batch (each engine replays only those
         captured on its own stream); a batch no graph fits runs eagerly.
         """
+        return self.forward_greedy(batch, graphs)[0]
+
+    @torch.inference_mode()
+    def forward_greedy(
+        self, batch: ForwardBatch, graphs: GraphKind = "decode"
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits as ``forward`` gives them, their row argmax when a decode graph computed it
+        with the forward, else None)."""
         decode = self.whole_graphs if graphs == "decode_whole" else self.graphs
         if graphs in ("decode", "decode_whole") and decode is not None and decode.can_run(batch):
-            return decode.run(batch)
+            return decode.run_greedy(batch)
         if (
             graphs == "prefill"
             and self.prefill_graphs is not None
             and self.prefill_graphs.can_run(batch)
         ):
-            return self.prefill_graphs.run(batch)
-        return self.model.forward(batch, self.kv_pool)
+            return self.prefill_graphs.run(batch), None
+        return self.model.forward(batch, self.kv_pool), None
 
     def build_batch(self, chunks, all_logits: bool = False) -> ForwardBatch:
         return ForwardBatch.build(chunks, self.tokens_per_block, self.device, all_logits)

@@ -55,6 +55,12 @@ def request_seed(request_id: str, engine_seed: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def is_plain_greedy(params: SamplingParams) -> bool:
+    """The token is the logits' argmax and nothing else is asked of the sampler: such a
+    batch can take the argmax captured with a decode graph (no sampling launch at all)."""
+    return params.temperature <= 0 and params.logprobs <= 0
+
+
 @dataclass
 class SamplingBatch:
     temperature: torch.Tensor  # [B] float32; 0 = greedy
