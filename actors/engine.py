@@ -323,7 +323,12 @@ class Engine(Actor):
             gpu_ms = events[0].elapsed_time(events[1])
         decode_only = all(s.num_tokens == 1 for s in plan.steps)
         self.profile.end(
-            start, gap_ms, decode_only, len(plan.steps), gpu_ms, self.executor.last_timing
+            start,
+            gap_ms,
+            decode_only,
+            len(plan.steps),
+            gpu_ms,
+            getattr(self.executor, "last_timing", None),
         )
 
     def _execute_on_stream(self, plan: StepPlan, stream) -> StepResult:

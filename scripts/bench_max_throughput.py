@@ -22,8 +22,10 @@ import argparse
 import asyncio
 import json
 import sys
+import tempfile
 import time
 from importlib import resources
+from pathlib import Path
 
 import torch
 
@@ -59,6 +61,13 @@ def parse_args() -> argparse.Namespace:
         help="openorca set: rows of the packaged slice (at most 1024; 0 skips the set)",
     )
     p.add_argument("--no-fixed", action="store_true", help="skip the fixed-length set")
+    p.add_argument(
+        "--client",
+        choices=("process", "inline"),
+        default="process",
+        help="where the load generator runs: its own process (`greenroom replay`, as an "
+        "external client would; default) or on the node's event loop in this process",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -156,11 +165,61 @@ def openorca_requests(s: dict, vocab: int, pool_blocks: int, tpb: int) -> list[T
     return out
 
 
-async def run_set(client, engine, requests: list[TraceRequest], roofline) -> dict:
+async def replay_in_process(address: str, requests: list[TraceRequest], seed: int) -> dict:
+    """Every request sent at once by `greenroom replay` in a child process (prompts are its
+    own synthetic tokens of the same lengths); its report's throughput and latencies."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "lengths.csv"
+        trace.write_text(
+            "input_length,output_length\n"
+            + "".join(f"{r.prompt_length},{r.max_tokens}\n" for r in requests)
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "greenroom.replay.cli",
+            str(trace),
+            "--server",
+            address,
+            "--time-scale",
+            "0",
+            "--seed",
+            str(seed),
+            "--out",
+            str(Path(tmp) / "out"),
+            "--no-plots",
+            "--quiet",
+            "--timeout",
+            "3600",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"greenroom replay failed: {err.decode()[-2000:]}")
+        report = json.loads((Path(tmp) / "out" / "report.json").read_text())
+    if report["num_failed"] or report["num_short_outputs"]:
+        raise RuntimeError(f"replay: {report['num_failed']} failed, {report['failures']}")
+    return {
+        "num_requests": report["num_completed"],
+        "output_tokens": report["total_output_tokens"],
+        "seconds": report["duration_s"],
+        "output_tokens_per_s": report["output_throughput"],
+        "ttft_ms_p50": report["ttft_ms"]["p50"],
+        "tpot_ms_p50": report["tpot_ms"]["p50"],
+    }
+
+
+async def run_set(
+    client, engine, requests: list[TraceRequest], roofline, args, address: str
+) -> dict:
     from greenroom.actors.step_profile import EngineProfileQuery
 
     await engine.ask(EngineProfileQuery(reset=True), timeout=30)
-    measured = await offline_throughput(client, requests)
+    if args.client == "process":
+        measured = await replay_in_process(address, requests, seed=len(requests))
+    else:
+        measured = await offline_throughput(client, requests)
     profile = (await engine.ask(EngineProfileQuery(reset=True), timeout=30)).to_dict()
     return {
         "requests": len(requests),
@@ -169,6 +228,7 @@ async def run_set(client, engine, requests: list[TraceRequest], roofline) -> dic
         "measured": measured,
         "roofline": roofline.to_dict(),
         "of_roofline": measured["output_tokens_per_s"] / roofline.output_tokens_per_s,
+        "client": args.client,
         "engine_profile": profile,
     }
 
@@ -200,13 +260,13 @@ async def serve(s: dict, args, arch: ArchConfig, dtype, ceilings) -> dict:
                 reqs = fixed_requests(s, vocab, blocks, tpb)
                 lengths = [(r.prompt_length, r.max_tokens) for r in reqs]
                 roof = serving_roofline(lengths, batch, arch, dtype, ceilings)
-                out["fixed"] = await run_set(client, engine, reqs, roof)
+                out["fixed"] = await run_set(client, engine, reqs, roof, args, node.address)
                 progress("fixed", out["fixed"])
             if s["openorca_requests"] > 0:
                 reqs = openorca_requests(s, vocab, blocks, tpb)
                 lengths = [(r.prompt_length, r.max_tokens) for r in reqs]
                 roof = serving_roofline(lengths, batch, arch, dtype, ceilings)
-                out["openorca"] = await run_set(client, engine, reqs, roof)
+                out["openorca"] = await run_set(client, engine, reqs, roof, args, node.address)
                 progress("openorca", out["openorca"])
     finally:
         await node.stop()
