@@ -216,8 +216,9 @@ class Engine(Actor):
             _answer(inflight.reply, error=EngineCrashed("the engine stopped"))
         if self._waiter is not None:
             self._waiter.shutdown(wait=False)
-        # drop every reference to GPU memory, so the process's memory returns on stop
-        self.executor = None
+        # drop every reference to GPU memory (the executor, and the factory and placement
+        # that may hold a shared runner), so the process's memory returns on stop
+        self.executor = self.executor_factory = self.placement = None
 
     @handles(StepPlan)
     def step(self, plan: StepPlan) -> StepResult | None:

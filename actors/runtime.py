@@ -324,6 +324,8 @@ class Runtime:
         for supervisor in self._supervisors:
             supervisor.cancel_pending()
         await self._stop_entries(list(self._entries.values()), timeout * 0.7)
+        for supervisor in self._supervisors:
+            supervisor.forget_children()
         for thread in self._threads:
             thread.stop()
         for thread in self._threads:

@@ -122,6 +122,12 @@ class Supervisor:
         refs = [ref for _spec, ref in self._children.values()]
         await asyncio.gather(*(self.rt.stop(ref, timeout) for ref in refs))
 
+    def forget_children(self) -> None:
+        """The runtime has stopped: drop the children's spawn arguments, which may hold what
+        they were built over (a shared model runner: weights, KV pool, graphs), so that
+        nothing of them outlives the stop even while this supervisor is still referenced."""
+        self._children.clear()
+
     def cancel_pending(self) -> None:
         """The runtime is shutting down: abandon restarts in progress."""
         current = asyncio.current_task()
