@@ -226,6 +226,21 @@ class Node:
             await asyncio.sleep(0.05)  # let the frontend flush the errors to clients
         _close_all(self.resources)  # other nodes' agents hear "shutdown" before the sockets close
         await self.runtime.shutdown(timeout=timeout)
+        _release_device_caches()
+
+
+def _release_device_caches() -> None:
+    """After the engines stopped: free the matmul library's per-stream workspaces, which the
+    allocator keeps for every stream a node used (an SM-disaggregated node makes new partition
+    streams each time, so they would pile up across nodes in one process)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
 
 
 def _close_all(resources: list) -> None:
