@@ -58,7 +58,7 @@ def parse_args() -> argparse.Namespace:
         "--openorca-requests",
         type=int,
         default=None,
-        help="openorca set: rows of the packaged slice (at most 1024; 0 skips the set)",
+        help="openorca set: rows of the packaged slice (at most 1000; 0 skips the set)",
     )
     p.add_argument("--no-fixed", action="store_true", help="skip the fixed-length set")
     p.add_argument(
@@ -85,7 +85,7 @@ def settings(args: argparse.Namespace) -> dict:
         "prompt_len": 1000,
         "output_len": 1000,
         "max_batch_size": 512,
-        "openorca_requests": 1024,
+        "openorca_requests": 1000,
         "num_blocks": 0,  # from free device memory
         "max_model_len": 4096,
         "max_input_len": None,
