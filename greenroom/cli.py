@@ -109,7 +109,7 @@ _TYPE_METAVARS = {int: "N", float: "X", str: "TEXT"}
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "text"}
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """An argparse parser whose errors are one line, not the usage block."""
 
     def error(self, message: str) -> NoReturn:
@@ -257,7 +257,7 @@ def node_config_from_args(args: argparse.Namespace, extra: dict | None = None) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="greenroom",
         formatter_class=_HelpFormatter,
         description="greenroom: an LLM inference serving runtime built as asyncio actors over "

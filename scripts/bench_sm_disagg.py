@@ -296,6 +296,8 @@ def summarize(args, points: list[Point], modes_info: list[dict]) -> dict:
         "target_met": bool(best and best["meets_target"]),
         "user_speedup_ceilings": ceilings(points, modes_info),
         "heavy_mixes": heavy_summary(points),
+        # requests that failed at any point: the comparisons cover fewer than were sent
+        "lost_requests": sum(p.num_failed for p in points),
     }
 
 
@@ -341,4 +343,8 @@ if __name__ == "__main__":
         }
         for mix, rows in result["heavy_mixes"].items()
     }
+    brief["lost_requests"] = result["lost_requests"]
     print(json.dumps(brief))
+    if result["lost_requests"]:
+        print(f"bench_sm_disagg: {result['lost_requests']} requests failed", file=sys.stderr)
+        sys.exit(1)

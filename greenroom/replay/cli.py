@@ -210,7 +210,9 @@ DESCRIPTION = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="greenroom replay", description=DESCRIPTION)
+    from greenroom.cli import OneLineParser
+
+    parser = OneLineParser(prog="greenroom replay", description=DESCRIPTION)
     add_arguments(parser)
     return parser
 
