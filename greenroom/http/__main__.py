@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         workers=args.workers,
+        loop="auto",  # uvloop when installed
+        http="auto",  # httptools when installed
         log_level="warning",
         access_log=False,
     )

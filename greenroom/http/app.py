@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 import msgspec
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from greenroom.bus.messages import SamplingParams
@@ -67,15 +67,50 @@ async def _respond(request: Request, work: Awaitable) -> Response:
         return Response(status_code=499)
     if isinstance(result, dict):
         return _json(result)
-    return StreamingResponse(_closing(result), media_type="text/event-stream")
+    return EventStream(result)
 
 
-async def _closing(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    try:
-        async for frame in frames:
-            yield frame
-    finally:
-        await frames.aclose()  # a disconnect cancels the stream: abort its node requests
+class EventStream(Response):
+    """An SSE response: each frame is one ASGI send. A client that disconnects cancels the
+    stream (its node requests are aborted); one watcher task per response."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, frames: AsyncIterator[bytes]) -> None:  # no body: no content-length
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream"),
+            (b"cache-control", b"no-cache"),
+        ]
+        self.frames = frames
+
+    async def __call__(self, scope, receive, send) -> None:
+        streaming = asyncio.current_task()
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            streaming.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for frame in self.frames:
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            streaming.uncancel()
+        except OSError:  # the connection broke under a send
+            pass
+        finally:
+            watcher.cancel()
+            await self.frames.aclose()
 
 
 class Health:

@@ -44,6 +44,14 @@ class ChoiceEvent:
     finish_reason: str | None = None
     cached_tokens: int = 0
 
+    def merge(self, later: ChoiceEvent) -> None:
+        self.text += later.text
+        self.token_ids.extend(later.token_ids)
+        if later.logprobs:
+            self.logprobs = [*(self.logprobs or []), *later.logprobs]
+        self.finish_reason = later.finish_reason or self.finish_reason
+        self.cached_tokens = later.cached_tokens or self.cached_tokens
+
 
 @dataclass
 class Usage:
@@ -141,11 +149,11 @@ class Generation:
                     if k:
                         if st.first is None:
                             st.first = now
-                            m.ttft.labels(label).observe(now - arrival)
+                            m.ttft_m.observe(now - arrival)
                         else:
                             gap = (now - st.last) / k
                             for _ in range(k):
-                                m.itl.labels(label).observe(gap)
+                                m.itl_m.observe(gap)
                         st.last = now
                         st.tokens += k
                     cached = 0
@@ -175,21 +183,17 @@ class Generation:
     def _finished(self, job: PromptJob, st: _SampleTimes, reason: str, arrival: float) -> None:
         m, label = self.metrics, self.metrics.model_name
         m.request_success.labels(label, reason).inc()
-        m.prompt_tokens.labels(label).inc(len(job.prompt_ids))
-        m.generation_tokens.labels(label).inc(st.tokens)
-        m.prompt_len.labels(label).observe(len(job.prompt_ids))
-        m.output_len.labels(label).observe(st.tokens)
-        m.e2e.labels(label).observe(time.perf_counter() - arrival)
+        m.prompt_tokens_m.inc(len(job.prompt_ids))
+        m.generation_tokens_m.inc(st.tokens)
+        m.prompt_len_m.observe(len(job.prompt_ids))
+        m.output_len_m.observe(st.tokens)
+        m.e2e_m.observe(time.perf_counter() - arrival)
         if st.queue_time is not None:
-            m.queue.labels(label).observe(st.queue_time)
+            m.queue_m.observe(st.queue_time)
 
     async def run(self, jobs: list[PromptJob], arrival: float) -> AsyncIterator[ChoiceEvent]:
-        """Every choice's events, interleaved as they come; an error ends all choices."""
-        if len(jobs) == 1:
-            async with contextlib.aclosing(self.prompt(jobs[0], arrival)) as events:
-                async for ev in events:
-                    yield ev
-            return
+        """Every choice's events as they come; an error ends all choices. Events that queued
+        up while the consumer was busy (a slow HTTP client) go out merged, one per choice."""
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
@@ -207,13 +211,21 @@ class Generation:
         try:
             remaining = len(tasks)
             while remaining:
-                item = await queue.get()
-                if item is done:
-                    remaining -= 1
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    yield item
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                merged: dict[int, ChoiceEvent] = {}
+                for item in items:
+                    if item is done:
+                        remaining -= 1
+                    elif isinstance(item, Exception):
+                        raise item
+                    elif (ev := merged.get(item.index)) is None:
+                        merged[item.index] = item
+                    else:
+                        ev.merge(item)
+                for ev in merged.values():
+                    yield ev
         finally:
             for t in tasks:
                 t.cancel()

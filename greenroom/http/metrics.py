@@ -87,6 +87,19 @@ class HttpMetrics:
             _TOKEN_BUCKETS,
         )
 
+        # children for this model, looked up once (labels() takes a lock per call)
+        m = [model_name]
+        self.prompt_tokens_m = self.prompt_tokens.labels(*m)
+        self.generation_tokens_m = self.generation_tokens.labels(*m)
+        self.ttft_m, self.itl_m, self.e2e_m = (
+            h.labels(*m) for h in (self.ttft, self.itl, self.e2e)
+        )
+        self.queue_m = self.queue.labels(*m)
+        self.prompt_len_m, self.output_len_m = (
+            self.prompt_len.labels(*m),
+            self.output_len.labels(*m),
+        )
+
     def render(self, node: NodeStats | None) -> bytes:
         """The text exposition: this server's series (all processes) and the node's."""
         if multiprocess():

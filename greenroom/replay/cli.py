@@ -88,7 +88,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--server",
         default="tcp://127.0.0.1:7700",
         help="frontend address of a running greenroom server (default: %(default)s); "
-        "'sim://' replays against an in-process simulated server with no model",
+        "'sim://' replays against an in-process simulated server with no model; an http:// "
+        "URL replays against an OpenAI-compatible server (see --api)",
+    )
+    parser.add_argument(
+        "--api",
+        choices=("auto", "greenroom", "openai"),
+        default="auto",
+        help="greenroom: the native client; openai: streaming POST /v1/completions of any "
+        "OpenAI-compatible server (greenroom's HTTP API, vLLM, SGLang, ...); auto: openai for "
+        "http(s):// servers (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="NAME",
+        help="with --api openai: the model to request (default: the first of /v1/models)",
     )
     parser.add_argument(
         "--format",
@@ -217,8 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def connect(address: str, timeout: float) -> Any:
+def api_of(address: str, api: str = "auto") -> str:
+    if api != "auto":
+        return api
+    return "openai" if address.startswith(("http://", "https://")) else "greenroom"
+
+
+def connect(address: str, timeout: float, api: str = "auto", model: str | None = None) -> Any:
     """A client for `address`, used as an async context manager."""
+    if api_of(address, api) == "openai":
+        from greenroom.replay.openai_client import OpenAIClient
+
+        return OpenAIClient(address, model=model, timeout=timeout)
     if address.startswith(SIM_SCHEME):
         from greenroom.replay.simulated import SimulatedClient
 
@@ -240,6 +264,18 @@ async def replay_with(client: Any, args: argparse.Namespace) -> int:
         max_model_len = max_model_len or info.max_model_len
         vocab_size = vocab_size or info.vocab_size
         model = info.model_name
+        missing = [
+            f
+            for f, v in (("--max-model-len", max_model_len), ("--vocab-size", vocab_size))
+            if not v
+        ]
+        if missing:
+            print(
+                f"error: {args.server} does not report {' and '.join(f[2:] for f in missing)}: "
+                f"pass {' and '.join(missing)}",
+                file=sys.stderr,
+            )
+            return 2
     requests = load_trace(
         args.trace,
         fmt,
@@ -256,6 +292,7 @@ async def replay_with(client: Any, args: argparse.Namespace) -> int:
         "trace": str(args.trace),
         "format": fmt,
         "server": args.server,
+        "api": api_of(args.server, getattr(args, "api", "auto")),
         "model": model,
         "max_model_len": max_model_len,
         "vocab_size": vocab_size,
@@ -316,7 +353,9 @@ def exit_status(report: ReplayReport, max_failures: tuple[float, bool] = (0.0, F
 
 
 async def _run_async(args: argparse.Namespace) -> int:
-    client = connect(args.server, args.timeout)
+    client = connect(
+        args.server, args.timeout, getattr(args, "api", "auto"), getattr(args, "model", None)
+    )
     async with client:
         return await replay_with(client, args)
 
