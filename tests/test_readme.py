@@ -174,7 +174,7 @@ def test_sample_config_loads_and_names_every_section() -> None:
 @pytest.mark.parametrize("block", [b for b in BLOCKS if not b.skip_reason], ids=lambda b: b.name)
 def test_readme_block_runs_as_written(block: Block, clone, port: int) -> None:
     work, env = clone
-    code = block.code.replace("7700", str(port))
+    code = block.code.replace("7700", str(port)).replace("8000", str(free_port()))
     if block.lang == "bash":
         rc, out, err = run_in_session(["bash", "-euo", "pipefail", "-c", code], work, env, 280)
         assert rc == 0, f"{block.name} failed ({rc}):\n{out[-3000:]}\n{err[-3000:]}"
