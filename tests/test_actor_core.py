@@ -263,3 +263,33 @@ async def test_duplicate_names_are_refused(rt: Runtime) -> None:
     await rt.spawn(Counter, name="same")
     with pytest.raises(ValueError, match="already running"):
         await rt.spawn(Counter, name="same")
+
+
+class Later(Actor):
+    """Answers each Add later, in reverse order, from outside the handler (take_reply)."""
+
+    def __init__(self) -> None:
+        self.replies: list = []
+
+    @handles(Add)
+    def add(self, msg: Add) -> None:
+        self.replies.append((self.take_reply(), msg.value))
+
+    @handles(Total)
+    def flush(self, _: Total) -> int:
+        from greenroom.actors.cell import settle
+
+        for reply, value in reversed(self.replies):
+            settle(reply, value * 10)
+        n, self.replies = len(self.replies), []
+        return n
+
+
+async def test_a_taken_reply_is_answered_later_while_other_messages_are_handled(rt) -> None:
+    ref = await rt.spawn(Later, name="later")
+    first = asyncio.ensure_future(ref.ask(Add(value=1), timeout=5))
+    second = asyncio.ensure_future(ref.ask(Add(value=2), timeout=5))
+    await asyncio.sleep(0.05)
+    assert not first.done() and not second.done()
+    assert await ref.ask(Total(), timeout=5) == 2
+    assert await first == 10 and await second == 20

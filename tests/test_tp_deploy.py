@@ -26,7 +26,7 @@ from greenroom.client import AsyncClient, RequestFailed
 
 pytestmark = pytest.mark.slow
 
-NODE_ARGS = ["--tp-size", "2", "--num-blocks", "64", "--log-level", "warning"]
+NODE_ARGS = ["--tp-size", "2", "--num-blocks", "64", "--log-level", "warning", "--no-http"]
 
 
 def free_port_pair() -> int:

@@ -125,6 +125,7 @@ def launch(*args: str, env: dict | None = None, timeout: float = 60) -> tuple[in
             "launch",
             "--port",
             "0",
+            "--no-http",
             "--log-level",
             "warning",
             *args,

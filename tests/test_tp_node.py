@@ -46,7 +46,17 @@ def single_rank_tokens() -> list[list[int]]:
 
 def start_serve(*args: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "greenroom.cli", "serve", "--port", "0", "--log-level", "warning"]
+        [
+            sys.executable,
+            "-m",
+            "greenroom.cli",
+            "serve",
+            "--port",
+            "0",
+            "--no-http",
+            "--log-level",
+            "warning",
+        ]
         + list(args),
         stdout=subprocess.PIPE,
         text=True,
