@@ -1,4 +1,5 @@
-"""Multi-node launches on loopback and rank faults, end to end (CPU ranks, gloo).
+"""`greenroom serve --tp-size 2` and `greenroom launch` end to end on CPU ranks (gloo): one
+rank's tokens, multi-node launches on loopback, rank faults.
 
 Two "nodes" are two `greenroom launch` processes on this machine: node 0 (the head and rank 0)
 and node 1 (a node agent and rank 1). One deployment takes node 0's place from a torchrun
@@ -19,12 +20,39 @@ import time
 from pathlib import Path
 
 import pytest
-from test_tp_node import MAX_TOKENS, PROMPTS, single_rank_tokens
 
-from greenroom.bus.messages import SamplingParams
+from greenroom.bus.messages import NewSequence, SamplingParams, SequenceStep, StepPlan
 from greenroom.client import AsyncClient, RequestFailed
+from greenroom.config import KVConfig, ModelConfig
+from greenroom.models import ModelRunner, PlanExecutor
 
 pytestmark = pytest.mark.slow
+
+PROMPTS = [[1, 5, 9, 200, 3], list(range(10, 47)), list(range(10, 30)) + [7, 7, 7]]
+MAX_TOKENS = 8
+
+
+def single_rank_tokens() -> list[list[int]]:
+    runner = ModelRunner(ModelConfig(), KVConfig(num_blocks=64), None, "cpu")
+    out = []
+    for i, prompt in enumerate(PROMPTS):
+        ex = PlanExecutor(runner)
+        blocks = list(range(1, 5))
+        new = NewSequence(
+            request_id=f"r{i}",
+            prompt_token_ids=prompt,
+            sampling=SamplingParams(max_tokens=MAX_TOKENS),
+            num_cached_tokens=0,
+            block_ids=blocks,
+        )
+        plan = StepPlan(iteration=0, new=[new], steps=[SequenceStep(f"r{i}", len(prompt))])
+        tokens = []
+        for step in range(MAX_TOKENS):
+            tokens.append(ex.execute(plan).sampled[0].token_id)
+            plan = StepPlan(iteration=step + 1, steps=[SequenceStep(f"r{i}", 1)])
+        out.append(tokens)
+    return out
+
 
 NODE_ARGS = ["--tp-size", "2", "--num-blocks", "64", "--log-level", "warning", "--no-http"]
 
@@ -67,11 +95,20 @@ def wait_line(proc: subprocess.Popen, pattern: str, seen: list[str]) -> re.Match
     raise AssertionError(f"exited with {proc.wait()} before {pattern!r}: {''.join(seen)}")
 
 
-async def check_tokens(address: str) -> None:
+async def check_tokens(address: str, again: bool = False) -> None:
+    """Concurrent requests (chunked prefill beside decodes) give one rank's tokens; with
+    ``again``, a repeat of the longest prompt reuses its cached prefix and still does."""
+    expected = single_rank_tokens()
     async with AsyncClient(address, timeout=60) as client:
+        info = await client.server_info()
+        assert "tp2" in info.device
         sampling = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
         results = await asyncio.gather(*(client.generate(p, sampling) for p in PROMPTS))
-    assert [r.token_ids for r in results] == single_rank_tokens()
+        assert [r.token_ids for r in results] == expected
+        if again:
+            repeat = await client.generate(PROMPTS[1], sampling)
+            assert repeat.token_ids == expected[1]
+            assert repeat.metrics.num_cached_tokens > 0
 
 
 def run_two_nodes(node0: tuple[list[str], dict], node1: tuple[list[str], dict]) -> list[str]:
@@ -147,7 +184,7 @@ def test_kill_9_of_a_rank_fails_its_requests_restarts_the_group_then_exits_past_
     stderr = (tmp_path / "stderr").open("w+")  # a pipe nobody reads would fill and block
     serve = subprocess.Popen(
         [sys.executable, "-m", "greenroom.cli", "serve", "--port", "0", *NODE_ARGS]
-        + ["--max-model-len", "2048", "--set", "engine_max_restarts=1"],
+        + ["--max-model-len", "2048", "--max-num-tokens", "16", "--set", "engine_max_restarts=1"],
         stdout=subprocess.PIPE,
         stderr=stderr,
         text=True,
@@ -157,6 +194,7 @@ def test_kill_9_of_a_rank_fails_its_requests_restarts_the_group_then_exits_past_
         address = wait_line(serve, r"clients connect to (\S+)", seen).group(1)
 
         async def kill_mid_stream() -> None:
+            await check_tokens(address, again=True)  # `serve --tp-size 2` gives tp 1's tokens
             streams = [asyncio.ensure_future(stream_until_error(address, p)) for p in PROMPTS]
             await asyncio.sleep(1.0)
             workers = [p for p in children(serve.pid) if "parallel.worker" in _cmdline(p)]
