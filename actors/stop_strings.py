@@ -1,7 +1,7 @@
 """Stop strings matched in streamed text, across token (and delta) boundaries.
 
 Text that could be the start of a stop string is held back until the next text decides it:
-either the stop string completes (the text before it goes out, the stop string and anything
+either a stop string completes (the text before it goes out, the stop string and anything
 after it never do) or it cannot any more (the held text goes out). So a client never sees
 part of a stop string, and a match is found wherever the token boundaries fall.
 """
@@ -22,10 +22,12 @@ class StopMatcher:
     def push(self, text: str) -> tuple[str, bool]:
         """(text that may go out now, whether a stop string completed)."""
         buf = self._held + text
-        found = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        # the stop string that completes first wins (ties: the one that starts first), as
+        # when the text arrives a token at a time, so the result never depends on the split
+        found = [(i + len(s), i) for s in self.stops if (i := buf.find(s)) >= 0]
         if found:
             self._held = ""
-            return buf[: min(found)], True
+            return buf[: min(found)[1]], True
         keep = self._partial_stop(buf)
         self._held = buf[len(buf) - keep :]
         return buf[: len(buf) - keep], False

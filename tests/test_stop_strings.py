@@ -23,9 +23,15 @@ def run(stops: list[str], pieces: list[str]) -> tuple[str, bool]:
 
 
 def reference(stops: list[str], text: str) -> tuple[str, bool]:
-    """The text before the first stop string anywhere in the whole text."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[: min(found)], True) if found else (text, False)
+    """The text before the stop string that completes first in the whole text."""
+    found = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
+    return (text[: min(found)[1]], True) if found else (text, False)
+
+
+def test_the_stop_that_completes_first_wins() -> None:
+    # ' aa' starts first, but 'a' completes first: a token-at-a-time stream stops there
+    assert run(["a", " aa"], [" a", "a"]) == (" ", True)
+    assert run(["a", " aa"], [" aa"]) == (" ", True)
 
 
 @settings(max_examples=200, deadline=None)
