@@ -46,7 +46,7 @@ class InjectFault(Message):
 
 class InjectTransferFault(Message):
     """Fault injection on KV reads (tests): ``nixl_error`` makes the next read name an address
-    no agent registered; ``hold_s`` reports no read finished for that long (a slow transfer)."""
+    no agent registered; no read starts for the next ``hold_s`` seconds (a slow transfer)."""
 
     nixl_error: bool = False
     hold_s: float = 0.0
@@ -154,6 +154,7 @@ class Engine(Actor):
             from greenroom.kv.transfer import KVTransferAgent
 
             self.transfer = KVTransferAgent(r.kv_pool, r.model_name)
+            self.transfer.delay_s = self.cfg.kv_transfer.read_delay_s
         self.overlap = (
             self.cfg.model.overlap_steps
             and self.role == "mixed"

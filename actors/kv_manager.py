@@ -14,6 +14,7 @@ import zmq
 
 from greenroom.actors import Actor, handles
 from greenroom.bus.messages import (
+    KVAgentChanged,
     KVAgentInfo,
     KVEvent,
     KVLeaseRelease,
@@ -87,6 +88,11 @@ class KVManager(Actor):
     @handles(KVLeaseRelease)
     def release_lease(self, msg: KVLeaseRelease) -> bool:
         return self.manager.end_lease(msg.request_id, msg.outcome)
+
+    @handles(KVAgentChanged)
+    def agent_changed(self, msg: KVAgentChanged) -> None:
+        if self.manager.agent is not None:
+            self.manager.agent = msg.agent
 
     @handles(KVLeaseSweep)
     def sweep(self, _: KVLeaseSweep) -> int:

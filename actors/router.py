@@ -208,7 +208,7 @@ class Router(Frontend):
                     return None
                 if isinstance(item, TransferHandle):
                     if abort_sent or f.aborted.is_set():
-                        await ctx.client.send(ReleaseKV(request_id=rid, outcome="cancelled"))
+                        await self._ack(ctx, rid, "cancelled")
                         await self._emit(deltas=[_abort_delta(rid)])
                         return None
                     return item
@@ -230,7 +230,7 @@ class Router(Frontend):
         rid = f.request_id
         gen = pick_least_loaded(self.generation)
         if gen is None:
-            await ctx.client.send(ReleaseKV(request_id=rid, outcome="cancelled"))
+            await self._ack(ctx, rid, "cancelled")
             await self._fail(rid, "overloaded", "no generation node is answering; retry later")
             return
         q = gen.client.open_replies(rid)
@@ -255,7 +255,7 @@ class Router(Frontend):
                         )
                     return  # unacknowledged: the context node's lease runs out on its own
                 if isinstance(item, TransferDone):
-                    await ctx.client.send(ReleaseKV(request_id=rid, outcome=item.state))
+                    await self._ack(ctx, rid, item.state)
                     acked = True
                     continue
                 if isinstance(item, TokenDelta):
@@ -272,6 +272,13 @@ class Router(Frontend):
         finally:
             gen.client.close_replies(rid)
             gen.load -= 1
+
+    async def _ack(self, ctx: NodeLink, rid: str, outcome: str) -> None:
+        """Release the context node's lease; if the node is gone, its lease dies with it."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                ctx.client.send(ReleaseKV(request_id=rid, outcome=outcome)), self.node_timeout_s
+            )
 
     # ------------------------------------------------------------------ node liveness
 

@@ -20,6 +20,7 @@ from greenroom.bus.messages import (
     CancelRequests,
     EngineInfo,
     EngineInfoQuery,
+    KVAgentChanged,
     Message,
     OutputBatch,
     RequestError,
@@ -240,7 +241,11 @@ class Scheduler(Actor):
         end = loop.time() + deadline_s
         while loop.time() < end:
             try:
-                await self.engines[flow].ask(EngineInfoQuery(), timeout=max(0.1, end - loop.time()))
+                info = await self.engines[flow].ask(
+                    EngineInfoQuery(), timeout=max(0.1, end - loop.time())
+                )
+                if info.kv_agent is not None:
+                    await self.kv.tell(KVAgentChanged(agent=info.kv_agent))
                 log.info("engine back", flow=flow)
                 return
             except (ActorError, TimeoutError):

@@ -313,6 +313,12 @@ class KVLeaseRelease(Message):
     outcome: str = "complete"
 
 
+class KVAgentChanged(Message):
+    """A restarted engine registered its KV pool with a new NIXL agent: later leases name it."""
+
+    agent: KVAgentInfo
+
+
 class KVLeaseSweep(Message):
     """Free the blocks of every lease past its deadline (the KV manager's own timer)."""
 

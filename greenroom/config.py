@@ -170,6 +170,8 @@ class KVTransferConfig(_Section):
     # a generation node starts no read later than lease_margin_s before the lease ends
     lease_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     lease_margin_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    # fault injection (tests, chaos runs): every KV read starts this much later
+    read_delay_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
 class RouterConfig(_Section):

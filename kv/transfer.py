@@ -46,10 +46,8 @@ def load_nixl() -> Any:
 
 def kv_layout(model_name: str, pool: torch.Tensor) -> str:
     """What one block holds; two nodes exchange KV only when theirs are equal."""
-    _, layers, kv, tpb, heads, head_dim = pool.shape
-    return (
-        f"{model_name}:layers={layers}:kv={kv}:tpb={tpb}:heads={heads}:dim={head_dim}:{pool.dtype}"
-    )
+    block_shape = "x".join(str(d) for d in pool.shape[1:])  # layers, K/V, tokens, heads, dim
+    return f"{model_name}:block={block_shape}:{pool.dtype}"
 
 
 def block_runs(remote: list[int], local: list[int]) -> list[tuple[int, int, int]]:
@@ -90,9 +88,13 @@ class KVTransferAgent:
         self.layout = kv_layout(model_name, pool)
         self._remotes: set[str] = set()
         self._reads: dict[str, _Read] = {}
+        self._queued: dict[str, tuple[KVReceive, float]] = {}  # reads that start later
         self._settled: list[TransferUpdate] = []
-        self.fail_next: str | None = None  # fault injection: the next read's descriptors are bad
-        self.hold_until: float = 0.0  # fault injection: report no read done before this time
+        # fault injection (tests, chaos runs): the next read names memory no agent registered;
+        # every read starts ``delay_s`` late, and none before ``hold_until``
+        self.fail_next: str | None = None
+        self.delay_s = 0.0
+        self.hold_until = 0.0
 
     def info(self) -> KVAgentInfo:
         return KVAgentInfo(
@@ -108,16 +110,36 @@ class KVTransferAgent:
 
     @property
     def pending(self) -> int:
-        return len(self._reads)
+        return len(self._reads) + len(self._queued)
 
     # ------------------------------------------------------------------ reads
 
     def start(self, recv: KVReceive) -> None:
         """Post one read; a read that cannot start settles at once (see ``poll``)."""
         rid = recv.request_id
-        if rid in self._reads:
-            self._settle(rid, "error", "a read for this request is already in progress")
+        if rid in self._reads or rid in self._queued:
+            self._settled.append(
+                TransferUpdate(rid, "error", "a read for this request is already in progress")
+            )
             return
+        now = time.time()
+        due = max(now + self.delay_s, self.hold_until)
+        if due > now:
+            self._queued[rid] = (recv, due)
+            return
+        self._post_now(recv)
+
+    def _post_due(self, now: float) -> None:
+        for rid, (recv, due) in list(self._queued.items()):
+            if recv.deadline <= now:
+                del self._queued[rid]
+                self._settled.append(TransferUpdate(rid, "timed_out", "the read never started"))
+            elif due <= now:
+                del self._queued[rid]
+                self._post_now(recv)
+
+    def _post_now(self, recv: KVReceive) -> None:
+        rid = recv.request_id
         if time.time() >= recv.deadline:
             self._settled.append(
                 TransferUpdate(rid, "timed_out", "the lease ran out before the read could start")
@@ -185,6 +207,7 @@ class KVTransferAgent:
         so the caller may free the blocks it was writing."""
         read = self._reads.get(request_id)
         if read is None:
+            self._queued.pop(request_id, None)
             self._settled.append(TransferUpdate(request_id, "cancelled", "no read in progress"))
             return
         read.cancelled = True
@@ -193,6 +216,7 @@ class KVTransferAgent:
     def poll(self) -> list[TransferUpdate]:
         """Reads that settled since the last call (complete | error | cancelled | timed_out)."""
         now = time.time()
+        self._post_due(now)
         for read in list(self._reads.values()):
             self._check(read, now)
         out, self._settled = self._settled, []
@@ -200,8 +224,9 @@ class KVTransferAgent:
 
     def wait(self, request_ids: list[str], deadline: float) -> None:
         """Block until the named reads settle (each has its own deadline as well)."""
-        while any(rid in self._reads for rid in request_ids):
+        while any(rid in self._reads or rid in self._queued for rid in request_ids):
             now = time.time()
+            self._post_due(now)
             for rid in request_ids:
                 read = self._reads.get(rid)
                 if read is not None:
@@ -214,14 +239,15 @@ class KVTransferAgent:
         """Idle engine with reads in flight: wait briefly for one to settle."""
         end = time.time() + timeout_s
         before = len(self._settled)
-        while self._reads and len(self._settled) == before and time.time() < end:
+        while self.pending and len(self._settled) == before and time.time() < end:
+            self._post_due(time.time())
             for read in list(self._reads.values()):
                 self._check(read, time.time())
             time.sleep(0.0002)
 
     def _check(self, read: _Read, now: float) -> None:
         state = self.agent.check_xfer_state(read.handle)
-        if state == "PROC" or (state == "DONE" and now < self.hold_until):
+        if state == "PROC":
             if read.cancelled:
                 if self._release(read.handle):
                     self._settle(read.request_id, "cancelled")
@@ -254,6 +280,7 @@ class KVTransferAgent:
         for read in list(self._reads.values()):
             self._release(read.handle)
         self._reads.clear()
+        self._queued.clear()
         for name in self._remotes:
             try:
                 self.agent.remove_remote_agent(name)

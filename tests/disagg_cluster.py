@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -110,15 +111,21 @@ class ChildNode:
         self.address = ""
 
     async def ready(self, timeout: float = 60.0) -> str:
+        """Wait for the line naming the client address (NIXL logs to stdout as well)."""
         loop = asyncio.get_running_loop()
-        line = await asyncio.wait_for(
-            loop.run_in_executor(None, self.proc.stdout.readline), timeout
-        )
-        m = re.search(r"clients connect to (\S+)", line)
-        if m is None:
-            raise RuntimeError(f"the child node did not start: {line!r}")
-        self.address = m.group(1)
-        return self.address
+        end = loop.time() + timeout
+        while True:
+            line = await asyncio.wait_for(
+                loop.run_in_executor(None, self.proc.stdout.readline), max(0.1, end - loop.time())
+            )
+            if not line:
+                raise RuntimeError(f"the child node exited ({self.proc.poll()}) before serving")
+            m = re.search(r"clients connect to (\S+)", line)
+            if m is not None:
+                self.address = m.group(1)
+                # nothing reads stdout from here on: drain it so the child never blocks on it
+                threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+                return self.address
 
     def kill(self) -> None:
         if self.proc.poll() is None:
