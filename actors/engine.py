@@ -247,7 +247,7 @@ class Engine(Actor):
                 self.activity.end()
         if plan.steps:
             self._record(plan, start, gap_ms)
-        if self.transfer is not None and (self.transfer.pending or plan.receives):
+        if self.transfer is not None:
             if not plan.steps and self.transfer.pending:
                 self.transfer.wait_any(IDLE_READ_WAIT_S)
             updates = self.transfer.poll()
