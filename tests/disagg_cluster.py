@@ -35,8 +35,8 @@ def overrides(role: str, **extra) -> dict:
         "kv.num_blocks": 96,
         "kv.tokens_per_block": TPB,
         "scheduler.max_num_tokens": 128,
-        "kv_transfer.timeout_s": 3.0,
-        "kv_transfer.lease_s": 6.0,
+        "kv_transfer.timeout_s": 15.0,  # generous: CI machines may be loaded
+        "kv_transfer.lease_s": 30.0,
         "log_level": "warning",
     }
     base.update(extra)
@@ -62,7 +62,7 @@ async def start_router(context: list[str], generation: list[str], **extra) -> Ro
     return await RouterNode.start(cfg, wait_s=30.0)
 
 
-async def no_leaks(*nodes: Node, timeout: float = 10.0) -> list[KVStats]:
+async def no_leaks(*nodes: Node, timeout: float = 30.0) -> list[KVStats]:
     """Every block of every node back in the pool (leases included), within ``timeout``."""
     return [await n.wait_blocks_free(timeout) for n in nodes]
 

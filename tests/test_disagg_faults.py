@@ -56,7 +56,7 @@ async def run_bystanders(address: str, sampling: SamplingParams = LONG) -> list[
     return [r.token_ids for r in results]
 
 
-async def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+async def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
     end = time.monotonic() + timeout
     while not await predicate():
         if time.monotonic() > end:
@@ -123,8 +123,8 @@ async def test_context_node_killed_mid_transfer() -> None:
 
 async def test_generation_node_killed_mid_transfer_lease_frees_context_blocks() -> None:
     want = await expected(BYSTANDERS, LONG)
-    ctx = await start("context", **{"kv_transfer.lease_s": 3.0, "kv_transfer.lease_margin_s": 0.5})
-    victim = await start("generation", **{"kv_transfer.read_delay_s": 10.0})
+    ctx = await start("context", **{"kv_transfer.lease_s": 8.0, "kv_transfer.lease_margin_s": 0.5})
+    victim = await start("generation", **{"kv_transfer.read_delay_s": 30.0})
     gen = await start("generation")
     to_victim = await start_router([ctx.address], [victim.address])
     to_ok = await start_router([ctx.address], [gen.address])
@@ -159,7 +159,7 @@ async def _leased(node) -> bool:
 
 async def test_lost_acknowledgement_lease_expiry_frees_context_blocks() -> None:
     want = await expected(BYSTANDERS + [synthetic(7, 33)], SAMPLING)
-    extra = {"kv_transfer.lease_s": 3.0, "kv_transfer.lease_margin_s": 0.5}
+    extra = {"kv_transfer.lease_s": 5.0, "kv_transfer.lease_margin_s": 0.5}
     async with cluster("async", **extra) as c:
         ctx, gen = c.context[0], c.generation[0]
         prompt = synthetic(7, 33)
