@@ -23,6 +23,7 @@ import msgspec
 
 from greenroom.actors import Actor, handles
 from greenroom.actors.placement import ContextActivity, GenerationPlacement
+from greenroom.actors.step_isolation import StepIsolation
 from greenroom.actors.step_profile import EngineProfile, EngineProfileQuery, StepProfile
 from greenroom.bus.messages import (
     EngineInfo,
@@ -36,6 +37,8 @@ from greenroom.config import NodeConfig
 from greenroom.logging import get_logger
 
 log = get_logger(__name__)
+
+MAX_FAILING_STEPS = 3  # consecutive steps with failed requests before the engine crashes
 
 
 class InjectFault(Message):
@@ -127,6 +130,8 @@ class Engine(Actor):
         self.executor = None
         self.transfer = None  # KVTransferAgent: context and generation roles
         self._fault: str | None = None
+        self._isolation: StepIsolation | None = None
+        self._failing_steps = 0
         self.profile = StepProfile()
         # Overlapped steps (one engine on the default stream): the plan launched last, its
         # deferred reply and profile marks; it is finished when the next plan has been
@@ -239,9 +244,11 @@ class Engine(Actor):
                 stream, self.executor.graph_kind = self.placement.pick()
                 result = self._execute_on_stream(plan, stream)
             elif self.stream is None:
-                result = self.executor.execute(plan)
+                result = self._execute(plan)
             else:
                 result = self._execute_on_stream(plan, self.stream)
+        except Exception as exc:  # a failure every request of the plan shares: crash
+            self.crash(exc)
         finally:
             if marks:
                 self.activity.end()
@@ -261,6 +268,31 @@ class Engine(Actor):
                 handoffs=[HandoffEvent(s.request_id, eid) for s in result.sampled],
                 flow=plan.flow,
                 duration_s=result.duration_s,
+                failed=result.failed,
+            )
+        return result
+
+    def _execute(self, plan: StepPlan) -> StepResult:
+        """Run a plan; requests whose step fails alone fail alone (``result.failed``). Steps
+        failing again and again are the engine's fault, not the requests': it crashes, and
+        its supervisor counts that against the restart limit."""
+        if self._isolation is None:
+            self._isolation = StepIsolation(self.executor.execute, self.executor.sequences)
+        result = self._isolation.run(plan)
+        if not result.failed:
+            self._failing_steps = 0
+            return result
+        self._failing_steps += 1
+        log.warning(
+            "requests failed in a step; the others ran",
+            failed=list(result.failed)[:8],
+            error=next(iter(result.failed.values()))[:300],
+            consecutive=self._failing_steps,
+        )
+        if self._failing_steps >= MAX_FAILING_STEPS:
+            raise EngineCrashed(
+                f"{self._failing_steps} consecutive steps failed "
+                f"(last: {next(iter(result.failed.values()))})"
             )
         return result
 
@@ -341,7 +373,7 @@ class Engine(Actor):
                 for seq in plan.new:
                     if seq.handoff_event_id:
                         self.handoffs.wait(seq.handoff_event_id, stream)
-            return self.executor.execute(plan)
+            return self._execute(plan)
 
 
 def _answer(reply: Any, value: Any = None, error: BaseException | None = None) -> None:

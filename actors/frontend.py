@@ -8,15 +8,17 @@ send to a vanished peer fail, so a disconnect is noticed at the request's next d
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
-from greenroom.actors import Actor, ActorRef, MailboxFull, handles
+from greenroom.actors import Actor, ActorRef, MailboxFull, handles, request_checks
 from greenroom.actors.detokenizer import SampleText
+from greenroom.actors.request_checks import FrontendLimits, normalize_sampling
 from greenroom.bus.messages import (
     SAMPLE_SEPARATOR,
     AbortRequest,
@@ -42,6 +44,7 @@ from greenroom.bus.messages import (
     TransferHandle,
     sample_request_id,
 )
+from greenroom.bus.security import SocketSecurity, ZapHandler
 from greenroom.bus.transport import Channel
 from greenroom.logging import get_logger
 
@@ -51,44 +54,19 @@ _decoder = msgspec.msgpack.Decoder(ClientMessages)
 _encoder = msgspec.msgpack.Encoder()
 
 
-@dataclass(frozen=True)
-class FrontendLimits:
-    max_model_len: int
-    vocab_size: int
+RETRY_S = (0.001, 0.05)  # first and longest wait before re-sending to a full client
+LOG_EVERY_S = 10.0  # at most one log line per this many seconds about malformed frames
 
 
 def validate(req: GenerateRequest, limits: FrontendLimits, prompt_ids: list[int]) -> str | None:
-    """The reason a request is invalid, or None."""
-    s = req.sampling
-    if not req.request_id:
-        return "request_id must be a non-empty string"
+    """The reason a request is invalid, or None (request_checks: every field against what the
+    engine can represent; then the sampling options' own ranges)."""
+    reason = request_checks.validate(req, limits, prompt_ids)
+    if reason is not None:
+        return reason
     if SAMPLE_SEPARATOR in req.request_id:
         return "request_id must not contain the character U+001F"
-    if not prompt_ids:
-        return "the prompt is empty"
-    n = len(prompt_ids)
-    if n >= limits.max_model_len:
-        return f"the prompt has {n} tokens; max_model_len is {limits.max_model_len} (prompt must be shorter)"
-    if any(t < 0 or t >= limits.vocab_size for t in prompt_ids):
-        bad = next(t for t in prompt_ids if t < 0 or t >= limits.vocab_size)
-        return f"prompt token id {bad} is outside the vocabulary [0, {limits.vocab_size})"
-    if s.max_tokens < 1:
-        return f"max_tokens = {s.max_tokens} is invalid: must be >= 1"
-    if n + s.max_tokens > limits.max_model_len:
-        return (
-            f"prompt ({n} tokens) + max_tokens ({s.max_tokens}) exceeds max_model_len "
-            f"({limits.max_model_len})"
-        )
-    if not s.temperature >= 0.0:
-        return f"temperature = {s.temperature} is invalid: must be >= 0"
-    if not 0.0 < s.top_p <= 1.0:
-        return f"top_p = {s.top_p} is invalid: must be in (0, 1]"
-    if s.top_k < -1 or s.top_k == 0:
-        return f"top_k = {s.top_k} is invalid: must be -1 (disabled) or >= 1"
-    if s.logprobs < 0 or s.logprobs > 20:
-        return f"logprobs = {s.logprobs} is invalid: must be in [0, 20]"
-    if not 0 <= req.priority <= 100:
-        return f"priority = {req.priority} is invalid: must be in [0, 100]"
+    s = req.sampling
     return validate_sampling_options(s, limits)
 
 
@@ -172,8 +150,34 @@ class Frontend(Actor):
 
     mailbox_size = 4096
 
-    def __init__(self, address: str, limits: FrontendLimits, info: ServerInfo, tokenizer=None):
+    def __init__(
+        self,
+        address: str,
+        limits: FrontendLimits,
+        info: ServerInfo,
+        tokenizer=None,
+        *,
+        max_message_bytes: int = 0,
+        heartbeat_s: float = 0.0,
+        security: SocketSecurity | None = None,
+    ):
         super().__init__()
+        self.max_message_bytes = max_message_bytes
+        self.heartbeat_s = heartbeat_s
+        self.security = security
+        self._zap: ZapHandler | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # request ids are scoped per client: the bus id of (client, id) is unique to this
+        # frontend, so a client can neither see nor squat another's ids
+        self._by_client: dict[tuple[bytes, str], str] = {}  # (client, its id) -> bus id
+        self._client_rid: dict[str, str] = {}  # bus id -> the client's id
+        self._aborted: set[str] = set()  # bus ids the client aborted (id reusable at once)
+        self._detached: set[str] = set()  # aborted, id reused: last messages not sent
+        self._outboxes: dict[bytes, _Outbox] = {}
+        self._seq = 0
+        self._max_token_chars = _max_token_chars(tokenizer)
+        self._malformed_logged_at = 0.0
+        self._malformed_unlogged = 0
         self.address = address
         self.limits = limits
         self.info = info
@@ -197,41 +201,52 @@ class Frontend(Actor):
         self.kv = kv
 
     async def on_start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.security is not None:
+            self._zap = ZapHandler(self.runtime.context, self.security)
         transport = self.runtime.transport()
-        self._channel = transport.bind_router(self.address, on_frames=self._on_frames)
+        self._channel = transport.bind_router(
+            self.address,
+            on_frames=self._on_frames,
+            max_message_bytes=self.max_message_bytes,
+            heartbeat_s=self.heartbeat_s,
+            security=self.security,
+        )
         self.bound_address = self._channel.address
 
     async def on_stop(self) -> None:
         if self._channel is not None:
             self._channel.close()
+        if self._zap is not None:
+            self._zap.stop()
+            self._zap = None
 
     # ------------------------------------------------------------------ client side
 
     def _on_frames(self, frames: list) -> None:
+        ident = bytes(frames[0])
         if len(frames) != 2:
-            self.stats["malformed"] += 1
+            self._malformed(ident, None, f"expected one frame per message, got {len(frames) - 1}")
             return
-        ident, payload = bytes(frames[0]), frames[1].bytes
         try:
-            self._on_client_frame(ident, payload)
+            self._on_client_frame(ident, frames[1].bytes)
         except Exception as exc:  # one bad frame never stops the frontend
             log.warning("client frame failed", error=repr(exc))
+            self._malformed(ident, None, f"the frontend could not handle it: {exc!r}")
 
     def _on_client_frame(self, ident: bytes, payload: bytes) -> None:
         try:
             msg = _decoder.decode(payload)
         except msgspec.DecodeError as exc:
+            rid = _salvage_request_id(payload, self.limits.max_request_id_len)
+            if rid is None:
+                self._malformed(ident, payload, str(exc))
+                return
             self.stats["invalid"] += 1
-            rid = _salvage_request_id(payload)
-            if rid is not None:
-                self._reply(
-                    ident,
-                    [
-                        RequestError(
-                            request_id=rid, kind="invalid", message=f"malformed request: {exc}"
-                        )
-                    ],
-                )
+            self._reply(
+                ident,
+                [RequestError(request_id=rid, kind="invalid", message=f"malformed request: {exc}")],
+            )
             return
         if isinstance(msg, DecodeRequest):
             self._on_decode(ident, msg)
@@ -253,12 +268,31 @@ class Frontend(Actor):
                 del self._lessee[msg.request_id]
                 self._release_lease(msg.request_id, msg.outcome)
         elif isinstance(msg, AbortRequest):
-            if self._owner.get(msg.request_id) == ident and self.scheduler is not None:
-                self._to_scheduler(CancelRequests(request_ids=[msg.request_id], reason="abort"))
+            self.stats["aborts"] += 1
+            bus = self._by_client.get((ident, msg.request_id), msg.request_id)
+            if self._owner.get(bus) == ident and self.scheduler is not None:
+                self._aborted.add(bus)
+                self._to_scheduler(CancelRequests(request_ids=[bus], reason="abort"))
         elif isinstance(msg, ServerInfoQuery):
             self._reply(ident, [msgspec.structs.replace(self.info, request_id=msg.request_id)])
         elif isinstance(msg, NodeStatsQuery):
             self.spawn_task(self._answer_stats(ident, msg.request_id))
+
+    def _malformed(self, ident: bytes, payload: bytes | None, why: str) -> None:
+        """A frame with no readable request id: the sender hears why; the log is rate-limited."""
+        self.stats["malformed"] += 1
+        self._reply(ident, [RequestError(request_id="", kind="malformed", message=why)])
+        now = time.monotonic()
+        if now - self._malformed_logged_at < LOG_EVERY_S:
+            self._malformed_unlogged += 1
+            return
+        log.warning(
+            "malformed client frame",
+            reason=why[:200],
+            size=len(payload) if payload is not None else None,
+            suppressed=self._malformed_unlogged,
+        )
+        self._malformed_logged_at, self._malformed_unlogged = now, 0
 
     async def _answer_stats(self, ident: bytes, request_id: str) -> None:
         """Node stats from the scheduler and the KV manager: an answer proves both alive."""
@@ -343,7 +377,15 @@ class Frontend(Actor):
     ) -> bool:
         """Validate and submit; False when refused (the client has its error)."""
         rid = req.request_id
-        if rid in self._owner:
+        reason = request_checks.check_request(req, self.limits)  # before any tokenizing
+        if reason is not None:
+            self._refuse(ident, rid, reason)
+            return False
+        scoped = not lease_kv and kv_handle is None  # disaggregated flows keep the router's ids
+        key = (ident, rid)
+        if scoped and key in self._by_client and self._by_client[key] in self._aborted:
+            self._detached.add(self._by_client.pop(key))  # the client left it: it ends unseen
+        if (scoped and key in self._by_client) or (not scoped and rid in self._owner):
             self._reply(
                 ident,
                 [
@@ -367,6 +409,15 @@ class Frontend(Actor):
                             message="text prompts need a tokenizer.json in the model directory; send prompt_token_ids",
                         )
                     ],
+                )
+                return False
+            size = len(req.prompt.encode())
+            if size > (self.limits.max_model_len - 1) * self._max_token_chars:
+                self._refuse(
+                    ident,
+                    rid,
+                    f"the prompt has {size} bytes: more tokens than max_model_len "
+                    f"({self.limits.max_model_len}) allows",
                 )
                 return False
             prompt_ids = self.tokenizer.encode(req.prompt).ids
@@ -401,21 +452,27 @@ class Frontend(Actor):
                 ],
             )
             return False
-        self._owner[rid] = ident
+        bus = rid
+        if scoped:
+            self._seq += 1
+            bus = f"{rid}@{self._seq:x}"
+            self._by_client[key] = bus
+            self._client_rid[bus] = rid
+        self._owner[bus] = ident
         s = req.sampling
         if s.n > 1:
-            self._samples[rid] = [s.n, s.n]
+            self._samples[bus] = [s.n, s.n]
         if self.tokenizer is not None:
             for i in range(s.n):
-                self._texts[(rid, i)] = SampleText(self.tokenizer, s.stop, s.min_tokens)
+                self._texts[(bus, i)] = SampleText(self.tokenizer, s.stop, s.min_tokens)
         if lease_kv:
-            self._leasing.add(rid)
+            self._leasing.add(bus)
         self.stats["submitted"] += 1
         self._to_scheduler(
             SubmitRequest(
-                request_id=rid,
+                request_id=bus,
                 prompt_token_ids=list(prompt_ids),
-                sampling=req.sampling,
+                sampling=normalize_sampling(req.sampling, self.limits),
                 priority=req.priority,
                 cache_salt=req.cache_salt,
                 arrival_time=time.time(),
@@ -423,20 +480,21 @@ class Frontend(Actor):
                 kv_handle=kv_handle,
             )
         )
-        return rid in self._owner
+        return bus in self._owner
 
     def _to_scheduler(self, msg) -> None:
         try:
             self.scheduler.tell_nowait(msg)
         except MailboxFull:
             if isinstance(msg, SubmitRequest):
+                client_rid = self._client_rid.get(msg.request_id, msg.request_id)
                 ident = self._drop(msg.request_id)
                 self._leasing.discard(msg.request_id)
                 self._reply(
                     ident,
                     [
                         RequestError(
-                            request_id=msg.request_id,
+                            request_id=client_rid,
                             kind="overloaded",
                             message="overloaded: the scheduler's mailbox is full; retry later",
                         )
@@ -446,9 +504,55 @@ class Frontend(Actor):
                 self.spawn_task(self.scheduler.tell(msg))
 
     def _reply(self, ident: bytes, items: list) -> bool:
-        """Send one frame to a client; False when the client is gone or hopelessly behind."""
-        assert self._channel is not None
-        return bool(self._channel.try_send_to_peer([ident, _encoder.encode(items)]))
+        """Send replies to a client; False only when it is gone. A client whose socket is full
+        gets them later: they wait in its outbox, a request's deltas merged into one."""
+        box = self._outboxes.get(ident)
+        if box is None:
+            sent = self._write(ident, items)
+            if sent is not False:
+                return sent is True
+            box = self._outboxes[ident] = _Outbox()
+            self.stats["backpressure"] += 1
+        for item in items:
+            box.add(item)
+        self._schedule_flush(ident, box)
+        return True
+
+    def _write(self, ident: bytes, items: list) -> bool | None:
+        """True: sent; False: the client's socket is full; None: the client is gone."""
+        if self._channel is None or self._channel.closed:
+            return None
+        return self._channel.try_send_to_peer([ident, _encoder.encode(items)])
+
+    def _schedule_flush(self, ident: bytes, box: _Outbox) -> None:
+        if box.scheduled or self._loop is None:
+            return
+        box.scheduled = True
+        self._loop.call_later(box.retry_s, self._flush, ident)
+        box.retry_s = min(box.retry_s * 2, RETRY_S[1])
+
+    def _flush(self, ident: bytes) -> None:
+        box = self._outboxes.get(ident)
+        if box is None:
+            return
+        box.scheduled = False
+        sent = self._write(ident, box.items)
+        if sent is False:
+            self._schedule_flush(ident, box)
+            return
+        del self._outboxes[ident]
+        if sent is None:
+            self._client_gone(ident)
+
+    def _client_gone(self, ident: bytes) -> None:
+        """The peer vanished: abort its requests (the scheduler's answers are then dropped)."""
+        self._outboxes.pop(ident, None)
+        gone = [rid for rid, owner in self._owner.items() if owner == ident]
+        for rid in gone:
+            self._forget(rid)
+        if gone and self.scheduler is not None:
+            self.stats["disconnected"] += len(gone)
+            self._to_scheduler(CancelRequests(request_ids=gone, reason="client disconnected"))
 
     # ------------------------------------------------------------------ scheduler side
 
@@ -475,7 +579,11 @@ class Frontend(Actor):
                 if text.stopped and not was_stopped and delta.finish_reason is None:
                     n = self._samples[rid][0] if rid in self._samples else 1
                     stopped.append(sample_request_id(rid, key[1], n))
-            per_client[ident].append(delta)
+            if rid not in self._detached:
+                client_rid = self._client_rid.get(rid)
+                if client_rid is not None:
+                    delta = msgspec.structs.replace(delta, request_id=client_rid)
+                per_client[ident].append(delta)
             if delta.finish_reason is not None:
                 self._leasing.discard(rid)
                 self._texts.pop(key, None)
@@ -490,9 +598,11 @@ class Frontend(Actor):
                 self.stats["leased"] += 1
         for err in batch.errors:
             self._leasing.discard(err.request_id)
+            detached = err.request_id in self._detached
+            client_rid = self._client_rid.get(err.request_id, err.request_id)
             ident = self._forget(err.request_id)
-            if ident is not None:
-                per_client[ident].append(err)
+            if ident is not None and not detached:
+                per_client[ident].append(msgspec.structs.replace(err, request_id=client_rid))
                 self.stats[f"error_{err.kind}"] += 1
         gone: list[str] = []
         for ident, items in per_client.items():
@@ -529,19 +639,78 @@ class Frontend(Actor):
         n = self._samples.pop(rid, [1])[0]
         for i in range(n):
             self._texts.pop((rid, i), None)
-        return self._owner.pop(rid, None)
+        ident = self._owner.pop(rid, None)
+        client_rid = self._client_rid.pop(rid, None)
+        if client_rid is not None and self._by_client.get((ident, client_rid)) == rid:
+            del self._by_client[(ident, client_rid)]
+        self._aborted.discard(rid)
+        self._detached.discard(rid)
+        return ident
 
     def in_flight(self) -> int:
+        """Requests this frontend is tracking (submitted, not yet ended)."""
         return len(self._owner)
 
+    def pending_clients(self) -> int:
+        """Clients with replies waiting for room in their socket."""
+        return len(self._outboxes)
 
-def _salvage_request_id(payload: bytes) -> str | None:
+
+@dataclass
+class _Outbox:
+    """Replies a full client has not taken yet; a request's deltas merge into one."""
+
+    items: list = field(default_factory=list)
+    open_delta: dict[tuple[str, int], int] = field(default_factory=dict)  # -> index in items
+    retry_s: float = RETRY_S[0]
+    scheduled: bool = False
+
+    def add(self, item) -> None:
+        if not isinstance(item, TokenDelta):
+            self.items.append(item)
+            return
+        key = (item.request_id, item.index)
+        i = self.open_delta.pop(key, None)
+        if i is not None:
+            item = merge_deltas(self.items[i], item)
+            self.items[i] = item
+        else:
+            i = len(self.items)
+            self.items.append(item)
+        if item.finish_reason is None:
+            self.open_delta[key] = i
+
+
+def merge_deltas(a: TokenDelta, b: TokenDelta) -> TokenDelta:
+    """One delta carrying ``a`` then ``b`` (of the same request and sample)."""
+    logprobs = None
+    if a.logprobs is not None or b.logprobs is not None:
+        logprobs = [*(a.logprobs or []), *(b.logprobs or [])]
+    text = None
+    if a.text is not None or b.text is not None:
+        text = (a.text or "") + (b.text or "")
+    return msgspec.structs.replace(
+        b, token_ids=[*a.token_ids, *b.token_ids], logprobs=logprobs, text=text
+    )
+
+
+def _salvage_request_id(payload: bytes, max_len: int) -> str | None:
     try:
         raw = msgspec.msgpack.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     rid = raw.get("request_id") if isinstance(raw, dict) else None
-    return rid if isinstance(rid, str) else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= max_len else None
 
 
-__all__ = ["Frontend", "FrontendLimits", "TokenDelta", "validate"]
+def _max_token_chars(tokenizer) -> int:
+    """The longest vocabulary entry in bytes: a text of n bytes has at least n / this tokens."""
+    if tokenizer is None:
+        return 1
+    try:
+        return max(1, max(len(t.encode()) for t in tokenizer.get_vocab()))
+    except Exception:
+        return 1 << 10
+
+
+__all__ = ["Frontend", "FrontendLimits", "TokenDelta", "merge_deltas", "validate"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import sys
 import tempfile
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 Host = Literal["loop", "thread", "process"]
+IPC_DIR_PREFIX = "greenroom-"
 Entry = ActorCell | ProcessHost
 
 
@@ -92,7 +94,8 @@ class Runtime:
 
     def ipc_address(self, name: str) -> str:
         if self._ipc_dir is None:
-            self._ipc_dir = tempfile.mkdtemp(prefix="greenroom-")
+            clean_stale_ipc_dirs()
+            self._ipc_dir = tempfile.mkdtemp(prefix=f"{IPC_DIR_PREFIX}{os.getpid()}-")
         return f"ipc://{self._ipc_dir}/{name}.sock"
 
     def cell(self, name: str) -> Entry:
@@ -400,3 +403,62 @@ def _stop_zmq_gc() -> None:
 
         if gc.is_alive():
             gc.stop()
+
+
+def clean_stale_ipc_dirs(root: str | None = None, min_age_s: float = 60.0) -> list[str]:
+    """Remove socket folders that runtimes killed without a shutdown (kill -9) left behind:
+    ours, named after a process that no longer exists (or, unnamed, older than ``min_age_s``),
+    with no socket anyone listens on."""
+    root = root or tempfile.gettempdir()
+    removed: list[str] = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(IPC_DIR_PREFIX):
+            continue
+        path = os.path.join(root, name)
+        try:
+            st = os.lstat(path)
+            if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != os.getuid():
+                continue
+            pid = name[len(IPC_DIR_PREFIX) :].split("-", 1)[0]
+            if pid.isdigit():
+                if _process_alive(int(pid)):
+                    continue
+            elif time.time() - st.st_mtime < min_age_s:
+                continue
+            if any(_listening(os.path.join(path, f)) for f in os.listdir(path)):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except OSError:
+            continue
+    if removed:
+        log.info("removed stale socket folders", count=len(removed))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _listening(path: str) -> bool:
+    import socket
+
+    if not path.endswith(".sock"):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True

@@ -122,6 +122,7 @@ class Scheduler(Actor):
 
     @handles(SubmitRequest)
     async def submit(self, req: SubmitRequest) -> None:
+        """Queue a request; every refusal reaches the client as an error."""
         if self._draining:
             await self._refuse(req, "failed", "the server is shutting down")
             return
@@ -139,6 +140,10 @@ class Scheduler(Actor):
             await self._refuse(req, "invalid", str(exc))
             return
         self._wake_all()
+
+    async def _refuse(self, req: SubmitRequest, kind: str, message: str) -> None:
+        error = RequestError(request_id=req.request_id, kind=kind, message=message)
+        await self._emit(OutputBatch(errors=[error]))
 
     @handles(CancelRequests)
     async def cancel(self, msg: CancelRequests) -> None:
@@ -177,6 +182,14 @@ class Scheduler(Actor):
         engine = self.engines[flow]
         wake = self._wake[flow]
         pending: deque[asyncio.Future] = deque()
+        try:
+            await self._flow_loop(flow, engine, wake, pending)
+        finally:  # stopping: plans still out are abandoned, and their outcome is retrieved
+            for fut in pending:
+                fut.cancel()
+                fut.add_done_callback(_retrieve)
+
+    async def _flow_loop(self, flow: str, engine, wake: asyncio.Event, pending: deque) -> None:
         limit = self.cfg.scheduler.plans_in_flight
         while True:
             if len(pending) < limit and self.core.has_work(flow):
@@ -251,3 +264,8 @@ class Scheduler(Actor):
             except (ActorError, TimeoutError):
                 await asyncio.sleep(0.05)
         log.error("engine did not come back", flow=flow, waited_s=deadline_s)
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()

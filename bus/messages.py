@@ -128,6 +128,7 @@ class ServerInfo(Message):
     role: str = "mixed"  # mixed | context | generation | router
     tp_size: int = 1
     kv_layout: str = ""  # what a KV block holds (layers, heads, dtype); equal to pair nodes
+    max_message_bytes: int = 0  # the frontend disconnects a client sending a bigger message
 
 
 class TransferHandle(Message):
@@ -211,7 +212,8 @@ class TokenDelta(Message):
 
 
 class RequestError(Message):
-    """A request ended with an error. kind: invalid | overloaded | timeout | failed | aborted."""
+    """A request ended with an error. kind: invalid | overloaded | timeout | failed | aborted
+    | malformed (a frame with no readable request id: request_id is empty)."""
 
     request_id: str
     kind: str
@@ -441,6 +443,7 @@ class StepResult(Message):
     error: str | None = None
     duration_s: float = 0.0
     transfers: list[TransferUpdate] = []  # reads that settled since the last result
+    failed: dict[str, str] = {}  # request id -> why: these failed alone, the others ran
 
 
 class KVAgentInfo(msgspec.Struct, array_like=True, gc=False, frozen=True, kw_only=True):

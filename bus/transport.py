@@ -26,6 +26,7 @@ from typing import Any
 import zmq
 
 from greenroom.bus.codec import OOB_THRESHOLD
+from greenroom.bus.security import SocketSecurity
 
 DEFAULT_HWM = 1024
 SCHEMES = ("inproc://", "ipc://", "tcp://")
@@ -205,6 +206,14 @@ class Channel:
         self._send_waiters.clear()
 
 
+def set_heartbeat(sock: zmq.Socket, interval_s: float) -> None:
+    """ZMTP heartbeats: ping every ``interval_s``; no traffic for 3 intervals drops the peer."""
+    ms = max(1, int(interval_s * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_IVL, ms)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ms)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * ms)
+
+
 def _wake(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -225,9 +234,34 @@ class Transport:
         self.hwm = hwm
         self._channels: set[Channel] = set()
 
-    def bind_router(self, address: str, on_frames: OnFrames | None = None) -> Channel:
-        """A ROUTER: received frames start with the sender's identity; reply with it first."""
-        return self.bind(zmq.ROUTER, address, on_frames)
+    def bind_router(
+        self,
+        address: str,
+        on_frames: OnFrames | None = None,
+        *,
+        max_message_bytes: int = 0,
+        heartbeat_s: float = 0.0,
+        security: SocketSecurity | None = None,
+    ) -> Channel:
+        """A ROUTER: received frames start with the sender's identity; reply with it first.
+
+        ``max_message_bytes`` > 0: a peer sending a bigger message is disconnected before the
+        message is buffered. ``heartbeat_s`` > 0: ZMTP pings every that many seconds; a peer
+        silent for three intervals is disconnected. ``security``: CURVE, clients authorized
+        by the context's ZAP handler."""
+        sock = self._socket(zmq.ROUTER)
+        if max_message_bytes > 0:
+            sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        if heartbeat_s > 0:
+            set_heartbeat(sock, heartbeat_s)
+        elif address.startswith("tcp://"):  # a peer host that dies is found in about 25 s
+            sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+            sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 10)
+            sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 5)
+            sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
+        if security is not None:
+            security.apply_server(sock)
+        return self._bind_socket(sock, address, on_frames)
 
     def connect_dealer(self, address: str, on_frames: OnFrames | None = None) -> Channel:
         return self.connect(zmq.DEALER, address, on_frames)
@@ -239,7 +273,9 @@ class Transport:
         return self.connect(zmq.PUSH, address)
 
     def bind(self, kind: int, address: str, on_frames: OnFrames | None = None) -> Channel:
-        sock = self._socket(kind)
+        return self._bind_socket(self._socket(kind), address, on_frames)
+
+    def _bind_socket(self, sock: zmq.Socket, address: str, on_frames: OnFrames | None) -> Channel:
         try:
             sock.bind(check_address(address))
             bound = sock.get(zmq.LAST_ENDPOINT).decode()

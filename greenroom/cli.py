@@ -1,4 +1,4 @@
-"""`greenroom` console script: serve, launch, replay, demo.
+"""`greenroom` console script: serve, launch, keys, replay, demo.
 
 Every mistake a user can make at start (a bad flag value, a config error, a taken port, a missing
 model) ends with one line ``greenroom: error: ...`` on stderr and exit status 2; ``--debug``
@@ -101,6 +101,20 @@ _NODE_FLAGS: list[tuple[Any, ...]] = [
         "generation role: sync (decode after the KV read settles) or async",
     ),
     ("--tp-size", "parallel.tp_size", int, "tensor-parallel ranks (one process per GPU)"),
+    (
+        "--curve-secret-key",
+        "security.curve_secret_key",
+        str,
+        "the server's NAME.key_secret (greenroom keys); needed beyond loopback",
+        "FILE",
+    ),
+    (
+        "--curve-authorized-keys",
+        "security.curve_authorized_keys",
+        str,
+        "a client's NAME.key, or a directory of them: the clients allowed in",
+        "PATH",
+    ),
     ("--log-format", "log_format", str, "auto: JSON when stdout is not a terminal"),
     ("--log-level", "log_level", str, "lowest level logged"),
 ]
@@ -201,6 +215,11 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
         "(config: router.generation_nodes)",
     )
     p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve beyond loopback WITHOUT authentication [security.insecure]",
+    )
+    p.add_argument(
         "--no-prefix-reuse",
         action="store_true",
         help="disable prefix reuse (config: kv.enable_prefix_reuse=false)",
@@ -253,6 +272,8 @@ def node_config_from_args(args: argparse.Namespace, extra: dict | None = None) -
         overrides["router.context_nodes"] = list(args.context_nodes)
     if args.generation_nodes:
         overrides["router.generation_nodes"] = list(args.generation_nodes)
+    if args.insecure:
+        overrides["security.insecure"] = True
     return load_config(args.config, overrides)
 
 
@@ -298,6 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
     launch.formatter_class = argparse.RawDescriptionHelpFormatter
     add_node_arguments(launch)
     launch_cli.add_launch_arguments(launch)
+
+    keys = command(
+        "keys",
+        "make a CURVE key pair (for serving beyond loopback)",
+        "Write NAME.key (public: give it to the other side) and NAME.key_secret "
+        "(secret: keep it) into DIR. A server serves with --curve-secret-key "
+        "DIR/server.key_secret --curve-authorized-keys CLIENT_KEYS; a client passes "
+        "server_key=server.key and client_key=NAME.key_secret.",
+    )
+    keys.add_argument("--dir", default="keys", help="where the key files go (default: keys)")
+    keys.add_argument("--name", default="server", help="file name stem (default: server)")
 
     from greenroom.replay import cli as replay_cli
 
@@ -368,6 +400,15 @@ def _run(args: argparse.Namespace) -> int:
         from greenroom.node import serve
 
         return serve(cfg)
+    if args.command == "keys":
+        from greenroom.bus.security import SecurityError, make_key_pair
+
+        try:
+            public, secret = make_key_pair(args.dir, args.name)
+        except SecurityError as exc:
+            fail(str(exc))
+        print(f"public key: {public}\nsecret key: {secret} (keep it private)")
+        return 0
     if args.command == "replay":
         from greenroom.replay import cli as replay_cli
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import msgspec
 import zmq
 import zmq.asyncio
+import zmq.utils.monitor
 
 from greenroom.bus.messages import (
     AbortRequest,
@@ -45,18 +46,32 @@ class GreenroomError(Exception):
 
 
 class RequestRejected(GreenroomError):
+    """The request is invalid (the message says which field and why); nothing ran."""
+
     kind = "invalid"
 
 
+class MalformedRequest(RequestRejected):
+    """The server could not read a frame at all (not msgpack, no request id)."""
+
+    kind = "malformed"
+
+
 class Overloaded(GreenroomError):
+    """The server refused new work for now; retry later."""
+
     kind = "overloaded"
 
 
 class RequestTimeout(GreenroomError):
+    """The request ran past its deadline (the server's `request_timeout_s`, or the client's)."""
+
     kind = "timeout"
 
 
 class RequestFailed(GreenroomError):
+    """The server failed the request (engine crash, shutdown, a step that failed)."""
+
     kind = "failed"
 
 
@@ -64,9 +79,23 @@ class RequestAborted(GreenroomError):
     kind = "aborted"
 
 
+class ServerUnavailable(GreenroomError):
+    """No server answers: none at the address, it died, or it refused this client's key."""
+
+    kind = "unavailable"
+
+
 _ERRORS: dict[str, type[GreenroomError]] = {
     cls.kind: cls
-    for cls in (RequestRejected, Overloaded, RequestTimeout, RequestFailed, RequestAborted)
+    for cls in (
+        RequestRejected,
+        MalformedRequest,
+        Overloaded,
+        RequestTimeout,
+        RequestFailed,
+        RequestAborted,
+        ServerUnavailable,
+    )
 }
 
 
@@ -88,52 +117,126 @@ class GenerationResult:
 _reply_decoder = msgspec.msgpack.Decoder(list[ClientReply])
 _encoder = msgspec.msgpack.Encoder()
 
+CONNECT_TIMEOUT_S = 5.0
+HEARTBEAT_S = 1.0
+_MONITORED = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_MONITOR_STOPPED
+)
+
 
 class AsyncClient:
-    """Talks to one node's frontend. Use as `async with AsyncClient(addr) as c:`."""
+    """Talks to one node's frontend. Use as `async with AsyncClient(addr) as c:`.
+
+    Entering (or the first request) performs a handshake that fails with `ServerUnavailable`
+    within `connect_timeout` if no server answers. ZeroMQ heartbeats then watch the
+    connection: when it drops (the server died or stopped answering for 3 heartbeats), every
+    open stream fails with `ServerUnavailable` within seconds.
+
+    With CURVE (a server bound beyond loopback): `server_key` is the server's public key file
+    (`NAME.key`) and `client_key` this client's secret key file (`NAME.key_secret`), both made
+    by `greenroom keys`.
+    """
 
     def __init__(
-        self, address: str, *, timeout: float = 600.0, context: zmq.asyncio.Context | None = None
+        self,
+        address: str,
+        *,
+        timeout: float = 600.0,
+        context: zmq.asyncio.Context | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+        heartbeat_s: float = HEARTBEAT_S,
+        server_key: str | None = None,
+        client_key: str | None = None,
     ):
+        if (server_key is None) != (client_key is None):
+            raise ValueError("CURVE needs both server_key and client_key (or neither)")
         self.address = address
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.heartbeat_s = heartbeat_s
+        self._keys = None
+        if server_key is not None:
+            from greenroom.bus.security import load_key_pair, load_public_key
+
+            self._keys = (load_public_key(server_key), *load_key_pair(client_key))
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._queues: dict[str, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
+        self._monitor: asyncio.Task | None = None
+        self._up = asyncio.Event()
+        self._refused: str | None = None  # why the handshake was refused (authentication)
+        self._info: ServerInfo | None = None
         self._closed = False
 
     async def __aenter__(self) -> AsyncClient:
-        self.connect()
+        await self.start()
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
+    @property
+    def info(self) -> ServerInfo | None:
+        """What the handshake learned (None before it)."""
+        return self._info
+
     def connect(self) -> None:
+        """Open the socket (no handshake; `start` or the first request does that)."""
         if self._sock is not None:
             return
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        if self.heartbeat_s > 0:
+            ms = max(1, int(self.heartbeat_s * 1000))
+            sock.setsockopt(zmq.HEARTBEAT_IVL, ms)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ms)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * ms)
+        if self._keys is not None:
+            from greenroom.bus.security import apply_client_keys
+
+            apply_client_keys(sock, *self._keys)
+        monitor = sock.get_monitor_socket(_MONITORED)
         sock.connect(self.address)
         self._sock = sock
-        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read_loop())
+        self._monitor = loop.create_task(self._watch(monitor))
+
+    async def start(self) -> ServerInfo:
+        """Connect and handshake: `ServerUnavailable` if no server answers in time."""
+        if self._info is None:
+            self.connect()
+            self._info = await self._query_info(self.connect_timeout)
+        return self._info
 
     async def close(self) -> None:
         """Close the connection; the server aborts this client's unfinished requests."""
         if self._closed:
             return
         self._closed = True
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+        if self._sock is not None:  # while the monitor's reader is open: it never blocks
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
+        for task in (self._reader, self._monitor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self._sock is not None:
             self._sock.close(linger=0)
+        self._fail_all(RequestFailed("client closed"))
+
+    def _fail_all(self, error: GreenroomError) -> None:
         for q in self._queues.values():
-            q.put_nowait(RequestError(request_id="", kind="failed", message="client closed"))
+            q.put_nowait(error)
 
     async def _read_loop(self) -> None:
         assert self._sock is not None
@@ -148,11 +251,66 @@ class AsyncClient:
                 if q is not None:
                     q.put_nowait(reply)
 
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        """Follow the connection: up after a handshake, and every open stream fails when
+        it drops."""
+        try:
+            while True:
+                event = zmq.utils.monitor.parse_monitor_message(await monitor.recv_multipart())
+                kind = event["event"]
+                if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._refused = None
+                    self._up.set()
+                elif kind == zmq.EVENT_DISCONNECTED:
+                    was_up = self._up.is_set()
+                    self._up.clear()
+                    if was_up:
+                        self._fail_all(
+                            ServerUnavailable(
+                                f"lost the connection to the server at {self.address}"
+                            )
+                        )
+                elif kind == zmq.EVENT_MONITOR_STOPPED:
+                    return
+                else:
+                    self._refused = (
+                        f"the server at {self.address} refused the handshake "
+                        "(CURVE keys missing or not authorized)"
+                    )
+                    self._fail_all(ServerUnavailable(self._refused))
+        finally:
+            monitor.close(linger=0)
+
+    async def _wait_up(self, timeout: float) -> None:
+        if self._up.is_set():
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self._up.wait()
+        except TimeoutError:
+            why = (
+                self._refused
+                or f"no greenroom server answered at {self.address} within {timeout:g} s"
+            )
+            raise ServerUnavailable(why) from None
+
     async def _send(self, msg) -> None:
+        try:
+            payload = _encoder.encode(msg)
+        except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as exc:
+            rid = getattr(msg, "request_id", None)
+            raise RequestRejected(f"the request cannot be encoded: {exc}", rid) from None
+        limit = self._info.max_message_bytes if self._info is not None else 0
+        if limit and len(payload) > limit:
+            raise RequestRejected(
+                f"the request is {len(payload)} bytes; the server takes at most {limit}",
+                getattr(msg, "request_id", None),
+            )
         if self._sock is None:
             self.connect()
         assert self._sock is not None
-        await self._sock.send(_encoder.encode(msg))
+        await self._wait_up(self.connect_timeout)
+        await self._sock.send(payload)
 
     # ------------------------------------------------------------------ raw protocol
 
@@ -176,25 +334,35 @@ class AsyncClient:
     async def send(self, msg) -> None:
         await self._send(msg)
 
-    async def server_info(self) -> ServerInfo:
+    async def _query_info(self, deadline: float) -> ServerInfo:
         qid = f"info-{uuid.uuid4().hex}"
         q: asyncio.Queue = asyncio.Queue()
         self._queues[qid] = q
         try:
-            await self._send(ServerInfoQuery(request_id=qid))
-            wait_s = min(self.timeout, 30.0)
-            reply = await asyncio.wait_for(q.get(), timeout=wait_s)
+            async with asyncio.timeout(deadline):
+                await self._send(ServerInfoQuery(request_id=qid))
+                reply = await q.get()
         except TimeoutError:
-            raise RequestTimeout(f"no answer from {self.address} within {wait_s:g} s") from None
+            raise ServerUnavailable(
+                self._refused
+                or f"no greenroom server answered at {self.address} within {deadline:g} s"
+            ) from None
         finally:
             self._queues.pop(qid, None)
+        if isinstance(reply, BaseException):
+            raise reply
         if isinstance(reply, RequestError):
             raise error_from(reply)
         return reply
 
+    async def server_info(self) -> ServerInfo:
+        await self.start()
+        return await self._query_info(min(self.timeout, 30.0))
+
     async def node_stats(self, timeout: float = 30.0) -> NodeStats:
         """Running/waiting requests, KV use and cumulative token and prefix-cache counters;
         the answer comes from the scheduler and the KV manager, so it proves both alive."""
+        await self.start()
         qid = f"stats-{uuid.uuid4().hex}"
         q: asyncio.Queue = asyncio.Queue()
         self._queues[qid] = q
@@ -205,6 +373,8 @@ class AsyncClient:
             raise RequestTimeout(f"no answer from {self.address} within {timeout:g} s") from None
         finally:
             self._queues.pop(qid, None)
+        if isinstance(reply, BaseException):
+            raise reply
         if isinstance(reply, RequestError):
             raise error_from(reply)
         return reply
@@ -223,15 +393,17 @@ class AsyncClient:
 
         With `sampling.n > 1` the deltas of the n samples interleave, each naming its sample
         in `delta.index`; each sample's last delta has `finish_reason` set and the stream
-        ends after the last sample's. Leaving the loop early (break, cancellation) aborts the
-        request on the server.
+        ends after the last sample's. Leaving the loop early (break, cancellation) aborts
+        the request on the server; leaving it on the final delta ends it cleanly (the id is
+        free again at once).
         """
+        await self.start()
         rid = request_id or uuid.uuid4().hex
         if rid in self._queues:
             raise RequestRejected(f"request id {rid!r} is already in use by this client", rid)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = q
-        finished = False
+        sent = finished = False
         running = (sampling or SamplingParams()).n  # samples not finished yet
         try:
             await self._send(
@@ -244,6 +416,7 @@ class AsyncClient:
                     cache_salt=cache_salt,
                 )
             )
+            sent = True
             while True:
                 if q.empty():  # no task per delta: a deadline on the await itself
                     try:
@@ -255,18 +428,24 @@ class AsyncClient:
                         ) from None
                 else:
                     reply = q.get_nowait()
+                if isinstance(reply, BaseException):
+                    finished = True
+                    raise reply
                 if isinstance(reply, RequestError):
                     finished = True
                     raise error_from(reply)
                 if reply.finish_reason is not None:
                     running -= 1
-                    finished = running <= 0
+                    if running <= 0:  # the consumer may stop here: nothing to abort
+                        finished = True
+                        self._queues.pop(rid, None)
+                        yield reply
+                        return
                 yield reply
-                if finished:
-                    return
         finally:
-            self._queues.pop(rid, None)
-            if not finished and not self._closed:
+            if self._queues.get(rid) is q:
+                del self._queues[rid]
+            if sent and not finished and not self._closed and self._up.is_set():
                 with contextlib.suppress(Exception):
                     await self._send(AbortRequest(request_id=rid))
 
@@ -305,18 +484,20 @@ class AsyncClient:
 class Client:
     """Blocking client: runs an AsyncClient on a private event loop thread."""
 
-    def __init__(self, address: str, *, timeout: float = 600.0):
+    def __init__(self, address: str, *, timeout: float = 600.0, **kw):
+        """``kw``: AsyncClient's (connect_timeout, heartbeat_s, server_key, client_key)."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="greenroom-client", daemon=True
         )
         self._thread.start()
         self._ctx = zmq.asyncio.Context()
-        self._async = AsyncClient(address, timeout=timeout, context=self._ctx)
-        self._call(self._connect())
-
-    async def _connect(self) -> None:
-        self._async.connect()
+        self._async = AsyncClient(address, timeout=timeout, context=self._ctx, **kw)
+        try:
+            self._call(self._async.start())
+        except BaseException:
+            self.close()
+            raise
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

@@ -182,6 +182,32 @@ class RouterConfig(_Section):
     node_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0  # silent this long: node is dead
 
 
+class FrontendConfig(_Section):
+    """The client-facing socket's limits and liveness."""
+
+    # a peer sending a bigger message is disconnected before it is buffered
+    max_message_bytes: PositiveInt = 16 << 20
+    max_request_id_len: PositiveInt = 256
+    # ZMTP pings to clients this often; a client silent for 3 intervals is dropped. Off (0) by
+    # default: libzmq 4.3 aborts the process when a ping times out towards a client whose
+    # socket is full (a slow reader); TCP keepalive finds dead client hosts instead.
+    heartbeat_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+
+class SecurityConfig(_Section):
+    """CURVE authentication of the client socket (required beyond loopback)."""
+
+    curve_secret_key: str | None = None  # the server's NAME.key_secret from `greenroom keys`
+    curve_authorized_keys: str | None = None  # a client's NAME.key, or a directory of them
+    insecure: bool = False  # allow a non-loopback bind without keys
+
+    def __post_init__(self) -> None:
+        if (self.curve_secret_key is None) != (self.curve_authorized_keys is None):
+            raise ValueError(
+                "curve_secret_key and curve_authorized_keys are invalid: give both or neither"
+            )
+
+
 class NodeConfig(_Section):
     """Everything one node needs; sections are passed down to their subsystem unchanged."""
 
@@ -204,6 +230,8 @@ class NodeConfig(_Section):
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     kv_transfer: KVTransferConfig = msgspec.field(default_factory=KVTransferConfig)
     router: RouterConfig = msgspec.field(default_factory=RouterConfig)
+    frontend: FrontendConfig = msgspec.field(default_factory=FrontendConfig)
+    security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if self.parallel.world_size > 1 and self.sm_disagg.enabled:
@@ -258,7 +286,18 @@ class NodeConfig(_Section):
         return f"tcp://{self.host}:{self.port}"
 
 
-_SECTIONS = {"model", "kv", "scheduler", "parallel", "sm_disagg", "http", "kv_transfer", "router"}
+_SECTIONS = {
+    "model",
+    "kv",
+    "scheduler",
+    "parallel",
+    "sm_disagg",
+    "http",
+    "kv_transfer",
+    "router",
+    "frontend",
+    "security",
+}
 
 
 def _lookup(data: dict[str, Any], path: list[str]) -> Any:
@@ -416,6 +455,7 @@ def sm_disagg_budgets(cfg: NodeConfig) -> tuple[int, int]:
 
 __all__ = [
     "ConfigError",
+    "FrontendConfig",
     "HttpConfig",
     "KVConfig",
     "KVTransferConfig",
@@ -425,6 +465,7 @@ __all__ = [
     "RouterConfig",
     "SMDisaggConfig",
     "SchedulerConfig",
+    "SecurityConfig",
     "build_config",
     "config_default",
     "load_config",

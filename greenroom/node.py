@@ -25,6 +25,7 @@ from greenroom.actors.frontend import Frontend, FrontendLimits
 from greenroom.actors.kv_manager import KVManager
 from greenroom.actors.scheduler import Drain, Scheduler, SchedulerStatsQuery
 from greenroom.bus.messages import EngineInfo, EngineInfoQuery, KVStats, KVStatsQuery, ServerInfo
+from greenroom.bus.security import SecurityError, SocketSecurity, check_bind, is_loopback
 from greenroom.config import ConfigError, NodeConfig
 from greenroom.logging import configure_logging, get_logger
 from greenroom.startup import StartupError, check_http_port, preflight
@@ -56,6 +57,7 @@ class Node:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     resources: list = field(default_factory=list)
     exit_code: int = 0  # 1 once the supervisor gave up (restart limit)
+    failure: str | None = None  # why the node stopped itself (restart limit), if it did
     _stop_task: asyncio.Task | None = None
     _summary_task: asyncio.Task | None = None
 
@@ -75,14 +77,16 @@ class Node:
             except NixlUnavailable as exc:
                 raise ConfigError(f"role = {cfg.role!r}: {exc}") from None
         cfg = preflight(cfg)
+        security = _client_socket_security(cfg)
         rt = Runtime()
         holder: dict[str, Node] = {}
 
-        def escalate(*_args) -> None:
-            log.error("restart limit reached; shutting the node down")
+        def escalate(reason: BaseException) -> None:
+            log.error("restart limit reached; shutting the node down", reason=str(reason))
             node = holder.get("node")
             if node is not None:
                 node.exit_code = 1
+                node.failure = str(reason)
                 asyncio.get_running_loop().create_task(node.stop())
 
         sup = Supervisor(
@@ -93,6 +97,7 @@ class Node:
             engines = await _start_engines(cfg, sup, resources)
             first = next(iter(engines.values()))
             info: EngineInfo = await first.ask(EngineInfoQuery(), timeout=ENGINE_START_TIMEOUT_S)
+            info = fit_max_model_len(info)
             agent = info.kv_agent
             kv = await rt.spawn(
                 KVManager,
@@ -117,15 +122,23 @@ class Node:
                 role=cfg.role,
                 tp_size=cfg.parallel.tp_size,
                 kv_layout=agent.kv_layout if agent is not None else "",
+                max_message_bytes=cfg.frontend.max_message_bytes,
             )
             tokenizer = _load_tokenizer(cfg.model.path)
             if tokenizer is not None:
                 server_info = msgspec.structs.replace(server_info, has_tokenizer=True)
             frontend = Frontend(
                 cfg.client_address,
-                FrontendLimits(max_model_len=info.max_model_len, vocab_size=info.vocab_size),
+                FrontendLimits(
+                    max_model_len=info.max_model_len,
+                    vocab_size=info.vocab_size,
+                    max_request_id_len=cfg.frontend.max_request_id_len,
+                ),
                 server_info,
                 tokenizer,
+                max_message_bytes=cfg.frontend.max_message_bytes,
+                heartbeat_s=cfg.frontend.heartbeat_s,
+                security=security,
             )
             fe_ref = await rt.spawn(lambda: frontend, name="frontend", host="loop")
             sched = await rt.spawn(
@@ -229,6 +242,41 @@ class Node:
         _release_device_caches()
 
 
+def fit_max_model_len(info: EngineInfo) -> EngineInfo:
+    """Lower max_model_len to what the KV pool can hold for one request (with a warning), so
+    that any request the frontend accepts can finish."""
+    usable = (info.num_blocks - 1) * info.tokens_per_block  # block 0 is the reserved null block
+    if usable >= info.max_model_len:
+        return info
+    if usable < 2:
+        raise ConfigError(
+            f"kv.num_blocks = {info.num_blocks} is invalid: the KV pool holds {max(usable, 0)} "
+            "tokens, too few for any request (raise kv.num_blocks)"
+        )
+    log.warning(
+        "max_model_len lowered to what the KV pool holds",
+        max_model_len=info.max_model_len,
+        pool_tokens=usable,
+        num_blocks=info.num_blocks,
+    )
+    return msgspec.structs.replace(info, max_model_len=usable)
+
+
+def _client_socket_security(cfg: NodeConfig) -> SocketSecurity | None:
+    sec = cfg.security
+    try:
+        check_bind(cfg.host, sec.curve_secret_key is not None, sec.insecure)
+        if sec.curve_secret_key is None:
+            if not is_loopback(cfg.host):
+                log.warning(
+                    "serving beyond loopback WITHOUT authentication (--insecure)", host=cfg.host
+                )
+            return None
+        return SocketSecurity.load(sec.curve_secret_key, sec.curve_authorized_keys)
+    except SecurityError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _release_device_caches() -> None:
     """After the engines stopped: free the matmul library's per-stream workspaces, which the
     allocator keeps for every stream a node used (an SM-disaggregated node makes new partition
@@ -322,7 +370,10 @@ async def _serve(cfg: NodeConfig) -> int:
         http.stop()
     await node.stop()
     if node.exit_code:
-        print("greenroom: stopped: the engine crashed past its restart limit", file=sys.stderr)
+        why = f": {node.failure}" if node.failure else ""
+        print(
+            f"greenroom: stopped: the engine crashed past its restart limit{why}", file=sys.stderr
+        )
         return node.exit_code
     print("greenroom: stopped", flush=True)
     return 0

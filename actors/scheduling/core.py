@@ -284,6 +284,9 @@ class SchedulerCore:
             if result.error is not None:
                 self._fail(r, out, f"engine error: {result.error}")
                 continue
+            if r.request_id in result.failed:
+                self._fail(r, out, f"engine error: {result.failed[r.request_id]}")
+                continue
             if not e.samples:
                 continue
             r.pending_samples -= 1

@@ -87,7 +87,7 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map", {})
-        return {name: model_dir / shard for name, shard in weight_map.items()}
+        return {name: _shard_path(model_dir, shard) for name, shard in weight_map.items()}
     single = model_dir / "model.safetensors"
     if single.is_file():
         with safe_open(single, framework="pt") as f:
@@ -95,6 +95,21 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
     raise CheckpointError(
         f"{model_dir}: no model.safetensors or model.safetensors.index.json found"
     )
+
+
+def _shard_path(model_dir: Path, shard: object) -> Path:
+    """A shard named by the index: a file inside the model directory, nothing else."""
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(
+            f"{model_dir}: the index names a shard {shard!r} that is not a file name"
+        )
+    path = model_dir / shard
+    root = model_dir.resolve()
+    if Path(shard).is_absolute() or not path.resolve().is_relative_to(root):
+        raise CheckpointError(
+            f"{model_dir}: the index names shard {shard!r}, outside the model directory; refused"
+        )
+    return path
 
 
 class _Checkpoint:
