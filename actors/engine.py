@@ -277,7 +277,11 @@ class Engine(Actor):
         failing again and again are the engine's fault, not the requests': it crashes, and
         its supervisor counts that against the restart limit."""
         if self._isolation is None:
-            self._isolation = StepIsolation(self.executor.execute, self.executor.sequences)
+            self._isolation = StepIsolation(
+                self.executor.execute,
+                self.executor.sequences,
+                getattr(self.executor, "_forget", None),
+            )
         result = self._isolation.run(plan)
         if not result.failed:
             self._failing_steps = 0

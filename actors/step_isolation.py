@@ -26,9 +26,16 @@ class _Saved:
 class StepIsolation:
     """Runs plans on ``execute`` over the executor's ``sequences`` (request id -> Sequence)."""
 
-    def __init__(self, execute: Callable[[StepPlan], StepResult], sequences: dict) -> None:
+    def __init__(
+        self,
+        execute: Callable[[StepPlan], StepResult],
+        sequences: dict,
+        forget: Callable[[str], None] | None = None,
+    ) -> None:
+        """``forget``: the executor's way to drop a sequence (releasing what it holds)."""
         self.execute = execute
         self.sequences = sequences
+        self.forget = forget or (lambda rid: self.sequences.pop(rid, None))
         self.isolated_steps = 0  # plans that failed and were split (for tests and stats)
 
     def run(self, plan: StepPlan) -> StepResult:
@@ -117,7 +124,7 @@ class StepIsolation:
     def _restore(self, plan: StepPlan, saved: dict[str, _Saved | None]) -> None:
         for rid, state in saved.items():
             if state is None:
-                self.sequences.pop(rid, None)  # registered by this plan: registered again
+                self.forget(rid)  # registered by this plan: registered again
                 continue
             seq = self.sequences.get(rid)
             if seq is None:

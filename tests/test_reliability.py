@@ -17,7 +17,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-import greenroom.actors.frontend as frontend_module
+import greenroom.actors.request_checks as request_checks
 from greenroom.actors.engine import InjectFault
 from greenroom.actors.request_checks import (
     SAMPLING_CHECKS,
@@ -128,7 +128,7 @@ async def test_a_step_failing_on_one_requests_data_fails_that_request_only(monke
     try:
         async with AsyncClient(node.address, timeout=60) as client:
             clean = await bystanders(client)
-            monkeypatch.setattr(frontend_module, "check_request", lambda req, limits: None)
+            monkeypatch.setattr(request_checks, "check_sampling", lambda s, limits: None)
             poison = SamplingParams(max_tokens=8, logprobs=10**6)  # top-n past the vocabulary
             runs = []
             for _ in range(3):  # repeatedly: never counted as an engine crash
@@ -227,7 +227,7 @@ async def test_size_caps_and_malformed_frames_get_typed_errors() -> None:
             with pytest.raises(RequestRejected, match="request_id"):
                 await client.generate([1, 2], GREEDY, request_id="i" * 1000)
             with pytest.raises(RequestRejected, match="bytes"):  # checked before sending
-                await client.generate([1] * 20_000, GREEDY)
+                await client.generate([300] * 40_000, GREEDY)
             raw = RawClient(node.address)
             await raw.sock.send(b"\xc1 not msgpack")
             (reply,) = await raw.recv()
