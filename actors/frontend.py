@@ -272,6 +272,8 @@ class Frontend(Actor):
             bus = self._by_client.get((ident, msg.request_id), msg.request_id)
             if self._owner.get(bus) == ident and self.scheduler is not None:
                 self._aborted.add(bus)
+                if msg.silent:  # its id is free at once; a late message cannot reach a new one
+                    self._detached.add(self._by_client.pop((ident, msg.request_id), bus))
                 self._to_scheduler(CancelRequests(request_ids=[bus], reason="abort"))
         elif isinstance(msg, ServerInfoQuery):
             self._reply(ident, [msgspec.structs.replace(self.info, request_id=msg.request_id)])

@@ -86,6 +86,7 @@ class GenerateRequest(ClientMessage):
 
 class AbortRequest(ClientMessage):
     request_id: str
+    silent: bool = False  # the client left the stream: nothing more is sent for it
 
 
 class PrefillRequest(GenerateRequest):

@@ -447,7 +447,7 @@ class AsyncClient:
                 del self._queues[rid]
             if sent and not finished and not self._closed and self._up.is_set():
                 with contextlib.suppress(Exception):
-                    await self._send(AbortRequest(request_id=rid))
+                    await self._send(AbortRequest(request_id=rid, silent=True))
 
     async def generate(
         self,

@@ -249,7 +249,8 @@ def connect(address: str, timeout: float, api: str = "auto", model: str | None =
         return SimulatedClient()
     from greenroom.client import AsyncClient
 
-    return AsyncClient(address, timeout=timeout)
+    # a server started just before the replay may still be loading: wait for it a while
+    return AsyncClient(address, timeout=timeout, connect_timeout=60.0)
 
 
 async def replay_with(client: Any, args: argparse.Namespace) -> int:
