@@ -225,6 +225,7 @@ class Engine(Actor):
         # drop every reference to GPU memory (the executor, and the factory and placement
         # that may hold a shared runner), so the process's memory returns on stop
         self.executor = self.executor_factory = self.placement = None
+        self._isolation = None
 
     @handles(StepPlan)
     def step(self, plan: StepPlan) -> StepResult | None:
@@ -276,17 +277,28 @@ class Engine(Actor):
         """Run a plan; requests whose step fails alone fail alone (``result.failed``). Steps
         failing again and again are the engine's fault, not the requests': it crashes, and
         its supervisor counts that against the restart limit."""
+        isolation = self._step_isolation()
+        plan, earlier = isolation.strip(plan)
+        result = self._count_failures(isolation.run(plan), len(plan.steps))
+        if earlier:
+            result = msgspec.structs.replace(result, failed={**result.failed, **earlier})
+        return result
+
+    def _step_isolation(self) -> StepIsolation:
         if self._isolation is None:
             self._isolation = StepIsolation(
                 self.executor.execute,
                 self.executor.sequences,
                 getattr(self.executor, "_forget", None),
             )
-        result = self._isolation.run(plan)
-        if not result.failed:
+        return self._isolation
+
+    def _count_failures(self, result: StepResult, num_steps: int) -> StepResult:
+        if len(result.failed) < num_steps or not num_steps:  # some request ran
             self._failing_steps = 0
+        if not result.failed:
             return result
-        self._failing_steps += 1
+        self._failing_steps += len(result.failed) == num_steps
         log.warning(
             "requests failed in a step; the others ran",
             failed=list(result.failed)[:8],
@@ -316,12 +328,23 @@ class Engine(Actor):
     def _step_overlapped(self, plan: StepPlan) -> None:
         """Launch ``plan`` behind the one in flight, then finish that one: the GPU goes from
         one forward to the next while the host reads tokens and sends results."""
+        isolation = self._step_isolation()
+        if isolation.strip(plan)[1]:  # it steps requests failed meanwhile: run it plainly
+            self._settle_inflight()
+            try:
+                return self._execute(plan)
+            except Exception as exc:
+                self.crash(exc)
         start, gap_ms = self.profile.begin()
+        saved = isolation.save(plan)
         try:
             launched = self.executor.launch(plan)
-        except Exception:
+        except Exception as exc:
             self._settle_inflight()  # results stay in plan order
-            raise
+            try:  # the requests whose data broke it fail alone; the others run now
+                return self._count_failures(isolation.recover(plan, saved, exc), len(plan.steps))
+            except Exception as again:
+                self.crash(again)
         reply = self.take_reply()
         self._settle_inflight()
         inflight = InflightStep(launched, reply, start, gap_ms)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from greenroom.bus.messages import SequenceStep, StepPlan, StepResult
 
 
@@ -37,16 +39,38 @@ class StepIsolation:
         self.sequences = sequences
         self.forget = forget or (lambda rid: self.sequences.pop(rid, None))
         self.isolated_steps = 0  # plans that failed and were split (for tests and stats)
+        self.failed_ids: set[str] = set()  # failed here; plans built meanwhile still step them
+
+    def strip(self, plan: StepPlan) -> tuple[StepPlan, dict[str, str]]:
+        """``plan`` without the requests this engine already failed (plans issued before the
+        scheduler heard of it still name them), and those requests."""
+        self.failed_ids.difference_update(plan.finished)
+        gone = {s.request_id for s in plan.steps if s.request_id in self.failed_ids}
+        if not gone:
+            return plan, {}
+        return msgspec.structs.replace(
+            plan,
+            new=[n for n in plan.new if n.request_id not in gone],
+            steps=[s for s in plan.steps if s.request_id not in gone],
+        ), dict.fromkeys(gone, "this request failed in an earlier step")
 
     def run(self, plan: StepPlan) -> StepResult:
-        saved = self._save(plan)
+        saved = self.save(plan)
         try:
             return self.execute(plan)
         except Exception as exc:
-            if not plan.steps:
-                raise
-            self._restore(plan, saved)
-            return self._isolate(plan, exc)
+            return self.recover(plan, saved, exc)
+
+    def save(self, plan: StepPlan) -> dict:
+        """What ``plan`` may change in the executor's sequences (before running it)."""
+        return self._save(plan)
+
+    def recover(self, plan: StepPlan, saved: dict, error: Exception) -> StepResult:
+        """``plan`` raised ``error``: put the sequences back and run it request by request."""
+        if not plan.steps:
+            raise error
+        self._restore(plan, saved)
+        return self._isolate(plan, error)
 
     def _isolate(self, plan: StepPlan, error: Exception) -> StepResult:
         self.isolated_steps += 1
@@ -86,6 +110,7 @@ class StepIsolation:
             duration += result.duration_s
         if len(failed) == len(plan.steps) > 1:
             raise error  # every request fails: the engine, not a request, is broken
+        self.failed_ids.update(failed)
         return StepResult(
             iteration=plan.iteration,
             sampled=sampled,

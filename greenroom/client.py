@@ -166,7 +166,9 @@ class AsyncClient:
             self._keys = (load_public_key(server_key), *load_key_pair(client_key))
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._queues: dict[str, asyncio.Queue] = {}  # by wire id
+        self._wire: dict[str, str] = {}  # open stream's request id -> its wire id
+        self._abandoned: set[str] = set()  # ids of streams left early (messages may trail)
         self._reader: asyncio.Task | None = None
         self._monitor: asyncio.Task | None = None
         self._up = asyncio.Event()
@@ -399,16 +401,19 @@ class AsyncClient:
         """
         await self.start()
         rid = request_id or uuid.uuid4().hex
-        if rid in self._queues:
+        if rid in self._wire:
             raise RequestRejected(f"request id {rid!r} is already in use by this client", rid)
+        # an id this client left early may still have messages on the way: a fresh wire id
+        wire = rid if rid not in self._abandoned else f"{rid}#{uuid.uuid4().hex[:8]}"
         q: asyncio.Queue = asyncio.Queue()
-        self._queues[rid] = q
+        self._queues[wire] = q
+        self._wire[rid] = wire
         sent = finished = False
         running = (sampling or SamplingParams()).n  # samples not finished yet
         try:
             await self._send(
                 GenerateRequest(
-                    request_id=rid,
+                    request_id=wire,
                     prompt_token_ids=prompt_token_ids,
                     prompt=prompt,
                     sampling=sampling or SamplingParams(),
@@ -433,21 +438,28 @@ class AsyncClient:
                     raise reply
                 if isinstance(reply, RequestError):
                     finished = True
-                    raise error_from(reply)
+                    raise error_from(msgspec.structs.replace(reply, request_id=rid))
+                if wire != rid:
+                    reply = msgspec.structs.replace(reply, request_id=rid)
                 if reply.finish_reason is not None:
                     running -= 1
                     if running <= 0:  # the consumer may stop here: nothing to abort
                         finished = True
-                        self._queues.pop(rid, None)
+                        self._queues.pop(wire, None)
+                        self._wire.pop(rid, None)
                         yield reply
                         return
                 yield reply
         finally:
-            if self._queues.get(rid) is q:
-                del self._queues[rid]
-            if sent and not finished and not self._closed and self._up.is_set():
-                with contextlib.suppress(Exception):
-                    await self._send(AbortRequest(request_id=rid, silent=True))
+            if self._queues.get(wire) is q:
+                del self._queues[wire]
+            if self._wire.get(rid) == wire:
+                del self._wire[rid]
+            if sent and not finished:
+                self._abandoned.add(rid)
+                if not self._closed and self._up.is_set():
+                    with contextlib.suppress(Exception):
+                        await self._send(AbortRequest(request_id=wire, silent=True))
 
     async def generate(
         self,
@@ -478,7 +490,7 @@ class AsyncClient:
         return results if n > 1 else results[0]
 
     async def abort(self, request_id: str) -> None:
-        await self._send(AbortRequest(request_id=request_id))
+        await self._send(AbortRequest(request_id=self._wire.get(request_id, request_id)))
 
 
 class Client:
