@@ -563,8 +563,9 @@ async def run_suite(quick: bool, only: list[str] | None = None) -> list[Scenario
             # exact greedy equality with the clean run: no prefix-cache recompute paths
             "kv.enable_prefix_reuse": False,
             "scheduler.max_num_tokens": 256,
-            "scheduler.max_num_active_requests": 16,
-            "scheduler.max_queue_size": 16,
+            # room for every vanishing client's stream at once; overload sends 10x this
+            "scheduler.max_num_active_requests": max(16, scale.clients),
+            "scheduler.max_queue_size": max(16, scale.clients),
             "log_level": "error",
         }
     )
