@@ -5,6 +5,10 @@ messages: per iteration and flow it asks the KV manager for the batch's block ch
 plan to the flow's engine without waiting for it (up to `plans_in_flight` plans run ahead), and
 streams each result's deltas to the frontend. Mixed mode has one flow; SM-level disaggregation
 has two (context, generation) as two tasks of this one actor, interleaving on one event loop.
+
+Under pipeline parallelism the flow keeps up to ``pp_depth`` micro-batches in flight, each with
+its own requests, and applies each result as it comes (in any order): a micro-batch that can be
+built is issued at once, whatever results are outstanding.
 """
 
 from __future__ import annotations
@@ -60,6 +64,20 @@ def flow_budgets(cfg: NodeConfig) -> list[FlowBudget]:
     ]
 
 
+def plans_limit(cfg: NodeConfig) -> int:
+    """Plans a flow keeps in flight: ``pp_depth`` micro-batches under pipeline parallelism
+    (``pp_size`` by default), else ``plans_in_flight``."""
+    if cfg.parallel.pp_size > 1:
+        return cfg.scheduler.pp_depth or cfg.parallel.pp_size
+    return cfg.scheduler.plans_in_flight
+
+
+def _ready(pending: deque[asyncio.Future], any_order: bool) -> bool:
+    if any_order:
+        return any(f.done() for f in pending)
+    return bool(pending) and pending[0].done()
+
+
 class Scheduler(Actor):
     mailbox_size = 8192
 
@@ -83,6 +101,7 @@ class Scheduler(Actor):
             max_model_len=info.max_model_len,
             eos_token_ids=list(info.eos_token_ids),
             flows=self.flows,
+            pipelined=cfg.parallel.pp_size > 1,
         )
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task] = []
@@ -190,7 +209,8 @@ class Scheduler(Actor):
                 fut.add_done_callback(_retrieve)
 
     async def _flow_loop(self, flow: str, engine, wake: asyncio.Event, pending: deque) -> None:
-        limit = self.cfg.scheduler.plans_in_flight
+        limit = plans_limit(self.cfg)
+        pipelined = self.core.pipelined
         while True:
             if len(pending) < limit and self.core.has_work(flow):
                 plan = await self._build_plan(flow)
@@ -199,11 +219,11 @@ class Scheduler(Actor):
                     fut.add_done_callback(lambda _f, w=wake: w.set())
                     pending.append(fut)
                     continue
-            if pending and pending[0].done():
-                await self._consume(flow, pending)
+            if _ready(pending, pipelined):
+                await self._consume(flow, pending, pipelined)
                 continue
             wake.clear()
-            if pending and pending[0].done():
+            if _ready(pending, pipelined):
                 continue
             if len(pending) < limit and self.core.has_work(flow):
                 # work exists but no plan could be built (e.g. no free blocks): poll gently
@@ -226,10 +246,16 @@ class Scheduler(Actor):
         await self._emit(self.core.take_output())  # e.g. a prompt that can never fit the pool
         return plan
 
-    async def _consume(self, flow: str, pending: deque[asyncio.Future]) -> None:
-        """Apply the oldest plan's result; on an engine failure, settle every plan in flight
-        first (they went to the same engine) and fail their requests once."""
-        fut = pending.popleft()
+    async def _consume(
+        self, flow: str, pending: deque[asyncio.Future], pipelined: bool = False
+    ) -> None:
+        """Apply the oldest plan's result (pipelined: any that is done); on an engine failure,
+        settle every plan in flight first (they went to the same engine) and fail their
+        requests once."""
+        fut = pending[0]
+        if pipelined:
+            fut = next(f for f in pending if f.done())
+        pending.remove(fut)
         try:
             result: StepResult = fut.result()
         except (ActorError, TimeoutError) as exc:

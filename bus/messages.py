@@ -410,6 +410,9 @@ class SequenceStep(msgspec.Struct, array_like=True, gc=False, frozen=True):
     request_id: str
     num_tokens: int
     new_block_ids: list[int] = []
+    # pipeline parallelism: the step's input tokens that were sampled since the request's
+    # last step; the stages that do not sample append them (the last stage has them)
+    token_ids: list[int] = []
 
 
 class StepPlan(Message):

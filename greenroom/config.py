@@ -81,6 +81,9 @@ class SchedulerConfig(_Section):
     max_queue_size: PositiveInt = 4096  # admission queue; past it: "overloaded"
     capacity_policy: Literal["guaranteed_no_evict", "max_utilization"] = "max_utilization"
     plans_in_flight: Annotated[int, msgspec.Meta(ge=1, le=4)] = 2
+    # micro-batches in flight under pipeline parallelism (parallel.pp_size > 1), each with
+    # its own requests; 0: parallel.pp_size. More than pp_size hides the bus round trip.
+    pp_depth: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
     request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0
 
 

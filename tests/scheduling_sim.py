@@ -86,12 +86,7 @@ class SimEngine:
         assert plan.flow == self.flow
         for rid in plan.finished:
             self.seqs.pop(rid, None)
-        for c in plan.copies:
-            if c.kind == "offload":
-                self.host[c.dst] = {s: self.pool.get((c.src, s)) for s in range(self.tpb)}
-            else:
-                for s, v in self.host[c.src].items():
-                    self.pool[(c.dst, s)] = v
+        self.copy_blocks(plan)
         for new in plan.new:
             self.register(new)
         ids = [s.request_id for s in plan.steps]
@@ -111,6 +106,14 @@ class SimEngine:
         return StepResult(
             iteration=plan.iteration, sampled=sampled, handoffs=handoffs, flow=self.flow
         )
+
+    def copy_blocks(self, plan: StepPlan) -> None:
+        for c in plan.copies:
+            if c.kind == "offload":
+                self.host[c.dst] = {s: self.pool.get((c.src, s)) for s in range(self.tpb)}
+            else:
+                for s, v in self.host[c.src].items():
+                    self.pool[(c.dst, s)] = v
 
     def register(self, new: NewSequence) -> None:
         n = len(new.prompt_token_ids)
@@ -293,3 +296,98 @@ def two_flows(ctx: int = 32, ctx_batch: int = 4, gen: int = 16, gen_batch: int =
 def prompt(seed: int, n: int) -> list[int]:
     """A deterministic prompt of ``n`` tokens in [1, 50]."""
     return [1 + (seed * 31 + i * 7) % 50 for i in range(n)]
+
+
+class StageEngine(SimEngine):
+    """One pipeline stage: its own KV pool (its layers), the plans in order; only the last
+    stage samples, the others take each decode's input token from the plan."""
+
+    def __init__(self, pool: dict, host: dict, tpb: int, vocab: int, last: bool) -> None:
+        super().__init__("mixed", pool, host, tpb, vocab)
+        self.last = last
+        self.ran: list[int] = []  # plan iterations, in the order this stage ran them
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        self.ran.append(plan.iteration)
+        if self.last:
+            return super().execute(plan)
+        for rid in plan.finished:
+            self.seqs.pop(rid, None)
+        self.copy_blocks(plan)
+        for new in plan.new:
+            self.register(new)
+        for step in plan.steps:
+            seq = self.seqs[step.request_id]
+            missing = seq.num_computed + step.num_tokens - len(seq.tokens)
+            if missing > 0:
+                assert len(step.token_ids) >= missing, f"{step}: no sampled input token"
+                seq.tokens.extend(step.token_ids[len(step.token_ids) - missing :])
+            self.run_step(step)
+        return StepResult(iteration=plan.iteration)
+
+
+class PipelineSim(Sim):
+    """A pipelined node: the core keeps up to ``depth`` disjoint micro-batches in flight; each
+    goes through ``stages`` stages in order (each stage runs plans FIFO, as torch.distributed
+    send/recv pairs them); results reach the core whenever the driver delivers them."""
+
+    def __init__(self, flows: list[FlowBudget], stages: int, depth: int, **kw) -> None:
+        super().__init__(flows, **kw)
+        tpb = self.kv.tokens_per_block
+        self.core = SchedulerCore(self.cfg, tpb, self.max_model_len, [EOS], flows, pipelined=True)
+        self.depth = depth
+        self.stages = [
+            StageEngine({}, {}, tpb, self.vocab, last=k == stages - 1) for k in range(stages)
+        ]
+        self.stage_queues: list[deque[StepPlan]] = [deque() for _ in range(stages)]
+        self.done: list[StepResult] = []  # sampled by the last stage, not yet delivered
+        self.max_inflight = 0
+
+    def issue(self) -> int:
+        """Issue every micro-batch that can be built now (never waits on a result)."""
+        issued = 0
+        while self.core.inflight("mixed") < self.depth and self.core.has_work("mixed"):
+            self.build("mixed")
+            plan = self.apply_kv("mixed")
+            if plan is None:
+                break
+            self.queued["mixed"].clear()
+            self.stage_queues[0].append(plan)
+            issued += 1
+        self.max_inflight = max(self.max_inflight, self.core.inflight("mixed"))
+        return issued
+
+    def advance(self, k: int) -> bool:
+        """Stage ``k`` runs its oldest micro-batch and passes it on."""
+        if not self.stage_queues[k]:
+            return False
+        plan = self.stage_queues[k].popleft()
+        result = self.stages[k].execute(plan)
+        if k + 1 < len(self.stages):
+            self.stage_queues[k + 1].append(plan)
+        else:
+            self.done.append(result)
+        return True
+
+    def deliver(self, index: int = 0) -> bool:
+        if not self.done:
+            return False
+        self.record(self.core.apply_step_result("mixed", self.done.pop(index % len(self.done))))
+        return True
+
+    def check(self) -> None:
+        super().check()
+        ids = [e.request.request_id for p in self.core._inflight["mixed"] for e in p.entries]
+        assert len(ids) == len(set(ids)), f"a request in two micro-batches: {ids}"
+        assert self.core.inflight("mixed") <= self.depth
+
+    def run(self, max_rounds: int = 10_000) -> None:
+        for _ in range(max_rounds):
+            moved = self.issue() > 0
+            for k in reversed(range(len(self.stages))):
+                moved |= self.advance(k)
+            moved |= self.deliver()
+            self.check()
+            if not moved:
+                return
+        raise AssertionError("the pipeline did not drain")

@@ -4,6 +4,11 @@ The scheduler actor drives it per flow: ``build_kv_step`` -> (KV manager) ->
 ``apply_kv_result`` -> StepPlan -> (engine) -> ``apply_step_result`` -> OutputBatch.
 Plans are built ahead of results: every scheduled decode is assumed to sample one token.
 Each method leaves the state consistent, so two flows may interleave calls freely.
+
+Pipelined (pipeline parallelism): a request is in at most one issued plan (micro-batch), so
+plans in flight are disjoint, stage 0 gets each decode's input token in the plan
+(``SequenceStep.token_ids``: it never sees the last stage's sampling), and results may be
+applied in any order.
 """
 
 from __future__ import annotations
@@ -46,8 +51,10 @@ class SchedulerCore:
         max_model_len: int,
         eos_token_ids: list[int],
         flows: list[FlowBudget],
+        pipelined: bool = False,
     ) -> None:
         self.cfg = sched_cfg
+        self.pipelined = pipelined
         self.tokens_per_block = tokens_per_block
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -268,10 +275,7 @@ class SchedulerCore:
 
     def apply_step_result(self, flow: str, result: StepResult) -> OutputBatch:
         """Take the engine's sampled tokens: stream them, stop requests, hand off to generation."""
-        queue = self._inflight[flow]
-        if not queue or queue[0].iteration != result.iteration:
-            raise ValueError(f"flow {flow!r}: no plan of iteration {result.iteration} in flight")
-        plan = queue.popleft()
+        plan = self._take_inflight(flow, result.iteration)
         out = self._collector()
         for u in result.transfers:
             self._read_settled(u, out)
@@ -307,8 +311,21 @@ class SchedulerCore:
                 self._handoff(r, handoffs.get(r.request_id, 0))
         for e in plan.entries:
             e.request.holds -= 1
+            e.request.in_flight -= 1
             self._settle(e.request)
         return self._finish(out)
+
+    def _take_inflight(self, flow: str, iteration: int) -> IssuedPlan:
+        """The issued plan a result answers: the oldest, or (pipelined) any in flight."""
+        queue = self._inflight[flow]
+        if queue and queue[0].iteration == iteration:
+            return queue.popleft()
+        if self.pipelined:
+            for i, plan in enumerate(queue):
+                if plan.iteration == iteration:
+                    del queue[i]
+                    return plan
+        raise ValueError(f"flow {flow!r}: no plan of iteration {iteration} in flight")
 
     # ------------------------------------------------------------------ failures
 
@@ -322,6 +339,7 @@ class SchedulerCore:
         for p in plans:
             for e in p.entries:
                 e.request.holds -= 1
+                e.request.in_flight -= 1
                 if e.request.epoch == e.epoch:
                     victims[e.request.request_id] = e.request
         for r in self._running.values():
@@ -355,6 +373,7 @@ class SchedulerCore:
             for p in self._inflight[flow]:
                 for e in p.entries:
                     e.request.holds -= 1
+                    e.request.in_flight -= 1
             self._inflight[flow] = deque()
             self._finished_ids[flow] = []
         self._drop_reads(out, message)
@@ -432,7 +451,10 @@ class SchedulerCore:
         if self._waiting and next(iter(self._waiting)) == self._head_rejected:
             # alone, so that later candidates' prefix claims cannot crowd it out again
             room = min(room, 1)
-        return select_work(fb, self._running.values(), self._waiting.values(), room)
+        running = self._running.values()
+        if self.pipelined:  # a request in a micro-batch in flight waits for its result
+            running = [r for r in running if r.in_flight == 0]
+        return select_work(fb, running, self._waiting.values(), room)
 
     def _computed(self) -> list[KVComputed]:
         """Prompt tokens covered by issued plans, for requests where that grew since last time.
@@ -508,9 +530,15 @@ class SchedulerCore:
         new, steps = [], []
         for e in entries:
             r = e.request
+            r.in_flight += 1
             if flow in r.known_by:
                 steps.append(
-                    SequenceStep(r.request_id, e.num_tokens, extended.get(r.request_id, []))
+                    SequenceStep(
+                        r.request_id,
+                        e.num_tokens,
+                        extended.get(r.request_id, []),
+                        self._sampled_inputs(r, e.num_tokens),
+                    )
                 )
             else:
                 new.append(r.new_sequence())  # carries every block, this iteration's too
@@ -541,6 +569,17 @@ class SchedulerCore:
         self._inflight[flow].append(IssuedPlan(flow, result.iteration, entries))
         self._counters["plans"] += 1
         return plan
+
+    def _sampled_inputs(self, r: Request, num_tokens: int) -> list[int]:
+        """Pipelined: the step's input tokens that were sampled (not in the prompt), which the
+        stages that do not sample have never seen."""
+        if not self.pipelined:
+            return []
+        start = max(r.num_scheduled, len(r.prompt))
+        end = r.num_scheduled + num_tokens
+        if end <= start:
+            return []
+        return r.sequence()[start:end]
 
     def _preempt_newest(self) -> None:
         """Extends failed: preempt the newest running request, unless blocks are on their way

@@ -78,6 +78,7 @@ class Request:
         "pending_samples",
         "handoff_event_id",
         "holds",
+        "in_flight",
         "has_blocks",
         "free_state",
         "kv_free",
@@ -126,6 +127,7 @@ class Request:
         self.pending_samples = 0  # tokens that issued plans will sample
         self.handoff_event_id = 0
         self.holds = 0  # drafts + in-flight plans that include it
+        self.in_flight = 0  # issued plans that include it (at most 1 when pipelined)
         self.has_blocks = False
         self.free_state = FreeState.NONE
         self.kv_free: KVFree | None = None
