@@ -102,6 +102,12 @@ _NODE_FLAGS: list[tuple[Any, ...]] = [
     ),
     ("--tp-size", "parallel.tp_size", int, "tensor-parallel ranks (one process per GPU)"),
     (
+        "--pp-size",
+        "parallel.pp_size",
+        int,
+        "pipeline stages, each holding a slice of the layers (x tp-size ranks in all)",
+    ),
+    (
         "--curve-secret-key",
         "security.curve_secret_key",
         str,

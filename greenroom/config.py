@@ -103,14 +103,23 @@ class ParallelConfig(_Section):
     start_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0  # ranks loading weights
     # a node agent gives up on a head it cannot reach (or stops hearing) after this long
     connect_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    # layers of each pipeline stage, e.g. [12, 12, 8] (empty: an even split, the first
+    # stages taking the remainder, so the last, which runs the LM head, has fewer)
+    pp_layers: list[PositiveInt] = []
+    # each stage reports when it ran each plan (benchmarks, tests; one message per stage)
+    stage_reports: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("pp_size", "cp_size"):
-            if getattr(self, name) > 1:
-                raise ValueError(
-                    f"{name} = {getattr(self, name)} is invalid: only tensor parallelism "
-                    f"(tp_size) is supported yet, {name} must be 1"
-                )
+        if self.cp_size > 1:
+            raise ValueError(
+                f"cp_size = {self.cp_size} is invalid: context parallelism is not supported "
+                "yet, cp_size must be 1"
+            )
+        if self.pp_layers and len(self.pp_layers) != self.pp_size:
+            raise ValueError(
+                f"pp_layers = {self.pp_layers} is invalid: it gives {len(self.pp_layers)} "
+                f"stages but pp_size = {self.pp_size}"
+            )
         world = self.pp_size * self.cp_size * self.tp_size
         if world % self.nnodes:
             raise ValueError(
@@ -237,15 +246,17 @@ class NodeConfig(_Section):
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
-        if self.parallel.world_size > 1 and self.sm_disagg.enabled:
+        p = self.parallel
+        sizes = f"parallel.tp_size = {p.tp_size}, pp_size = {p.pp_size}"
+        if p.world_size > 1 and self.sm_disagg.enabled:
             raise ValueError(
-                f"sm_disagg.enabled with parallel.tp_size = {self.parallel.tp_size} is not "
-                "supported: SM-level disaggregation runs on one GPU"
+                f"sm_disagg.enabled with {sizes} is not supported: SM-level disaggregation "
+                "runs on one GPU (pipeline and tensor parallelism need sm_disagg.enabled = false)"
             )
-        if self.parallel.world_size > 1 and self.role != "mixed":
+        if p.world_size > 1 and self.role != "mixed":
             raise ValueError(
-                f"role = {self.role!r} with parallel.tp_size = {self.parallel.tp_size} is not "
-                "supported yet: a multi-rank node serves role 'mixed'"
+                f"role = {self.role!r} with {sizes} is not supported yet: a multi-rank node "
+                "serves role 'mixed'"
             )
         if self.kv_transfer.lease_margin_s >= self.kv_transfer.lease_s:
             raise ValueError(

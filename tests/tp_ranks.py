@@ -30,12 +30,13 @@ def request_prompts(vocab: int) -> list[list[int]]:
     return [p0, p1, p0[:REUSED_TOKENS] + tail]
 
 
-def serve_greedy(runner, prompts: list[list[int]]) -> list[list[int]]:
+def serve_greedy(runner, prompts: list[list[int]], executor=None) -> list[list[int]]:
     """Requests 0 and 1 arrive at once, request 2 (sharing request 0's first blocks) once
-    request 0 decodes; decodes first, then prefill chunks under TOKEN_BUDGET."""
+    request 0 decodes; decodes first, then prefill chunks under TOKEN_BUDGET. ``executor``:
+    what runs the plans (a PlanExecutor over ``runner`` by default)."""
     from greenroom.models import PlanExecutor
 
-    executor = PlanExecutor(runner)
+    executor = executor or PlanExecutor(runner)
     bs = runner.tokens_per_block
     free = list(range(runner.num_blocks - 1, 0, -1))
     n = len(prompts)

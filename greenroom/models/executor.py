@@ -3,6 +3,10 @@
 The executor keeps, per sequence, only what a forward needs (tokens, how many are computed,
 block table, sampling parameters). It owns no scheduling decisions: sequences live until a
 plan lists them in ``finished``.
+
+A pipeline stage's executor (``link``) takes the previous stage's activations before its
+forward and, before the last stage, sends its own on instead of sampling; its sequences
+learn sampled tokens from the plan (``SequenceStep.token_ids``).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,11 +24,12 @@ from greenroom.bus.messages import (
     NewSequence,
     SampledToken,
     SamplingParams,
+    SequenceStep,
     StepPlan,
     StepResult,
     TokenLogprobs,
 )
-from greenroom.models.batch import SequenceChunk, upload_packed
+from greenroom.models.batch import ForwardBatch, SequenceChunk, upload_packed
 from greenroom.models.kv_pool import allocate_kv_pool
 from greenroom.models.logits_adjust import LogitsAdjustments, needs_adjustment
 from greenroom.models.runner import GraphKind, ModelRunner
@@ -35,6 +41,9 @@ from greenroom.models.sampling import (
     sample,
 )
 from greenroom.models.token_history import TokenHistory
+
+if TYPE_CHECKING:
+    from greenroom.parallel.pipe import StageLink
 
 
 class PlanError(ValueError):
@@ -61,12 +70,15 @@ class PlanExecutor:
         host_blocks: int = 0,
         graph_stream: torch.cuda.Stream | None = None,
         graphs: GraphKind = "decode",
+        link: StageLink | None = None,
     ) -> None:
         """``graphs``: the runner's graphs this executor replays: ``"decode"`` (captured here
         on ``graph_stream`` if not yet), ``"prefill"`` (an SM-disaggregation context engine:
         those captured on its partition's stream, if any) or ``"none"`` (all eager)."""
         self.runner = runner
         self.graph_kind = graphs
+        self.link = link
+        self.samples = runner.stage.is_last
         self.sequences: dict[str, Sequence] = {}
         self.history: TokenHistory | None = None  # created by the first request with a penalty
         self._num_adjusting = 0  # sequences with penalties, logit bias or min_tokens
@@ -136,7 +148,7 @@ class PlanExecutor:
         s = new.sampling
         self._forget(new.request_id)
         slot = -1
-        if s.has_penalties:
+        if s.has_penalties and self.samples:
             if self.history is None:
                 self.history = TokenHistory(self.runner.vocab_size, self.runner.device)
             split = n - new.num_output_tokens
@@ -166,12 +178,16 @@ class PlanExecutor:
             assert self.history is not None
             self.history.remove(seq.history_slot)
 
-    def _chunk(self, request_id: str, num_tokens: int, new_block_ids: list[int]) -> SequenceChunk:
+    def _chunk(self, step: SequenceStep) -> SequenceChunk:
+        request_id, num_tokens = step.request_id, step.num_tokens
         seq = self.sequences.get(request_id)
         if seq is None:
             raise PlanError(f"step for unknown request {request_id!r}")
-        seq.block_ids.extend(new_block_ids)
+        seq.block_ids.extend(step.new_block_ids)
         start, end = seq.num_computed, seq.num_computed + num_tokens
+        missing = end - len(seq.tokens)
+        if 0 < missing <= len(step.token_ids):  # sampled on the last pipeline stage
+            seq.tokens.extend(step.token_ids[len(step.token_ids) - missing :])
         if num_tokens < 1 or end > len(seq.tokens):
             raise PlanError(
                 f"request {request_id!r}: step of {num_tokens} tokens from {start} exceeds "
@@ -216,8 +232,10 @@ class PlanExecutor:
         ids = [s.request_id for s in plan.steps]
         if len(set(ids)) != len(ids):
             raise PlanError(f"plan {plan.iteration} steps a request more than once: {ids}")
-        chunks = [self._chunk(s.request_id, s.num_tokens, s.new_block_ids) for s in plan.steps]
+        chunks = [self._chunk(s) for s in plan.steps]
         batch = self.runner.build_batch(chunks)
+        if not self.samples:
+            return self._pass_on(plan, batch, started, timing)
         pending = self._pending_inputs(ids, chunks)
         if pending is not None:
             batch.input_ids = self._with_pending_tokens(batch.input_ids, pending)
@@ -241,7 +259,10 @@ class PlanExecutor:
         events = self._timing_events() if self.time_forwards and cuda else None
         if events is not None:
             events[0].record()
-        logits, greedy = self.runner.forward_greedy(batch, graphs=self.graph_kind)
+        inputs = None
+        if self.link is not None and not self.runner.stage.is_first:
+            inputs = self.link.recv(plan.iteration, batch.num_tokens)
+        logits, greedy = self.runner.forward_greedy(batch, graphs=self.graph_kind, inputs=inputs)
         if events is not None:
             events[1].record()
             self.forward_events = events
@@ -310,6 +331,23 @@ class PlanExecutor:
         )
 
     # ------------------------------------------------------------------ launch helpers
+
+    def _pass_on(
+        self, plan: StepPlan, batch: ForwardBatch, started: float, timing: StepTiming
+    ) -> LaunchedStep:
+        """A pipeline stage before the last: run its layers and send the activations on."""
+        if self.link is None:
+            raise PlanError("a pipeline stage before the last needs a link to the next stage")
+        inputs = None
+        if not self.runner.stage.is_first:
+            inputs = self.link.recv(plan.iteration, batch.num_tokens)
+        timing.prepare = time.perf_counter()
+        hidden, residual = self.runner.forward(batch, graphs="none", inputs=inputs)
+        self.link.send(plan.iteration, hidden, residual)
+        timing.forward = timing.sample = time.perf_counter()
+        for step in plan.steps:
+            self.sequences[step.request_id].num_computed += step.num_tokens
+        return LaunchedStep(plan, started, timing)
 
     def _pending_inputs(self, ids: list[str], chunks: list[SequenceChunk]) -> PendingInputs | None:
         """Flat token positions of the batch whose token is still on the device, and the rows

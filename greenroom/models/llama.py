@@ -10,6 +10,11 @@ Tensor parallel (``tp``, see greenroom.parallel.shard): ``arch`` is the rank's l
 row-parallel and followed by an all-reduce; the embedding and the LM head hold a padded slice
 of the vocabulary (embedding: look up the ids this rank owns, all-reduce; LM head: all-gather
 the logits and cut the padding), so every rank ends with the same full logits.
+
+Pipeline parallel (``stage``): the model holds the stage's layers only and ``arch`` is the
+stage's (its layer count and windows); a stage after the first takes the previous stage's
+hidden state and residual instead of embedding, and a stage before the last returns them
+instead of the final norm.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from greenroom.models.batch import ForwardBatch
 from greenroom.models.loader import ModelWeights
 from greenroom.models.rope import cos_sin_cache
 from greenroom.parallel.comm import TensorParallel
+from greenroom.parallel.stages import PipelineStage
+
+StageActivations = tuple[torch.Tensor, torch.Tensor]  # hidden state, residual
 
 
 class LlamaModel:
@@ -33,12 +41,16 @@ class LlamaModel:
         max_position: int,
         device: torch.device,
         tp: TensorParallel | None = None,
+        stage: PipelineStage | None = None,
     ) -> None:
         self.arch = arch
         self.weights = weights
         self.tp = tp or TensorParallel.single()
+        self.stage = stage or PipelineStage.whole(arch.num_layers)
         self.vocab_size = arch.vocab_size
-        self.vocab_start = self.tp.rank * weights.embed.shape[0]
+        vocab_rows = weights.embed if weights.embed is not None else weights.lm_head
+        rows = vocab_rows.shape[0] if vocab_rows is not None else 0  # middle stages: none
+        self.vocab_start = self.tp.rank * rows
         self.scale = arch.head_dim**-0.5
         self.cos_sin = cos_sin_cache(
             arch.head_dim, max_position, arch.rope_theta, arch.rope_scaling, device
@@ -46,10 +58,22 @@ class LlamaModel:
 
     def hidden_states(self, batch: ForwardBatch, kv_pool: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states ``[T, hidden]``; writes the batch's K/V into ``kv_pool``."""
+        return self.run_layers(batch, kv_pool)  # type: ignore[return-value]
+
+    def run_layers(
+        self,
+        batch: ForwardBatch,
+        kv_pool: torch.Tensor,
+        inputs: StageActivations | None = None,
+    ) -> torch.Tensor | StageActivations:
+        """This stage's layers: from the embedding (first stage) or ``inputs``; the final-norm
+        hidden states on the last stage, else the (hidden, residual) for the next."""
         arch, w = self.arch, self.weights
         n = batch.num_tokens
-        h = self._embed(batch.input_ids)
-        residual = None
+        if inputs is None:
+            h, residual = self._embed(batch.input_ids), None
+        else:
+            h, residual = inputs
         for index, layer in enumerate(w.layers):
             x, residual = ops.fused_add_rms_norm(h, residual, layer.input_norm, arch.rms_norm_eps)
             qkv = F.linear(x, layer.qkv, layer.qkv_bias)
@@ -68,6 +92,8 @@ class LlamaModel:
             x, residual = ops.fused_add_rms_norm(h, residual, layer.post_norm, arch.rms_norm_eps)
             gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
             h = self.tp.all_reduce(F.linear(F.silu(gate) * up, layer.down))
+        if not self.stage.is_last:
+            return h, residual
         out, _ = ops.fused_add_rms_norm(h, residual, w.norm, arch.rms_norm_eps)
         return out
 
@@ -110,8 +136,16 @@ class LlamaModel:
             return logits
         return self.tp.all_gather_last(logits)[:, : self.vocab_size]
 
-    def forward(self, batch: ForwardBatch, kv_pool: torch.Tensor) -> torch.Tensor:
-        hidden = self.hidden_states(batch, kv_pool)
+    def forward(
+        self,
+        batch: ForwardBatch,
+        kv_pool: torch.Tensor,
+        inputs: StageActivations | None = None,
+    ) -> torch.Tensor | StageActivations:
+        """Logits (last stage), or the activations for the next stage."""
+        hidden = self.run_layers(batch, kv_pool, inputs)
+        if not self.stage.is_last:
+            return hidden
         if not batch.all_logits:
             hidden = hidden.index_select(0, batch.logits_indices)
         return self.logits(hidden)

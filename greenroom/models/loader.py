@@ -22,6 +22,7 @@ from greenroom.models.arch import ArchConfig, CheckpointError
 
 if TYPE_CHECKING:
     from greenroom.parallel.shard import TPShard
+    from greenroom.parallel.stages import PipelineStage
 
 
 @dataclass
@@ -40,10 +41,13 @@ class LayerWeights:
 
 @dataclass
 class ModelWeights:
-    embed: torch.Tensor
+    """A pipeline stage holds its layers only: the embedding on the first stage, the final
+    norm and LM head on the last (None elsewhere)."""
+
+    embed: torch.Tensor | None
     layers: list[LayerWeights]
-    norm: torch.Tensor
-    lm_head: torch.Tensor  # the embedding itself when tied
+    norm: torch.Tensor | None
+    lm_head: torch.Tensor | None  # the embedding itself when tied
 
 
 def expected_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
@@ -156,14 +160,19 @@ class _Checkpoint:
 
 
 def _layers(
-    ckpt: _Checkpoint, arch: ArchConfig, dtype, device, shard: TPShard | None = None
+    ckpt: _Checkpoint,
+    arch: ArchConfig,
+    dtype,
+    device,
+    shard: TPShard | None = None,
+    layers: range | None = None,
 ) -> Iterator[LayerWeights]:
     """Each layer's weights; with ``shard``, the rank's slices: q/k/v and gate/up by rows,
     o and down by columns, the o bias on rank 0 only (added once by the all-reduce)."""
     q_rows = kv_rows = inter = None
     if shard is not None:
         q_rows, kv_rows, inter = shard.q_slice(arch), shard.kv_slice(arch), shard.intermediate_slice
-    for i in range(arch.num_layers):
+    for i in layers if layers is not None else range(arch.num_layers):
         p = f"model.layers.{i}."
 
         def get(name: str, p: str = p, **part) -> torch.Tensor:
@@ -213,20 +222,31 @@ def load_weights(
     dtype: torch.dtype,
     device: torch.device,
     shard: TPShard | None = None,
+    stage: PipelineStage | None = None,
 ) -> ModelWeights:
-    """Read, check and place every weight of ``arch`` (a rank's slices with ``shard``)."""
+    """Read, check and place every weight of ``arch`` (a rank's slices with ``shard``, a
+    pipeline stage's layers with ``stage``)."""
     model_dir = Path(model_dir)
     with ExitStack() as stack:
         ckpt = _Checkpoint(model_dir, arch, stack)
-        embed = _vocab_rows(ckpt, "model.embed_tokens.weight", dtype, device, shard)
-        layers = list(_layers(ckpt, arch, dtype, device, shard))
-        norm = ckpt.get("model.norm.weight", dtype, device)
+        return _assemble(ckpt, arch, dtype, device, shard, stage)
+
+
+def _assemble(source, arch: ArchConfig, dtype, device, shard, stage) -> ModelWeights:
+    first = stage is None or stage.is_first
+    last = stage is None or stage.is_last
+    embed = lm_head = norm = None
+    if first or (last and arch.tie_word_embeddings):
+        embed = _vocab_rows(source, "model.embed_tokens.weight", dtype, device, shard)
+    layers = list(_layers(source, arch, dtype, device, shard, stage.layers if stage else None))
+    if last:
+        norm = source.get("model.norm.weight", dtype, device)
         lm_head = (
             embed
             if arch.tie_word_embeddings
-            else _vocab_rows(ckpt, "lm_head.weight", dtype, device, shard)
+            else _vocab_rows(source, "lm_head.weight", dtype, device, shard)
         )
-    return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
+    return ModelWeights(embed=embed if first else None, layers=layers, norm=norm, lm_head=lm_head)
 
 
 def random_weights(
@@ -236,6 +256,7 @@ def random_weights(
     seed: int = 0,
     std: float = 0.02,
     shard: TPShard | None = None,
+    stage: PipelineStage | None = None,
 ) -> ModelWeights:
     """Random weights of the right shapes (a rank's slice shapes with ``shard``), made
     directly on ``device`` (benchmarks)."""
@@ -254,13 +275,4 @@ def random_weights(
             t = torch.empty(shape, dtype=dtype, device=device)
             return t.normal_(0.0, std, generator=gen)
 
-    source = _Random()
-    embed = _vocab_rows(source, "model.embed_tokens.weight", dtype, device, shard)  # type: ignore[arg-type]
-    layers = list(_layers(source, arch, dtype, device, shard))  # type: ignore[arg-type]
-    lm_head = (
-        embed
-        if arch.tie_word_embeddings
-        else _vocab_rows(source, "lm_head.weight", dtype, device, shard)  # type: ignore[arg-type]
-    )
-    norm = source.get("model.norm.weight", dtype, device)
-    return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
+    return _assemble(_Random(), arch, dtype, device, shard, stage)

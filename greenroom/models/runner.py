@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -13,7 +14,7 @@ from greenroom.models.arch import DTYPES, ArchConfig
 from greenroom.models.batch import ForwardBatch
 from greenroom.models.cuda_graphs import DecodeGraphs, default_batch_sizes
 from greenroom.models.kv_pool import allocate_kv_pool, bytes_per_block, plan_num_blocks
-from greenroom.models.llama import LlamaModel
+from greenroom.models.llama import LlamaModel, StageActivations
 from greenroom.models.loader import ModelWeights, load_weights, random_weights
 from greenroom.models.max_len import decide_max_model_len
 from greenroom.models.prefill_graphs import (
@@ -25,6 +26,7 @@ from greenroom.models.presets import is_preset, preset_config
 from greenroom.models.tiny import tiny_llama_dir
 from greenroom.parallel.comm import TensorParallel
 from greenroom.parallel.shard import TPShard
+from greenroom.parallel.stages import PipelineStage, stage_of
 
 log = get_logger(__name__)
 
@@ -56,7 +58,9 @@ class ModelRunner:
     ``model_dir`` None serves ``model_cfg.path``, or the embedded tiny Llama when that is
     None too. ``device`` None follows ``model_cfg.device``. With ``tp`` (a tensor-parallel
     rank), the runner holds that rank's weight slices and a KV pool of its KV heads only;
-    ``arch`` is then the rank's local shape.
+    ``arch`` is then the rank's local shape. With ``pp`` (stage index, stage count, optional
+    per-stage layer counts), it holds one pipeline stage: its layers, their KV pool, and the
+    embedding (first stage) or final norm and LM head (last stage); ``arch`` is the stage's.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class ModelRunner:
         model_dir: str | Path | None = None,
         device: str | torch.device | None = None,
         tp: TensorParallel | None = None,
+        pp: tuple[int, int, tuple[int, ...]] = (0, 1, ()),
     ) -> None:
         device = resolve_device(device if device is not None else model_cfg.device)
         tp = tp or TensorParallel.single()
@@ -73,16 +78,20 @@ class ModelRunner:
         if is_preset(source):  # random weights of a named shape, made on the device
             arch = ArchConfig.from_dict(preset_config(source), source=source)
             shard = TPShard.of(arch, tp.rank, tp.size) if tp.size > 1 else None
+            stage = stage_of(arch.num_layers, *pp)
             dtype = resolve_dtype(model_cfg.dtype, arch, device)
-            weights = random_weights(arch, dtype, device, seed=model_cfg.seed, shard=shard)
-            self._setup(model_cfg, kv_cfg, arch, weights, dtype, device, source, tp)
+            weights = random_weights(
+                arch, dtype, device, seed=model_cfg.seed, shard=shard, stage=stage
+            )
+            self._setup(model_cfg, kv_cfg, arch, weights, dtype, device, source, tp, stage)
             return
         path = Path(model_dir or model_cfg.path or tiny_llama_dir())
         arch = ArchConfig.from_dir(path)
         shard = TPShard.of(arch, tp.rank, tp.size) if tp.size > 1 else None
+        stage = stage_of(arch.num_layers, *pp)
         dtype = resolve_dtype(model_cfg.dtype, arch, device)
-        weights = load_weights(path, arch, dtype, device, shard)
-        self._setup(model_cfg, kv_cfg, arch, weights, dtype, device, path.name, tp)
+        weights = load_weights(path, arch, dtype, device, shard, stage)
+        self._setup(model_cfg, kv_cfg, arch, weights, dtype, device, path.name, tp, stage)
 
     @classmethod
     def from_weights(
@@ -97,7 +106,8 @@ class ModelRunner:
         """A runner over weights already on ``device`` (benchmarks, tests)."""
         runner = cls.__new__(cls)
         device = torch.device(device)
-        runner._setup(model_cfg, kv_cfg, arch, weights, weights.embed.dtype, device, name)
+        dtype = (weights.embed if weights.embed is not None else weights.lm_head).dtype
+        runner._setup(model_cfg, kv_cfg, arch, weights, dtype, device, name)
         return runner
 
     def _setup(
@@ -110,10 +120,15 @@ class ModelRunner:
         device: torch.device,
         name: str,
         tp: TensorParallel | None = None,
+        stage: PipelineStage | None = None,
     ) -> None:
         self.tp = tp = tp or TensorParallel.single()
+        self.stage = stage = stage or PipelineStage.whole(arch.num_layers)
         if tp.size > 1:
             arch = TPShard.of(arch, tp.rank, tp.size).local_arch(arch)
+        if stage.size > 1:
+            windows = arch.layer_windows[stage.first_layer : stage.end_layer]
+            arch = replace(arch, num_layers=stage.num_layers, layer_windows=windows)
         self.model_cfg, self.kv_cfg, self.arch = model_cfg, kv_cfg, arch
         self.device, self.dtype, self.model_name = device, dtype, name
         self.tokens_per_block = kv_cfg.tokens_per_block
@@ -124,7 +139,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_len // self.tokens_per_block)
         self.vocab_size = arch.vocab_size
         self.eos_token_ids = list(arch.eos_token_ids)
-        self.model = LlamaModel(arch, weights, max_len, device, tp)
+        self.model = LlamaModel(arch, weights, max_len, device, tp, stage)
         self.num_blocks = self._agree_num_blocks(plan_num_blocks(kv_cfg, arch, dtype, device))
         self.kv_pool = allocate_kv_pool(self.num_blocks, arch, self.tokens_per_block, dtype, device)
         self.block_bytes = bytes_per_block(arch, self.tokens_per_block, dtype)
@@ -133,13 +148,17 @@ class ModelRunner:
         self.prefill_graphs: PrefillGraphs | None = None
 
     def _agree_num_blocks(self, num_blocks: int) -> int:
-        """Every rank of a TP group must number the same blocks: the smallest pool wins."""
-        if self.tp.size == 1:
+        """Every rank of a TP group and every pipeline stage must number the same blocks (the
+        KV manager's): the smallest pool wins."""
+        if self.tp.size == 1 and self.stage.size == 1:
             return num_blocks
         import torch.distributed as dist
 
+        if not dist.is_initialized():  # stages in one process (tests)
+            return num_blocks
+        group = self.tp.group if self.stage.size == 1 else None  # None: every rank
         t = torch.tensor([num_blocks], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp.group)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
         return int(t.item())
 
     def capture_cuda_graphs(
@@ -152,8 +171,8 @@ class ModelRunner:
         or with ``model.cuda_graphs = false``). ``whole_gpu``: the second set, replayed as
         ``graphs="decode_whole"`` (SM disaggregation's generation engine, while the context
         engine idles)."""
-        if self.device.type != "cuda" or not self.model_cfg.cuda_graphs:
-            return []
+        if self.device.type != "cuda" or not self.model_cfg.cuda_graphs or self.stage.size > 1:
+            return []  # pipeline stages run eagerly (a graph would hold the stage's send/recv)
         sizes = batch_sizes or default_batch_sizes(self.model_cfg.cuda_graph_max_batch_size)
         graphs = DecodeGraphs(self.model, self.kv_pool, self.max_blocks_per_seq, sizes, stream)
         if whole_gpu:
@@ -171,7 +190,7 @@ class ModelRunner:
         """Capture prefill graphs on ``stream`` for batches of up to ``max_num_tokens`` tokens
         and ``max_requests`` requests; returns the token sizes captured (none on CPU or with
         ``model.cuda_graphs = false``)."""
-        if self.device.type != "cuda" or not self.model_cfg.cuda_graphs:
+        if self.device.type != "cuda" or not self.model_cfg.cuda_graphs or self.stage.size > 1:
             return []
         self.prefill_graphs = PrefillGraphs(
             self.model,
@@ -184,20 +203,34 @@ class ModelRunner:
         return self.prefill_graphs.token_sizes
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, graphs: GraphKind = "decode") -> torch.Tensor:
+    def forward(
+        self,
+        batch: ForwardBatch,
+        graphs: GraphKind = "decode",
+        inputs: StageActivations | None = None,
+    ) -> torch.Tensor:
         """float32 logits ``[num_requests, vocab]`` (``[num_tokens, vocab]`` with all_logits).
 
         ``graphs``: which captured graphs may run the batch (each engine replays only those
-        captured on its own stream); a batch no graph fits runs eagerly.
+        captured on its own stream); a batch no graph fits runs eagerly. A pipeline stage
+        runs from ``inputs`` (after the first) and, before the last, returns the (hidden,
+        residual) for the next stage instead of logits.
         """
+        if self.stage.size > 1:
+            return self.model.forward(batch, self.kv_pool, inputs)  # type: ignore[return-value]
         return self.forward_greedy(batch, graphs)[0]
 
     @torch.inference_mode()
     def forward_greedy(
-        self, batch: ForwardBatch, graphs: GraphKind = "decode"
+        self,
+        batch: ForwardBatch,
+        graphs: GraphKind = "decode",
+        inputs: StageActivations | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits as ``forward`` gives them, their row argmax when a decode graph computed it
         with the forward, else None)."""
+        if self.stage.size > 1:
+            return self.model.forward(batch, self.kv_pool, inputs), None  # type: ignore[return-value]
         decode = self.whole_graphs if graphs == "decode_whole" else self.graphs
         if graphs in ("decode", "decode_whole") and decode is not None and decode.can_run(batch):
             return decode.run_greedy(batch)

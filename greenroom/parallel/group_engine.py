@@ -4,8 +4,9 @@ It stands where the single-process Engine stands (same messages: StepPlan -> Ste
 EngineInfoQuery, InjectFault), but executes nothing itself. On start it opens a new epoch:
 it starts the rank workers of node 0, tells the other nodes' agents to start theirs, and
 waits until every rank is ready. Each plan goes to every rank with the epoch and the next plan
-id; the reply comes later from rank 0 (the handler takes the ask's reply and returns at once,
-so the next plan reaches the ranks while this one runs).
+id; the reply comes later from rank 0, or from TP rank 0 of the last pipeline stage (the
+handler takes the ask's reply and returns at once, so the next plan, or the next micro-batch,
+reaches the ranks while this one runs).
 
 A rank that exits, fails, or whose node agent goes silent crashes this actor: every plan in
 flight fails with ActorCrashed (the scheduler fails their requests with an error), the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections import deque
 from typing import Any
 
 import msgspec
@@ -56,10 +58,14 @@ class RankGroupEngine(Actor):
         self.info: EngineInfo | None = None
         self.local: LocalRanks | None = None
         self._plan_id = 0
+        self._results = 0  # results received from the ranks
         self._pending: dict[int, Any] = {}  # plan id -> the scheduler's reply
         self._ready: dict[int, m.RankReady] = {}
         self._start_failure: asyncio.Future | None = None
         self._fault: str | None = None
+        # parallel.stage_reports: (stage, plan id, start, end) and each plan's request ids
+        self.stage_runs: deque[tuple[int, int, float, float]] = deque(maxlen=100_000)
+        self.plan_requests: dict[int, list[str]] = {}
 
     async def on_start(self) -> None:
         p = self.cfg.parallel
@@ -137,10 +143,13 @@ class RankGroupEngine(Actor):
             reply = self._pending.pop(msg.plan_id, None)
             if reply is None:
                 return
+            self._results += 1
             if msg.error is not None:
                 settle(reply, None, RemoteError("PlanError", msg.error))
             else:
                 settle(reply, msg.result)
+        elif isinstance(msg, m.StageRan):
+            self.stage_runs.append((msg.stage, msg.plan_id, msg.start, msg.end))
         elif isinstance(msg, m.RankReady):
             self._ready[msg.rank] = msg
         elif isinstance(msg, m.RankFailed):
@@ -167,6 +176,22 @@ class RankGroupEngine(Actor):
     def inject(self, msg: InjectFault) -> None:
         self._fault = msg.reason
 
+    @handles(m.HoldResults)
+    async def hold_results(self, msg: m.HoldResults) -> None:
+        """Fault hook: the answering rank holds its results back (``hold``) or sends them."""
+        frames = encode(m.HoldResults(epoch=self.epoch, hold=msg.hold))
+        for rank in range(self.layout.world_size):
+            await self.hub.send_rank_waiting(rank, frames)
+
+    @handles(m.StageRunsQuery)
+    def stage_runs_query(self, _: m.StageRunsQuery) -> m.StageRuns:
+        return m.StageRuns(
+            runs=[list(r) for r in self.stage_runs],
+            plan_requests={str(k): v for k, v in self.plan_requests.items()},
+            results=self._results,
+            rank_pids={str(k): v for k, v in (self.local.pids if self.local else {}).items()},
+        )
+
     @handles(StepPlan)
     async def step(self, plan: StepPlan) -> None:
         if self._fault is not None:
@@ -174,6 +199,8 @@ class RankGroupEngine(Actor):
         reply = self.take_reply()
         self._plan_id += 1
         self._pending[self._plan_id] = reply
+        if self.cfg.parallel.stage_reports:
+            self.plan_requests[self._plan_id] = [s.request_id for s in plan.steps]
         frames = encode(m.RankPlan(epoch=self.epoch, plan_id=self._plan_id, plan=plan))
         for rank in range(self.layout.world_size):
             if not self.hub.send_rank(rank, frames):

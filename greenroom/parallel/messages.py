@@ -90,3 +90,33 @@ class RankResult(Message):
     plan_id: int
     result: StepResult | None = None
     error: str | None = None
+
+
+class HoldResults(Message):
+    """Fault hook (tests): the answering rank holds its results back while ``hold``, then
+    sends them all; the other ranks and stages go on running plans."""
+
+    epoch: int
+    hold: bool
+
+
+class StageRan(Message):
+    """With ``parallel.stage_reports``: TP rank 0 of stage ``stage`` ran plan ``plan_id``
+    from ``start`` to ``end`` (monotonic clock of its host)."""
+
+    epoch: int
+    stage: int
+    plan_id: int
+    start: float
+    end: float
+
+
+class StageRunsQuery(Message):
+    """Ask the group engine for the stage reports it has (``parallel.stage_reports``)."""
+
+
+class StageRuns(Message):
+    runs: list[list[float]]  # [stage, plan id, start, end]
+    plan_requests: dict[str, list[str]]  # plan id -> the request ids it stepped
+    results: int  # results received from the answering rank so far
+    rank_pids: dict[str, int] = {}  # this node's rank workers (tests kill one)

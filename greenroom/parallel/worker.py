@@ -9,6 +9,10 @@ plan the head sends, in order. Rank 0 of the TP group answers each plan with the
 result; every rank samples the same tokens from the same all-gathered logits, so each keeps
 its own copy of the sequences' tokens without another message.
 
+With pipeline stages, every stage gets every plan; activations go stage to stage through
+torch.distributed (greenroom.parallel.pipe), and TP rank 0 of the last stage answers. With
+``parallel.stage_reports``, TP rank 0 of every stage also reports when it ran each plan.
+
 Exit codes: 0 stopped, 3 failed to start, 4 a plan out of sequence, 5 ranks diverged,
 1 anything else (a collective timed out, a peer died).
 """
@@ -19,6 +23,7 @@ import os
 import socket
 import sys
 import threading
+import time
 
 import msgspec
 
@@ -80,6 +85,7 @@ def run(spec: WorkerSpec) -> int:
     from greenroom.parallel import messages as m
     from greenroom.parallel.groups import init_rank_groups
     from greenroom.parallel.layout import RankLayout
+    from greenroom.parallel.pipe import StageMismatch
 
     cfg = build_config(spec.config)
     configure_logging(cfg.log_format, cfg.log_level, stream=sys.stderr)
@@ -100,7 +106,7 @@ def run(spec: WorkerSpec) -> int:
         groups = init_rank_groups(
             layout, spec.rank, spec.store_addr, spec.store_port, spec.epoch, device, spec.timeout_s
         )
-        executor = _executor(cfg, device, groups)
+        executor = _executor(cfg, device, groups, spec.timeout_s)
     except Exception as exc:
         log.exception("rank failed to start")
         send(m.RankFailed(epoch=spec.epoch, rank=spec.rank, error=f"{type(exc).__name__}: {exc}"))
@@ -112,12 +118,17 @@ def run(spec: WorkerSpec) -> int:
         max_model_len=r.max_model_len,
         vocab_size=r.vocab_size,
         eos_token_ids=list(r.eos_token_ids),
-        device=str(r.device) + (f" x tp{layout.tp_size}" if layout.tp_size > 1 else ""),
+        device=str(r.device)
+        + (f" x tp{layout.tp_size}" if layout.tp_size > 1 else "")
+        + (f" x pp{layout.pp_size}" if layout.pp_size > 1 else ""),
         model_name=r.model_name,
     )
     send(m.RankReady(epoch=spec.epoch, rank=spec.rank, info=info))
     log.info("rank ready", device=str(device), num_blocks=r.num_blocks)
-    answers = groups.coords.tp == 0
+    coords = groups.coords
+    reports = cfg.parallel.stage_reports and coords.tp == 0
+    answers = coords.tp == 0 and coords.pp == layout.pp_size - 1
+    held: list | None = None  # results held back by a HoldResults fault hook
     tp = groups.tp
     expected = 1
     while True:
@@ -125,6 +136,14 @@ def run(spec: WorkerSpec) -> int:
         if isinstance(msg, m.Shutdown):
             groups.destroy()
             return 0
+        if isinstance(msg, m.HoldResults):
+            if msg.hold and held is None:
+                held = []
+            elif not msg.hold and held is not None:
+                for out in held:
+                    send(out)
+                held = None
+            continue
         if not isinstance(msg, m.RankPlan):
             continue
         if msg.epoch != spec.epoch or msg.plan_id != expected:
@@ -137,10 +156,24 @@ def run(spec: WorkerSpec) -> int:
         expected += 1
         check = _start_plan_check(tp, msg.plan_id, device)
         result, error = None, None
+        started = time.monotonic()
         try:
             result = executor.execute(msg.plan)
         except PlanError as exc:  # the same on every rank: raised before any collective
             error = str(exc)
+        except StageMismatch:
+            log.exception("stages ran different micro-batches; the group stops")
+            return EXIT_DIVERGED
+        if reports:
+            send(
+                m.StageRan(
+                    epoch=spec.epoch,
+                    stage=coords.pp,
+                    plan_id=msg.plan_id,
+                    start=started,
+                    end=time.monotonic(),
+                )
+            )
         if check is not None:
             gathered, work = check
             work.wait()
@@ -149,7 +182,11 @@ def run(spec: WorkerSpec) -> int:
                 log.error("ranks ran different plans; the group stops", plan_ids=ids)
                 return EXIT_DIVERGED
         if answers:
-            send(m.RankResult(epoch=spec.epoch, plan_id=msg.plan_id, result=result, error=error))
+            out = m.RankResult(epoch=spec.epoch, plan_id=msg.plan_id, result=result, error=error)
+            if held is None:
+                send(out)
+            else:
+                held.append(out)
 
 
 def _device(cfg, layout, local_rank: int):
@@ -169,12 +206,20 @@ def _device(cfg, layout, local_rank: int):
     return device
 
 
-def _executor(cfg, device, groups):
+def _executor(cfg, device, groups, timeout_s: float):
     from greenroom.models.executor import PlanExecutor
     from greenroom.models.runner import ModelRunner
+    from greenroom.parallel.pipe import StageLink
 
-    runner = ModelRunner(cfg.model, cfg.kv, cfg.model.path, device, tp=groups.tp)
-    return PlanExecutor(runner, host_blocks=cfg.kv.host_blocks)
+    layout = groups.layout
+    pp = (groups.coords.pp, layout.pp_size, tuple(cfg.parallel.pp_layers))
+    runner = ModelRunner(cfg.model, cfg.kv, cfg.model.path, device, tp=groups.tp, pp=pp)
+    link = None
+    if layout.pp_size > 1:
+        link = StageLink(
+            layout, groups.rank, runner.arch.hidden_size, runner.dtype, device, timeout_s
+        )
+    return PlanExecutor(runner, host_blocks=cfg.kv.host_blocks, link=link)
 
 
 def _start_plan_check(tp, plan_id: int, device):
