@@ -342,15 +342,17 @@ class PipelineSim(Sim):
         self.stage_queues: list[deque[StepPlan]] = [deque() for _ in range(stages)]
         self.done: list[StepResult] = []  # sampled by the last stage, not yet delivered
         self.max_inflight = 0
+        self.kv_steps = 0  # KVSteps built (progress even when no plan comes of one)
 
     def issue(self) -> int:
         """Issue every micro-batch that can be built now (never waits on a result)."""
         issued = 0
         while self.core.inflight("mixed") < self.depth and self.core.has_work("mixed"):
             self.build("mixed")
+            self.kv_steps += 1
             plan = self.apply_kv("mixed")
             if plan is None:
-                break
+                break  # only frees, or nothing admitted: the next round goes on
             self.queued["mixed"].clear()
             self.stage_queues[0].append(plan)
             issued += 1
@@ -383,7 +385,9 @@ class PipelineSim(Sim):
 
     def run(self, max_rounds: int = 10_000) -> None:
         for _ in range(max_rounds):
-            moved = self.issue() > 0
+            before = self.kv_steps
+            self.issue()
+            moved = self.kv_steps > before
             for k in reversed(range(len(self.stages))):
                 moved |= self.advance(k)
             moved |= self.deliver()
