@@ -41,12 +41,14 @@ class KVManager(Actor):
         transfer_cfg: KVTransferConfig | None = None,
         agent: KVAgentInfo | None = None,
         tp_size: int = 1,
+        cp_size: int = 1,
     ):
         """Context role: ``agent`` is the engine's NIXL agent, named by every lease handle."""
         super().__init__()
         self.transfer_cfg = transfer_cfg or KVTransferConfig()
         self.agent = agent
         self.tp_size = tp_size
+        self.cp_size = cp_size  # Helix: num_gpu_blocks spans cp_size ranks' pools
         self.cfg = cfg
         self.num_gpu_blocks = num_gpu_blocks
         self.events_address = events_address
@@ -61,7 +63,9 @@ class KVManager(Actor):
         if self.events_address:
             self._pub = self.runtime.transport().bind(zmq.PUB, self.events_address)
             sink = self._publish
-        self.manager = KVCacheManager(self.cfg, self.num_gpu_blocks, event_sink=sink)
+        self.manager = KVCacheManager(
+            self.cfg, self.num_gpu_blocks, event_sink=sink, cp_size=self.cp_size
+        )
         self.manager.configure_transfer(self.transfer_cfg, self.agent, self.tp_size)
         if self.agent is not None:
             self.spawn_task(self._lease_timer(), name="lease-timer")

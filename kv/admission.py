@@ -6,6 +6,9 @@ the claimed host blocks and allocates new ones, evicting only unclaimed blocks. 
 request with both phases in turn would let one request's onboarding or allocation evict the
 prefix the next request was promised; claiming everything first rules that out.
 
+With Helix context parallelism block j of every request comes from CP rank j mod cp_size, so
+room is counted per rank.
+
 First come, first served: when request i cannot get its blocks, it and every later admit are
 rejected and their claims released; earlier ones stay admitted.
 """
@@ -98,13 +101,22 @@ class BatchAdmission:
         total = max(-(-admit.reserve_tokens // self.tpb), len(nodes))
         onboard = sum(1 for n in nodes if not n.on_gpu)
         new = total - len(nodes)
-        if onboard + new > cache.num_free:
-            return None
-        for node in nodes:
+        cp = len(cache.idle_on)
+        if cp == 1:
+            if onboard + new > cache.num_free:
+                return None
+        else:
+            wanted = [0] * cp
+            for j in range(total):
+                if j >= len(nodes) or not nodes[j].on_gpu:
+                    wanted[j % cp] += 1
+            if any(w > cache.num_free_on(r) for r, w in enumerate(wanted)):
+                return None
+        for j, node in enumerate(nodes):
             if not node.on_gpu:
-                cache.onboard(node)
+                cache.onboard(node, rank=j % cp)
         block_ids = [n.block for n in nodes]
-        block_ids.extend(cache.allocate() for _ in range(new))
+        block_ids.extend(cache.allocate(rank=j % cp) for j in range(len(nodes), total))
         priority = admit.priority if admit.priority >= 0 else self.default_priority
         cached_tokens = len(nodes) * self.tpb
         self.requests[admit.request_id] = RequestBlocks(

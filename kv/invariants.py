@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from greenroom.kv.block_pool import NULL_BLOCK
-
 if TYPE_CHECKING:
     from greenroom.kv.manager import KVCacheManager
 
@@ -20,12 +18,17 @@ def check_manager(mgr: KVCacheManager) -> None:
     cache, tpb = mgr.cache, mgr.tokens_per_block
     gpu, host, tree = cache.gpu, cache.host, cache.tree
     root = tree.root
+    cp = gpu.ranks
 
     # Requests: block tables, chains of nodes, and the references they account for.
     holders: Counter[int] = Counter()
     for rid, req in mgr.requests.items():
         _check(len(set(req.block_ids)) == len(req.block_ids), f"{rid}: a block twice in its table")
-        _check(NULL_BLOCK not in req.block_ids, f"{rid}: holds the null block")
+        _check(not any(gpu.is_null(b) for b in req.block_ids), f"{rid}: holds a null block")
+        _check(
+            all(gpu.rank_of(b) == j % cp for j, b in enumerate(req.block_ids)),
+            f"{rid}: a block is not on rank (its index mod cp_size)",
+        )
         _check(len(req.nodes) <= len(req.block_ids), f"{rid}: more nodes than blocks")
         parent = root
         for i, node in enumerate(req.nodes):
@@ -42,11 +45,13 @@ def check_manager(mgr: KVCacheManager) -> None:
         holders.update(req.held_blocks())
 
     # GPU blocks: each free, held, or an idle tree node; counts match holders.
-    _check(gpu.refcounts[NULL_BLOCK] == 0 and not gpu.is_free(NULL_BLOCK), "null block in use")
-    _check(cache.node_of_block[NULL_BLOCK] is None, "null block in the tree")
+    idle_on = [0] * cp
     idle = held = free = 0
-    for b in range(gpu.first_block, gpu.num_blocks):
+    for b in range(gpu.num_blocks):
         rc, node = gpu.refcounts[b], cache.node_of_block[b]
+        if gpu.is_null(b):
+            _check(rc == 0 and not gpu.is_free(b) and node is None, f"null block {b} in use")
+            continue
         _check(rc == holders[b], f"block {b}: refcount {rc} but {holders[b]} holders")
         if gpu.is_free(b):
             _check(rc == 0 and node is None, f"block {b}: free and referenced or cached")
@@ -56,11 +61,13 @@ def check_manager(mgr: KVCacheManager) -> None:
         else:
             _check(node is not None, f"block {b}: lost (not free, not held, not cached)")
             idle += 1
+            idle_on[gpu.rank_of(b)] += 1
         if node is not None:
             _check(node.on_gpu and node.block == b, f"block {b}: node map disagrees with the node")
             _check(tree.get(node.hash) is node, f"block {b}: its node left the tree")
     _check(free == gpu.num_free, "free list size disagrees with free blocks")
     _check(idle == cache.num_idle_cached, f"idle cached count {cache.num_idle_cached} != {idle}")
+    _check(idle_on == cache.idle_on, f"idle cached per rank {cache.idle_on} != {idle_on}")
     _check(free + held + idle == gpu.capacity, "GPU capacity not conserved")
 
     # Tree structure, tiers and eviction queues.
@@ -78,11 +85,13 @@ def check_manager(mgr: KVCacheManager) -> None:
         if node.on_gpu:
             _check(parent.on_gpu, "a GPU block under a host block")
             _check(cache.node_of_block[node.block] is node, "GPU node not in the block map")
+            _check(gpu.rank_of(node.block) == (node.depth - 1) % cp, f"{node}: on the wrong rank")
             rc = gpu.refcounts[node.block]
             if rc > 0 and parent is not root:
                 _check(gpu.refcounts[parent.block] > 0, "a held block under an idle block")
             should_queue = rc == 0 and gpu_kids == 0
-            _check((node.queue is cache.evictable) == should_queue, f"{node}: eviction queue")
+            queue = cache.evictable[gpu.rank_of(node.block)]
+            _check((node.queue is queue) == should_queue, f"{node}: eviction queue")
             gpu_queued += should_queue
         else:
             _check(node.block not in host_blocks, f"host block {node.block} owned twice")
@@ -92,7 +101,7 @@ def check_manager(mgr: KVCacheManager) -> None:
             should_queue = not node.children
             _check((node.queue is host.evictable) == should_queue, f"{node}: host eviction queue")
             host_queued += should_queue
-    _check(len(cache.evictable) == gpu_queued, "GPU eviction queue holds stale nodes")
+    _check(sum(map(len, cache.evictable)) == gpu_queued, "GPU eviction queue holds stale nodes")
     _check(len(host.evictable) == host_queued, "host eviction queue holds stale nodes")
     _check(len(host_blocks) + host.num_free == host.capacity, "host capacity not conserved")
     _check(root.gpu_children == sum(1 for c in root.children.values() if c.on_gpu), "root count")

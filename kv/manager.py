@@ -33,23 +33,31 @@ from greenroom.kv.transfer_sessions import TransferSessions
 
 
 class KVCacheManager:
-    """Block state of one KV pool: `num_gpu_blocks` includes the reserved null block 0."""
+    """Block state of one KV pool: `num_gpu_blocks` includes the reserved null block 0.
+
+    With Helix context parallelism the pool spans `cp_size` ranks of `num_gpu_blocks / cp_size`
+    blocks each (every rank's first block is its null block) and block j of every request lives
+    on rank j mod cp_size (kv/helix_placement.py)."""
 
     def __init__(
         self,
         kv_cfg: KVConfig,
         num_gpu_blocks: int,
         event_sink: EventSink | None = None,
+        cp_size: int = 1,
     ) -> None:
-        if num_gpu_blocks < 1:
-            raise ValueError(f"num_gpu_blocks = {num_gpu_blocks} is invalid: must be >= 1")
+        if num_gpu_blocks < cp_size:
+            raise ValueError(
+                f"num_gpu_blocks = {num_gpu_blocks} is invalid: must be >= cp_size = {cp_size}"
+            )
+        self.cp_size = cp_size
         self.cfg = kv_cfg
         self.tokens_per_block = kv_cfg.tokens_per_block
         self.prefix_reuse = kv_cfg.enable_prefix_reuse
         host_blocks = kv_cfg.host_blocks if self.prefix_reuse else 0
         self.events = EventLog(event_sink)
         self.cache = PrefixCache(
-            num_gpu_blocks, host_blocks, kv_cfg.offload_min_priority, self.events
+            num_gpu_blocks, host_blocks, kv_cfg.offload_min_priority, self.events, cp_size
         )
         self.requests: dict[str, RequestBlocks] = {}
         self.admission = BatchAdmission(
@@ -214,12 +222,16 @@ class KVCacheManager:
         req = self.requests.get(msg.request_id)
         if req is None:
             return None
-        need = -(-msg.num_tokens // self.tokens_per_block) - len(req.block_ids)
+        have, cp = len(req.block_ids), self.cp_size
+        need = -(-msg.num_tokens // self.tokens_per_block) - have
         if need <= 0:
             return []
-        if need > self.cache.num_free:
+        wanted = [0] * cp
+        for j in range(have, have + need):
+            wanted[j % cp] += 1
+        if any(w > self.cache.num_free_on(r) for r, w in enumerate(wanted)):
             return None
-        new_blocks = [self.cache.allocate() for _ in range(need)]
+        new_blocks = [self.cache.allocate(rank=j % cp) for j in range(have, have + need)]
         req.block_ids.extend(new_blocks)
         return new_blocks
 

@@ -9,6 +9,11 @@ allows and a host block can be had.
 Every copy the engine must run is appended to `copies` in the order decided, which is also a
 valid execution order: an offload of block g is recorded before g is handed out again, and a
 host block is released only after the onboard reading it is recorded.
+
+With Helix context parallelism (`cp_size` > 1) GPU blocks belong to CP ranks (see
+block_pool.py) and `allocate(rank=...)` hands out a block of that rank: a free one, else an
+idle cached one of that rank, evicting idle blocks of other ranks first where they sit below it
+in the tree. Each rank has its own eviction queue and idle count.
 """
 
 from __future__ import annotations
@@ -30,13 +35,16 @@ class PrefixCache:
         host_blocks: int,
         offload_min_priority: int,
         events: EventLog,
+        cp_size: int = 1,
     ) -> None:
-        self.gpu = BlockPool(num_gpu_blocks, reserve_null=True)
+        self.gpu = BlockPool(num_gpu_blocks, reserve_null=True, ranks=cp_size)
         self.host = HostTier(host_blocks)
         self.tree = RadixTree()
-        self.evictable = EvictionQueue()  # GPU nodes with no reference and no GPU child
+        # per rank: GPU nodes with no reference and no GPU child
+        self.evictable = [EvictionQueue() for _ in range(cp_size)]
         self.node_of_block: list[RadixNode | None] = [None] * num_gpu_blocks
         self.num_idle_cached = 0  # GPU nodes with no reference
+        self.idle_on = [0] * cp_size  # the same, per rank
         self.offload_min_priority = offload_min_priority
         self.events = events
         self.copies: list[BlockCopy] = []
@@ -48,6 +56,37 @@ class PrefixCache:
     def num_free(self) -> int:
         """GPU blocks `allocate` can hand out: truly free plus idle cached."""
         return self.gpu.num_free + self.num_idle_cached
+
+    def num_free_on(self, rank: int) -> int:
+        """GPU blocks `allocate(rank=rank)` can hand out."""
+        return self.gpu.num_free_on(rank) + self.idle_on[rank]
+
+    def _idle(self, block: int, delta: int) -> None:
+        self.num_idle_cached += delta
+        self.idle_on[self.gpu.rank_of(block)] += delta
+
+    def _queue(self, node: RadixNode) -> None:
+        """Make a GPU node evictable (its rank's queue)."""
+        self.evictable[self.gpu.rank_of(node.block)].push(node)
+
+    def _unqueue(self, node: RadixNode) -> None:
+        """Stop considering a GPU node for eviction (no-op when it is not queued)."""
+        if node.on_gpu and not node.is_root:
+            self.evictable[self.gpu.rank_of(node.block)].discard(node)
+
+    def _pop_evictable(self) -> RadixNode | None:
+        """The next GPU node to evict, over every rank."""
+        if len(self.evictable) == 1:
+            return self.evictable[0].pop()
+        best: tuple | None = None
+        best_queue = None
+        for q in self.evictable:
+            node = q.peek()
+            if node is not None:
+                key = (node.priority, node.last_access, -node.depth)
+                if best is None or key < best:
+                    best, best_queue = key, q
+        return best_queue.pop() if best_queue is not None else None
 
     def tick(self) -> int:
         """A new access time (a counter: orders accesses within one step too)."""
@@ -64,8 +103,8 @@ class PrefixCache:
         if self.gpu.ref(block) == 1:
             node = self.node_of_block[block]
             if node is not None:
-                self.num_idle_cached -= 1
-                self.evictable.discard(node)
+                self._idle(block, -1)
+                self._unqueue(node)
 
     def unref(self, block: int) -> None:
         if self.gpu.unref(block) == 0:
@@ -73,9 +112,9 @@ class PrefixCache:
             if node is None:
                 self.gpu.free(block)
             else:
-                self.num_idle_cached += 1
+                self._idle(block, 1)
                 if not node.gpu_children:
-                    self.evictable.push(node)
+                    self._queue(node)
 
     def claim(self, node: RadixNode) -> None:
         """Promise a matched node to an admission: it leaves the eviction queues."""
@@ -96,11 +135,14 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ allocation
 
-    def allocate(self, refs: int = 1) -> int:
-        """A GPU block with `refs` references; the caller checked `num_free` first."""
-        block = self.gpu.allocate(refs)
+    def allocate(self, refs: int = 1, rank: int = 0) -> int:
+        """A GPU block of `rank` with `refs` references; the caller checked `num_free_on`."""
+        block = self.gpu.allocate(refs, rank)
         if block is None:
-            block = self._evict_one()
+            while not self.evictable[rank]:
+                # Every idle block of `rank` sits under idle blocks of other ranks only.
+                self.gpu.free(self._evict_one())
+            block = self._evict_one(rank)
             self.gpu.refcounts[block] = refs
         return block
 
@@ -117,11 +159,11 @@ class PrefixCache:
         holds, GPU and host, copying nothing; returns the GPU blocks freed."""
         dropped = 0
         while self.num_idle_cached:
-            node = self.evictable.pop()
+            node = self._pop_evictable()
             assert node is not None and node.parent is not None
             block, parent = node.block, node.parent
             self.node_of_block[block] = None
-            self.num_idle_cached -= 1
+            self._idle(block, -1)
             self._drop_subtree(node)
             self.gpu.free(block)
             dropped += 1
@@ -130,21 +172,21 @@ class PrefixCache:
                 and not parent.gpu_children
                 and self.gpu.refcounts[parent.block] == 0
             ):
-                self.evictable.push(parent)
+                self._queue(parent)
         while (leaf := self.host.evictable.pop()) is not None:
             block = leaf.block
             self._drop_host_leaf(leaf)
             self.host.release(block)
         return dropped
 
-    def _evict_one(self) -> int:
-        node = self.evictable.pop()
+    def _evict_one(self, rank: int | None = None) -> int:
+        node = self._pop_evictable() if rank is None else self.evictable[rank].pop()
         if node is None:
             raise RuntimeError("no GPU block is free or evictable")
         block, parent = node.block, node.parent
         assert parent is not None
         self.node_of_block[block] = None
-        self.num_idle_cached -= 1
+        self._idle(block, -1)
         host_block = None
         if node.priority >= self.offload_min_priority and self.host.enabled:
             host_block = self.host.allocate(self._drop_host_leaf)
@@ -158,7 +200,7 @@ class PrefixCache:
             if not node.children:
                 self.host.evictable.push(node)
         if not parent.is_root and not parent.gpu_children and self.gpu.refcounts[parent.block] == 0:
-            self.evictable.push(parent)
+            self._queue(parent)
         return block
 
     def _drop_host_leaf(self, node: RadixNode) -> None:
@@ -190,10 +232,11 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ tier moves
 
-    def onboard(self, node: RadixNode) -> int:
-        """Copy a claimed host node into a new GPU block; every claim becomes a reference."""
+    def onboard(self, node: RadixNode, rank: int = 0) -> int:
+        """Copy a claimed host node into a new GPU block of `rank`; every claim becomes a
+        reference."""
         assert not node.on_gpu and node.claims > 0
-        gpu_block = self.allocate(refs=0)
+        gpu_block = self.allocate(refs=0, rank=rank)
         host_block = node.block
         self.copies.append(BlockCopy("onboard", host_block, gpu_block))
         self._move_to_gpu(node, gpu_block)
@@ -218,10 +261,10 @@ class PrefixCache:
         self.gpu.refcounts[block] += node.claims
         node.claims = 0
         assert node.parent is not None
-        self.evictable.discard(node.parent)
+        self._unqueue(node.parent)
         if self.gpu.refcounts[block] == 0:
-            self.num_idle_cached += 1
-            self.evictable.push(node)
+            self._idle(block, 1)
+            self._queue(node)
 
     def insert(
         self, parent: RadixNode, h: int, tokens: tuple[int, ...], block: int, priority: int
@@ -230,6 +273,6 @@ class PrefixCache:
         assert self.node_of_block[block] is None and self.gpu.refcounts[block] > 0
         node = self.tree.add(parent, h, tokens, block, True, priority, self.clock)
         self.node_of_block[block] = node
-        self.evictable.discard(parent)
+        self._unqueue(parent)
         self.events.record(STORED, "gpu", h)
         return node

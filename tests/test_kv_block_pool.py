@@ -36,6 +36,18 @@ def test_free_list_hands_out_least_recently_freed_first():
     assert [pool.allocate() for _ in range(4)] == [3, 1, 4, 2]
 
 
+def test_pool_over_cp_ranks_has_a_null_block_and_free_list_per_rank():
+    pool = BlockPool(9, ranks=3)  # 3 blocks per rank; global id = rank * 3 + local id
+    assert pool.capacity == 6 and [pool.num_free_on(r) for r in range(3)] == [2, 2, 2]
+    assert [pool.allocate(rank=2) for _ in range(2)] == [7, 8]
+    assert pool.allocate(rank=2) is None and pool.num_free == 4
+    assert pool.rank_of(7) == 2 and pool.is_null(6) and not pool.is_null(7)
+    with pytest.raises(ValueError, match="not a block"):
+        pool.free(3)
+    with pytest.raises(ValueError, match="cannot be split"):
+        BlockPool(10, ranks=3)
+
+
 def test_refcounts_and_misuse_are_caught():
     pool = BlockPool(3)
     b = pool.allocate(refs=2)

@@ -266,3 +266,27 @@ def test_drop_cache_forgets_cached_blocks_on_both_tiers_before_admits():
     assert mgr.match_prefix(toks(100, 13)) == 0
     assert mgr.blocks_of("h") == held.block_ids  # blocks a request holds stay its own
     assert mgr.stats().free_host_blocks == 8
+
+
+def test_helix_blocks_round_robin_and_room_is_counted_per_rank():
+    from greenroom.kv.helix_placement import HelixPlacement
+
+    cfg = KVConfig(tokens_per_block=2)
+    mgr = KVCacheManager(cfg, 3 * 4, cp_size=3)  # 3 ranks of 4 blocks (3 usable each)
+    placement = HelixPlacement(cp_size=3, tokens_per_block=2)
+    res = mgr.step(KVStep(iteration=0, admit=[admit("a", [1, 2, 3, 4, 5])]))
+    blocks = res.admitted[0].block_ids
+    assert [b // 4 for b in blocks] == [placement.block_rank(j) for j in range(3)]
+    # 7 blocks: rank 0 would need 3 of them but "a" already holds one there
+    res = mgr.step(KVStep(iteration=1, admit=[admit("b", [9] * 13, 14)]))
+    assert res.rejected == ["b"]
+    res = mgr.step(KVStep(iteration=2, extend=[KVExtend("a", 12)]))
+    assert [b // 4 for b in res.extended["a"]] == [0, 1, 2]
+    mgr.check_invariants()
+    mgr.step(KVStep(iteration=3, free=[KVFree("a", [6])]))
+    # the cached prefix blocks stay on their ranks when a new request reuses them
+    res = mgr.step(KVStep(iteration=4, admit=[admit("c", [1, 2, 3, 4, 5, 6, 7], 8)]))
+    adm = res.admitted[0]
+    assert adm.block_ids[:2] == blocks[:2] and adm.num_cached_tokens == 4
+    assert [b // 4 for b in adm.block_ids] == [0, 1, 2, 0]
+    mgr.check_invariants()

@@ -56,13 +56,16 @@ class KVMachine(RuleBasedStateMachine):
         room=st.integers(3, 10),  # pool size in 4-token units
         host_blocks=st.sampled_from([0, 2, 5]),
         reuse=st.booleans() | st.just(True),
+        cp=st.sampled_from([1, 1, 2, 3]),  # Helix: block j of a request on rank j mod cp
     )
-    def setup(self, tpb: int, room: int, host_blocks: int, reuse: bool) -> None:
-        num_blocks = room * 4 // tpb + 1
+    def setup(self, tpb: int, room: int, host_blocks: int, reuse: bool, cp: int) -> None:
+        num_blocks = cp * (-(-room * 4 // tpb // cp) + 1)
         host_blocks = host_blocks * 4 // tpb
         cfg = KVConfig(tokens_per_block=tpb, host_blocks=host_blocks, enable_prefix_reuse=reuse)
-        self.tpb = tpb
-        self.mgr = KVCacheManager(cfg, num_blocks)
+        self.tpb, self.cp = tpb, cp
+        self.mgr = KVCacheManager(cfg, num_blocks, cp_size=cp)
+        if cp > 1:
+            event(f"cp_size {cp}")
         self.gpu: dict[int, list[int | None]] = {}
         self.host: dict[int, list[int | None]] = {}
         self.live: dict[str, Live] = {}
@@ -283,6 +286,18 @@ class KVMachine(RuleBasedStateMachine):
     def tables_match(self) -> None:
         for rid, req in self.live.items():
             assert self.mgr.blocks_of(rid) == req.blocks
+
+    @invariant()
+    def blocks_round_robin_over_ranks(self) -> None:
+        """Block j of every request on CP rank j mod cp_size (so per-rank counts differ by at
+        most one), and every rank's null block unused."""
+        gpu = self.mgr.cache.gpu
+        for rid, req in self.live.items():
+            ranks = [gpu.rank_of(b) for b in req.blocks]
+            assert ranks == [j % self.cp for j in range(len(req.blocks))], rid
+            counts = [ranks.count(r) for r in range(self.cp)]
+            assert max(counts) - min(counts) <= 1, rid
+            assert not any(b % gpu.blocks_per_rank == 0 for b in req.blocks), rid
 
     @invariant()
     def cached_blocks_hold_their_tokens(self) -> None:
