@@ -121,6 +121,13 @@ _NODE_FLAGS: list[tuple[Any, ...]] = [
         "a client's NAME.key, or a directory of them: the clients allowed in",
         "PATH",
     ),
+    (
+        "--cp-size",
+        "parallel.cp_size",
+        int,
+        "Helix context-parallel ranks: each holds every request's KV blocks i with "
+        "i mod cp_size == its rank (mixed role, tp_size 1)",
+    ),
     ("--log-format", "log_format", str, "auto: JSON when stdout is not a terminal"),
     ("--log-level", "log_level", str, "lowest level logged"),
 ]

@@ -110,10 +110,11 @@ class ParallelConfig(_Section):
     stage_reports: bool = False
 
     def __post_init__(self) -> None:
-        if self.cp_size > 1:
+        if self.cp_size > 1 and (self.tp_size > 1 or self.pp_size > 1):
             raise ValueError(
-                f"cp_size = {self.cp_size} is invalid: context parallelism is not supported "
-                "yet, cp_size must be 1"
+                f"cp_size = {self.cp_size} with tp_size = {self.tp_size} and pp_size = "
+                f"{self.pp_size} is not supported yet: Helix context parallelism runs with "
+                "tp_size = 1 and pp_size = 1"
             )
         if self.pp_layers and len(self.pp_layers) != self.pp_size:
             raise ValueError(
@@ -257,6 +258,12 @@ class NodeConfig(_Section):
             raise ValueError(
                 f"role = {self.role!r} with {sizes} is not supported yet: a multi-rank node "
                 "serves role 'mixed'"
+            )
+        if self.parallel.cp_size > 1 and self.kv.host_blocks > 0:
+            raise ValueError(
+                f"parallel.cp_size = {self.parallel.cp_size} with kv.host_blocks = "
+                f"{self.kv.host_blocks} is not supported yet: Helix ranks have no host tier "
+                "(set kv.host_blocks = 0)"
             )
         if self.kv_transfer.lease_margin_s >= self.kv_transfer.lease_s:
             raise ValueError(

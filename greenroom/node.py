@@ -107,6 +107,7 @@ class Node:
                 cfg.kv_transfer,
                 agent if cfg.role == "context" else None,
                 cfg.parallel.tp_size,
+                cfg.parallel.cp_size,
                 name="kv-manager",
                 host="loop",
             )

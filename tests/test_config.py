@@ -62,14 +62,19 @@ def test_unsupported_combinations_fail_at_load() -> None:
         load_config(overrides={"sm_disagg.enabled": True, "kv.host_blocks": 8})
     with pytest.raises(ConfigError, match="engine_host"):
         load_config(overrides={"sm_disagg.enabled": True, "engine_host": "process"})
-    with pytest.raises(ConfigError, match="cp_size"):
-        load_config(overrides={"parallel.cp_size": 2})
     with pytest.raises(ConfigError, match="sm_disagg.enabled with .*pp_size = 2"):
         load_config(overrides={"parallel.pp_size": 2, "sm_disagg.enabled": True})
     with pytest.raises(ConfigError, match="role = 'context' with .*pp_size = 2"):
         load_config(overrides={"parallel.pp_size": 2, "role": "context"})
     with pytest.raises(ConfigError, match="pp_layers"):
         load_config(overrides={"parallel.pp_size": 2, "parallel.pp_layers": [1, 2, 3]})
+    with pytest.raises(ConfigError, match="Helix context parallelism runs with tp_size = 1"):
+        load_config(overrides={"parallel.cp_size": 2, "parallel.tp_size": 2})
+    with pytest.raises(ConfigError, match="Helix ranks have no host tier"):
+        load_config(overrides={"parallel.cp_size": 2, "kv.host_blocks": 4})
+    with pytest.raises(ConfigError, match="multi-rank node serves role 'mixed'"):
+        load_config(overrides={"parallel.cp_size": 2, "role": "generation"})
+    assert load_config(overrides={"parallel.cp_size": 3}).parallel.world_size == 3
 
 
 def test_sm_disagg_budgets_inherit_when_not_positive() -> None:

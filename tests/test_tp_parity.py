@@ -95,6 +95,29 @@ def test_tp_ranks_match_a_single_rank(checkpoints, single_rank, tp) -> None:
             assert outputs[d] == single_rank[d], (d.name, tp, rank)
 
 
+def test_helix_shard_keeps_every_head_and_splits_the_rest() -> None:
+    arch = ArchConfig.from_dict(
+        dict(
+            architectures=["LlamaForCausalLM"],
+            hidden_size=48,
+            intermediate_size=36,
+            num_hidden_layers=1,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            vocab_size=100,
+        )
+    )
+    shard = TPShard.of(arch, 2, 3, helix=True)
+    assert shard.q_slice(arch) == slice(0, arch.q_size)
+    assert shard.kv_slice(arch) == slice(0, arch.kv_size)
+    assert shard.o_slice(arch) == slice(4 * arch.head_dim, 6 * arch.head_dim)
+    assert shard.intermediate_slice == slice(24, 36) and shard.vocab_slice == slice(68, 100)
+    local = shard.local_arch(arch)
+    assert (local.num_heads, local.num_kv_heads, local.intermediate_size) == (6, 2, 12)
+    with pytest.raises(CheckpointError, match="cp_size = 4 does not divide"):
+        TPShard.of(arch, 0, 4, helix=True)
+
+
 def test_shard_slices_cover_the_checkpoint() -> None:
     arch = ArchConfig.from_dict(
         {

@@ -8,9 +8,13 @@ gives that position. Attention for the request covers ``num_cached + len(chunk)`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from greenroom.models.helix_batch import HelixView
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class ForwardBatch:
     attention_tiles: torch.Tensor | None = None
     # (new tokens, context length) per request on the host, when built from chunks
     host_lens: tuple[np.ndarray, np.ndarray] | None = None
+    # a Helix CP rank's local block tables, shard lengths and KV slots (greenroom.models.helix_batch)
+    helix: HelixView | None = None
 
     @property
     def num_requests(self) -> int:

@@ -15,6 +15,10 @@ Pipeline parallel (``stage``): the model holds the stage's layers only and ``arc
 stage's (its layer count and windows); a stage after the first takes the previous stage's
 hidden state and residual instead of embedding, and a stage before the last returns them
 instead of the final norm.
+
+Helix context parallel (``helix``): ``tp`` is the CP group and the rank keeps every attention
+head; each layer attends over the rank's KV shard, exchanges the partials (one all-to-all,
+greenroom.models.helix_attention) and hands the o_proj its head slice; the rest is as TP.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import torch.nn.functional as F
 from greenroom.kernels import ops
 from greenroom.models.arch import ArchConfig
 from greenroom.models.batch import ForwardBatch
+from greenroom.models.helix_attention import helix_decode_attention, helix_prefill_attention
+from greenroom.models.helix_batch import HelixRank
 from greenroom.models.loader import ModelWeights
 from greenroom.models.rope import cos_sin_cache
 from greenroom.parallel.comm import TensorParallel
@@ -43,6 +49,7 @@ class LlamaModel:
         tp: TensorParallel | None = None,
         stage: PipelineStage | None = None,
     ) -> None:
+        self.helix: HelixRank | None = None  # set by the runner on a Helix CP rank
         self.arch = arch
         self.weights = weights
         self.tp = tp or TensorParallel.single()
@@ -88,7 +95,7 @@ class LlamaModel:
             attn = self._attention(
                 q, k, v, kv_pool[:, index, 0], kv_pool[:, index, 1], batch, arch.window(index)
             )
-            h = self.tp.all_reduce(F.linear(attn.reshape(n, arch.q_size), layer.o, layer.o_bias))
+            h = self.tp.all_reduce(F.linear(attn.reshape(n, -1), layer.o, layer.o_bias))
             x, residual = ops.fused_add_rms_norm(h, residual, layer.post_norm, arch.rms_norm_eps)
             gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
             h = self.tp.all_reduce(F.linear(F.silu(gate) * up, layer.down))
@@ -110,6 +117,8 @@ class LlamaModel:
         self, q, k, v, k_cache, v_cache, batch: ForwardBatch, window: int = 0
     ) -> torch.Tensor:
         """``window``: the layer's sliding window (0: full attention)."""
+        if self.helix is not None:
+            return self._helix_attention(q, k, v, k_cache, v_cache, batch)
         ops.write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
         if batch.decode_only:
             return ops.paged_decode_attention(
@@ -127,6 +136,19 @@ class LlamaModel:
             batch.max_seqlen_q,
             tiles=batch.attention_tiles,
             window=window,
+        )
+
+    def _helix_attention(self, q, k, v, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
+        view, helix = batch.helix, self.helix
+        if view is None or batch.host_lens is None:
+            raise ValueError("a Helix rank needs batches built with their Helix view")
+        ops.write_kv_cache(k, v, k_cache, v_cache, view.slot_mapping)
+        if batch.decode_only:
+            return helix_decode_attention(
+                q, k_cache, v_cache, view.block_tables, view.shard_lens, self.scale, helix.group
+            )
+        return helix_prefill_attention(
+            q, k_cache, v_cache, view, batch.positions, batch.host_lens[0], helix, self.scale
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

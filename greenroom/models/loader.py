@@ -169,9 +169,10 @@ def _layers(
 ) -> Iterator[LayerWeights]:
     """Each layer's weights; with ``shard``, the rank's slices: q/k/v and gate/up by rows,
     o and down by columns, the o bias on rank 0 only (added once by the all-reduce)."""
-    q_rows = kv_rows = inter = None
+    q_rows = kv_rows = inter = o_cols = None
     if shard is not None:
         q_rows, kv_rows, inter = shard.q_slice(arch), shard.kv_slice(arch), shard.intermediate_slice
+        o_cols = shard.o_slice(arch)
     for i in layers if layers is not None else range(arch.num_layers):
         p = f"model.layers.{i}."
 
@@ -191,7 +192,7 @@ def _layers(
             input_norm=get("input_layernorm.weight"),
             qkv=qkv(".weight"),
             qkv_bias=qkv(".bias") if arch.qkv_bias else None,
-            o=get("self_attn.o_proj.weight", cols=q_rows),
+            o=get("self_attn.o_proj.weight", cols=o_cols),
             o_bias=get("self_attn.o_proj.bias")
             if arch.o_bias and (shard is None or shard.rank == 0)
             else None,

@@ -9,10 +9,12 @@ from typing import Literal
 import torch
 
 from greenroom.config import KVConfig, ModelConfig
+from greenroom.kv.helix_placement import HelixPlacement
 from greenroom.logging import get_logger
 from greenroom.models.arch import DTYPES, ArchConfig
 from greenroom.models.batch import ForwardBatch
 from greenroom.models.cuda_graphs import DecodeGraphs, default_batch_sizes
+from greenroom.models.helix_batch import HelixRank, HelixView
 from greenroom.models.kv_pool import allocate_kv_pool, bytes_per_block, plan_num_blocks
 from greenroom.models.llama import LlamaModel, StageActivations
 from greenroom.models.loader import ModelWeights, load_weights, random_weights
@@ -61,6 +63,10 @@ class ModelRunner:
     ``arch`` is then the rank's local shape. With ``pp`` (stage index, stage count, optional
     per-stage layer counts), it holds one pipeline stage: its layers, their KV pool, and the
     embedding (first stage) or final norm and LM head (last stage); ``arch`` is the stage's.
+    With ``helix``, ``tp`` is a Helix CP group:
+    the rank keeps every attention head, its pool holds its share of every request's blocks
+    (``num_blocks`` per rank, the KV manager numbers ``cp_size * num_blocks``) and decode runs
+    eagerly (no CUDA graphs yet).
     """
 
     def __init__(
@@ -71,13 +77,15 @@ class ModelRunner:
         device: str | torch.device | None = None,
         tp: TensorParallel | None = None,
         pp: tuple[int, int, tuple[int, ...]] = (0, 1, ()),
+        helix: bool = False,
     ) -> None:
         device = resolve_device(device if device is not None else model_cfg.device)
         tp = tp or TensorParallel.single()
+        self._helix = helix
         source = str(model_dir or model_cfg.path or "")
         if is_preset(source):  # random weights of a named shape, made on the device
             arch = ArchConfig.from_dict(preset_config(source), source=source)
-            shard = TPShard.of(arch, tp.rank, tp.size) if tp.size > 1 else None
+            shard = TPShard.of(arch, tp.rank, tp.size, helix) if tp.size > 1 else None
             stage = stage_of(arch.num_layers, *pp)
             dtype = resolve_dtype(model_cfg.dtype, arch, device)
             weights = random_weights(
@@ -87,7 +95,7 @@ class ModelRunner:
             return
         path = Path(model_dir or model_cfg.path or tiny_llama_dir())
         arch = ArchConfig.from_dir(path)
-        shard = TPShard.of(arch, tp.rank, tp.size) if tp.size > 1 else None
+        shard = TPShard.of(arch, tp.rank, tp.size, helix) if tp.size > 1 else None
         stage = stage_of(arch.num_layers, *pp)
         dtype = resolve_dtype(model_cfg.dtype, arch, device)
         weights = load_weights(path, arch, dtype, device, shard, stage)
@@ -105,6 +113,7 @@ class ModelRunner:
     ) -> ModelRunner:
         """A runner over weights already on ``device`` (benchmarks, tests)."""
         runner = cls.__new__(cls)
+        runner._helix = False
         device = torch.device(device)
         dtype = (weights.embed if weights.embed is not None else weights.lm_head).dtype
         runner._setup(model_cfg, kv_cfg, arch, weights, dtype, device, name)
@@ -124,8 +133,9 @@ class ModelRunner:
     ) -> None:
         self.tp = tp = tp or TensorParallel.single()
         self.stage = stage = stage or PipelineStage.whole(arch.num_layers)
+        helix = getattr(self, "_helix", False) and tp.size > 1
         if tp.size > 1:
-            arch = TPShard.of(arch, tp.rank, tp.size).local_arch(arch)
+            arch = TPShard.of(arch, tp.rank, tp.size, helix).local_arch(arch)
         if stage.size > 1:
             windows = arch.layer_windows[stage.first_layer : stage.end_layer]
             arch = replace(arch, num_layers=stage.num_layers, layer_windows=windows)
@@ -143,6 +153,11 @@ class ModelRunner:
         self.num_blocks = self._agree_num_blocks(plan_num_blocks(kv_cfg, arch, dtype, device))
         self.kv_pool = allocate_kv_pool(self.num_blocks, arch, self.tokens_per_block, dtype, device)
         self.block_bytes = bytes_per_block(arch, self.tokens_per_block, dtype)
+        self.helix: HelixRank | None = None
+        if helix:
+            placement = HelixPlacement(tp.size, self.tokens_per_block)
+            self.helix = HelixRank(placement, tp.rank, self.num_blocks, tp.group)
+            self.model.helix = self.helix
         self.graphs: DecodeGraphs | None = None
         self.whole_graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
@@ -171,7 +186,12 @@ class ModelRunner:
         or with ``model.cuda_graphs = false``). ``whole_gpu``: the second set, replayed as
         ``graphs="decode_whole"`` (SM disaggregation's generation engine, while the context
         engine idles)."""
-        if self.device.type != "cuda" or not self.model_cfg.cuda_graphs or self.stage.size > 1:
+        if (
+            self.device.type != "cuda"
+            or not self.model_cfg.cuda_graphs
+            or self.stage.size > 1
+            or self.helix
+        ):
             return []  # pipeline stages run eagerly (a graph would hold the stage's send/recv)
         sizes = batch_sizes or default_batch_sizes(self.model_cfg.cuda_graph_max_batch_size)
         graphs = DecodeGraphs(self.model, self.kv_pool, self.max_blocks_per_seq, sizes, stream)
@@ -190,7 +210,12 @@ class ModelRunner:
         """Capture prefill graphs on ``stream`` for batches of up to ``max_num_tokens`` tokens
         and ``max_requests`` requests; returns the token sizes captured (none on CPU or with
         ``model.cuda_graphs = false``)."""
-        if self.device.type != "cuda" or not self.model_cfg.cuda_graphs or self.stage.size > 1:
+        if (
+            self.device.type != "cuda"
+            or not self.model_cfg.cuda_graphs
+            or self.stage.size > 1
+            or self.helix
+        ):
             return []
         self.prefill_graphs = PrefillGraphs(
             self.model,
@@ -242,5 +267,13 @@ class ModelRunner:
             return self.prefill_graphs.run(batch), None
         return self.model.forward(batch, self.kv_pool), None
 
+    @property
+    def total_blocks(self) -> int:
+        """Blocks the KV manager numbers: every CP rank's pool on a Helix rank."""
+        return self.num_blocks * (self.helix.cp_size if self.helix else 1)
+
     def build_batch(self, chunks, all_logits: bool = False) -> ForwardBatch:
-        return ForwardBatch.build(chunks, self.tokens_per_block, self.device, all_logits)
+        batch = ForwardBatch.build(chunks, self.tokens_per_block, self.device, all_logits)
+        if self.helix is not None:
+            batch.helix = HelixView.build(chunks, self.helix, self.device)
+        return batch

@@ -39,6 +39,18 @@ class RankGroups:
             return TensorParallel.single()
         return TensorParallel(self.coords.tp, self.layout.tp_size, self.groups[("tp",)])
 
+    @property
+    def cp(self) -> TensorParallel:
+        """The Helix CP group, as the TP collectives of the layers that run sharded over it."""
+        if self.layout.cp_size == 1:
+            return TensorParallel.single()
+        return TensorParallel(self.coords.cp, self.layout.cp_size, self.groups[("cp",)])
+
+    @property
+    def model(self) -> TensorParallel:
+        """The group that runs one model replica's layers together (TP, or Helix CP)."""
+        return self.cp if self.layout.cp_size > 1 else self.tp
+
     def destroy(self) -> None:
         import torch.distributed as dist
 

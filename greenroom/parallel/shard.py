@@ -6,6 +6,10 @@
 - embedding and LM head split by vocabulary rows, padded up to ``tp_size * vocab_per_rank``:
   padded embedding rows are never looked up and padded logits columns are cut off before
   sampling, so the vocabulary need not divide by ``tp_size``.
+
+A Helix context-parallel rank (``helix``) shards the same way over its CP group except that it
+keeps every q, k and v head (it attends all heads over its share of the KV); its o_proj takes
+the head slice the all-to-all hands it (greenroom.models.helix_attention).
 """
 
 from __future__ import annotations
@@ -25,9 +29,23 @@ class TPShard:
     intermediate_size: int  # local
     vocab_per_rank: int  # padded rows per rank
     vocab_size: int  # the checkpoint's
+    helix: bool = False  # a CP rank: every attention head, o_proj over its head slice
 
     @classmethod
-    def of(cls, arch: ArchConfig, rank: int, size: int) -> TPShard:
+    def of(cls, arch: ArchConfig, rank: int, size: int, helix: bool = False) -> TPShard:
+        if helix:
+            check_cp_size(arch, size)
+            return cls(
+                rank=rank,
+                size=size,
+                num_heads=arch.num_heads,
+                num_kv_heads=arch.num_kv_heads,
+                kv_head_start=0,
+                intermediate_size=arch.intermediate_size // size,
+                vocab_per_rank=-(-arch.vocab_size // size),
+                vocab_size=arch.vocab_size,
+                helix=True,
+            )
         check_tp_size(arch, size)
         heads = arch.num_heads // size
         if arch.num_kv_heads >= size:
@@ -50,7 +68,15 @@ class TPShard:
         return slice(first_head * arch.head_dim, (first_head + heads) * arch.head_dim)
 
     def q_slice(self, arch: ArchConfig) -> slice:
-        return self.head_rows(arch, self.rank * self.num_heads, self.num_heads)
+        first = 0 if self.helix else self.rank * self.num_heads
+        return self.head_rows(arch, first, self.num_heads)
+
+    def o_slice(self, arch: ArchConfig) -> slice:
+        """The o_proj input columns: this rank's q heads (Helix: its slice of all heads)."""
+        if not self.helix:
+            return self.q_slice(arch)
+        heads = arch.num_heads // self.size
+        return self.head_rows(arch, self.rank * heads, heads)
 
     def kv_slice(self, arch: ArchConfig) -> slice:
         return self.head_rows(arch, self.kv_head_start, self.num_kv_heads)
@@ -77,6 +103,20 @@ class TPShard:
             num_kv_heads=self.num_kv_heads,
             intermediate_size=self.intermediate_size,
         )
+
+
+def check_cp_size(arch: ArchConfig, size: int) -> None:
+    """A CheckpointError naming the numbers when ``arch`` cannot run Helix over ``size`` ranks."""
+    if arch.num_heads % size:
+        raise CheckpointError(
+            f"cp_size = {size} does not divide num_attention_heads = {arch.num_heads}"
+        )
+    if arch.intermediate_size % size:
+        raise CheckpointError(
+            f"cp_size = {size} does not divide intermediate_size = {arch.intermediate_size}"
+        )
+    if any(arch.window(i) for i in range(arch.num_layers)):
+        raise CheckpointError("Helix context parallelism does not support sliding-window layers")
 
 
 def check_tp_size(arch: ArchConfig, size: int) -> None:

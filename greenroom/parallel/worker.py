@@ -113,23 +113,24 @@ def run(spec: WorkerSpec) -> int:
         return EXIT_START_FAILED
     r = executor.runner
     info = EngineInfo(
-        num_blocks=r.num_blocks,
+        num_blocks=r.total_blocks,
         tokens_per_block=r.tokens_per_block,
         max_model_len=r.max_model_len,
         vocab_size=r.vocab_size,
         eos_token_ids=list(r.eos_token_ids),
         device=str(r.device)
         + (f" x tp{layout.tp_size}" if layout.tp_size > 1 else "")
-        + (f" x pp{layout.pp_size}" if layout.pp_size > 1 else ""),
+        + (f" x pp{layout.pp_size}" if layout.pp_size > 1 else "")
+        + (f" x cp{layout.cp_size}" if layout.cp_size > 1 else ""),
         model_name=r.model_name,
     )
     send(m.RankReady(epoch=spec.epoch, rank=spec.rank, info=info))
     log.info("rank ready", device=str(device), num_blocks=r.num_blocks)
     coords = groups.coords
     reports = cfg.parallel.stage_reports and coords.tp == 0
-    answers = coords.tp == 0 and coords.pp == layout.pp_size - 1
+    answers = coords.tp == 0 and coords.cp == 0 and coords.pp == layout.pp_size - 1
     held: list | None = None  # results held back by a HoldResults fault hook
-    tp = groups.tp
+    tp = groups.model
     expected = 1
     while True:
         msg = decode(sock.recv_multipart(copy=False))
@@ -213,7 +214,9 @@ def _executor(cfg, device, groups, timeout_s: float):
 
     layout = groups.layout
     pp = (groups.coords.pp, layout.pp_size, tuple(cfg.parallel.pp_layers))
-    runner = ModelRunner(cfg.model, cfg.kv, cfg.model.path, device, tp=groups.tp, pp=pp)
+    runner = ModelRunner(
+        cfg.model, cfg.kv, cfg.model.path, device, tp=groups.model, pp=pp, helix=layout.cp_size > 1
+    )
     link = None
     if layout.pp_size > 1:
         link = StageLink(

@@ -1,0 +1,152 @@
+"""Helix context parallelism end to end: `greenroom serve --cp-size N` on CPU ranks (gloo).
+
+Greedy tokens at cp 2 and 3 equal transformers' over decodes that cross many block
+boundaries (4 tokens per block), with requests of different lengths joining mid-run, chunked
+prefill beside decodes and prefix reuse; a CP rank killed mid-stream fails its requests
+explicitly and the group restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from test_tp_deploy import _cmdline, children
+from test_tp_node import start_serve
+from tiny_checkpoints import random_prompts, save_checkpoint
+
+from greenroom.bus.messages import SamplingParams
+from greenroom.client import AsyncClient, RequestFailed
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow
+
+NEW_TOKENS = 20
+SHARED = 12  # the last prompt starts with the second one's first three blocks
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    config = transformers.LlamaConfig(
+        hidden_size=96,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=12,  # 12 heads: split over 2, 3 and 4 CP ranks
+        num_key_value_heads=4,
+        vocab_size=251,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return save_checkpoint(config, tmp_path_factory.mktemp("helix") / "llama", seed=14)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    p0, p1, p2, tail = random_prompts((5, 29, 13, 6), 251, seed=3)
+    return [p0, p1, p2, p1[:SHARED] + tail]
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoint, prompts) -> list[list[int]]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            gen = model.generate(
+                torch.tensor([p]),
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+            out.append(gen[0, len(p) :].tolist())
+    return out
+
+
+def node_args(checkpoint, cp: int, blocks: int = 48) -> list[str]:
+    return [
+        "--model", str(checkpoint), "--cp-size", str(cp), "--tokens-per-block", "4",
+        "--num-blocks", str(blocks), "--max-num-tokens", "16",
+    ]  # fmt: skip
+
+
+async def stream_until_error(address: str, prompt: list[int]) -> BaseException | None:
+    async with AsyncClient(address, timeout=60) as client:
+        try:
+            await client.generate(prompt, SamplingParams(max_tokens=400, ignore_eos=True))
+        except RequestFailed as exc:
+            return exc
+    return None
+
+
+@pytest.mark.parametrize("cp", [2, 3])
+async def test_serve_helix_gives_the_transformers_tokens(checkpoint, prompts, expected, cp):
+    proc, address = start_serve(*node_args(checkpoint, cp))
+    try:
+        async with AsyncClient(address, timeout=120) as client:
+            info = await client.server_info()
+            assert f"cp{cp}" in info.device and info.num_blocks == 48 * cp
+            sampling = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+
+            async def late(prompt, delay: float):
+                await asyncio.sleep(delay)  # joins while the others decode
+                return await client.generate(prompt, sampling)
+
+            results = await asyncio.gather(*(late(p, 0.3 * i) for i, p in enumerate(prompts[:3])))
+            assert [r.token_ids for r in results] == expected[:3]
+            reused = await client.generate(prompts[3], sampling)  # cached blocks of prompt 1
+            assert reused.token_ids == expected[3]
+            assert reused.metrics.num_cached_tokens >= SHARED
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+def test_kill_9_of_a_cp_rank_fails_its_requests_and_the_group_restarts(
+    checkpoint, prompts, expected, tmp_path
+):
+    stderr = (tmp_path / "stderr").open("w+")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "greenroom.cli", "serve", "--port", "0", "--log-level", "warning"]
+        + node_args(checkpoint, 2, blocks=256)
+        + ["--max-model-len", "512"],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+    try:
+        address = None
+        for line in serve.stdout:
+            if "clients connect to" in line:
+                address = line.split("clients connect to ")[1].split()[0]
+                break
+        assert address is not None, f"serve exited with {serve.wait()}"
+
+        async def kill_mid_stream() -> None:
+            streams = [asyncio.ensure_future(stream_until_error(address, p)) for p in prompts]
+            await asyncio.sleep(1.0)
+            workers = [p for p in children(serve.pid) if "parallel.worker" in _cmdline(p)]
+            assert len(workers) == 2
+            killed_at = time.monotonic()
+            os.kill(workers[1], signal.SIGKILL)
+            errors = await asyncio.wait_for(asyncio.gather(*streams), 60)
+            assert all(isinstance(e, RequestFailed) for e in errors), errors
+            assert time.monotonic() - killed_at < 15
+            async with AsyncClient(address, timeout=120) as client:  # the group restarted
+                sampling = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+                again = await client.generate(prompts[1], sampling)
+                assert again.token_ids == expected[1]
+
+        asyncio.run(kill_mid_stream())
+    finally:
+        serve.kill()
+        serve.wait(timeout=30)
