@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from test_tp_deploy import _cmdline, children
-from test_tp_node import start_serve
 from tiny_checkpoints import random_prompts, save_checkpoint
 
 from greenroom.bus.messages import SamplingParams
@@ -72,6 +72,34 @@ def expected(checkpoint, prompts) -> list[list[int]]:
     return out
 
 
+def start_serve(*args: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "greenroom.cli", "serve", "--port", "0", "--log-level", "warning"]
+        + ["--no-http", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stdout:
+        found = re.search(r"clients connect to (\S+)", line)
+        if found:
+            return proc, found.group(1)
+    raise AssertionError(f"serve exited with {proc.wait()} before it was ready")
+
+
+def worker_pids(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = [int(x) for x in path.read_text().split()] if path.exists() else []
+    out = []
+    for kid in kids:
+        try:
+            cmdline = Path(f"/proc/{kid}/cmdline").read_text()
+        except OSError:
+            continue
+        if "parallel.worker" in cmdline.replace("\0", " "):
+            out.append(kid)
+    return out
+
+
 def node_args(checkpoint, cp: int, blocks: int = 48) -> list[str]:
     return [
         "--model", str(checkpoint), "--cp-size", str(cp), "--tokens-per-block", "4",
@@ -112,29 +140,15 @@ async def test_serve_helix_gives_the_transformers_tokens(checkpoint, prompts, ex
 
 
 def test_kill_9_of_a_cp_rank_fails_its_requests_and_the_group_restarts(
-    checkpoint, prompts, expected, tmp_path
+    checkpoint, prompts, expected
 ):
-    stderr = (tmp_path / "stderr").open("w+")
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "greenroom.cli", "serve", "--port", "0", "--log-level", "warning"]
-        + node_args(checkpoint, 2, blocks=256)
-        + ["--max-model-len", "512"],
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        text=True,
-    )
+    serve, address = start_serve(*node_args(checkpoint, 2, blocks=256), "--max-model-len", "512")
     try:
-        address = None
-        for line in serve.stdout:
-            if "clients connect to" in line:
-                address = line.split("clients connect to ")[1].split()[0]
-                break
-        assert address is not None, f"serve exited with {serve.wait()}"
 
         async def kill_mid_stream() -> None:
             streams = [asyncio.ensure_future(stream_until_error(address, p)) for p in prompts]
             await asyncio.sleep(1.0)
-            workers = [p for p in children(serve.pid) if "parallel.worker" in _cmdline(p)]
+            workers = worker_pids(serve.pid)
             assert len(workers) == 2
             killed_at = time.monotonic()
             os.kill(workers[1], signal.SIGKILL)
