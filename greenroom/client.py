@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -127,6 +128,7 @@ _MONITORED = (
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     | zmq.EVENT_MONITOR_STOPPED
 )
+_MONITOR_IDS = itertools.count()
 
 
 class AsyncClient:
@@ -205,7 +207,12 @@ class AsyncClient:
             from greenroom.bus.security import apply_client_keys
 
             apply_client_keys(sock, *self._keys)
-        monitor = sock.get_monitor_socket(_MONITORED)
+        # pyzmq names the monitor endpoint after the socket's file descriptor: a client that
+        # was dropped without close() keeps it bound, and a new socket reusing that descriptor
+        # would collide ("Address already in use"), so each monitor gets a name of its own
+        monitor = sock.get_monitor_socket(
+            _MONITORED, addr=f"inproc://greenroom-client-monitor-{next(_MONITOR_IDS)}"
+        )
         sock.connect(self.address)
         self._sock = sock
         loop = asyncio.get_running_loop()

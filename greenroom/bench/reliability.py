@@ -508,7 +508,10 @@ async def server_kill(scale: Scale, reference: dict[int, list[int]]) -> Scenario
     )
     try:
         address = await asyncio.to_thread(_read_address, proc)
-        clients = [AsyncClient(address, timeout=600) for _ in range(scale.clients // 2)]
+        # a fresh server process on a loaded machine: give its first handshake time
+        clients = [
+            AsyncClient(address, timeout=600, connect_timeout=30) for _ in range(scale.clients // 2)
+        ]
         for c in clients:
             await c.start()
         tasks = [
