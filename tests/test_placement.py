@@ -65,6 +65,7 @@ class FakeExecutor:
         self.time_forwards = False
         self.forward_events = None
         self.seen: list[tuple[bool, str]] = []
+        self.sequences: dict = {}  # what step isolation reads to re-run a failed step in parts
 
     def execute(self, plan: StepPlan) -> StepResult:
         self.seen.append((self.activity.busy, self.graph_kind))
@@ -78,10 +79,15 @@ def cfg():
     return load_config(overrides={"port": 0, "log_level": "warning"})
 
 
-def test_context_engine_marks_its_plans_busy_even_when_one_fails(cfg) -> None:
+def test_context_engine_marks_its_plans_busy_even_when_one_fails(cfg, monkeypatch) -> None:
     activity = ContextActivity()
     engine = Engine(cfg, "context", activity=activity)
     engine.executor = FakeExecutor(activity)
+
+    def crash(exc: BaseException | None = None) -> None:  # outside a runtime: just raise
+        raise exc if exc is not None else RuntimeError("crash")
+
+    monkeypatch.setattr(engine, "crash", crash)
     plan = StepPlan(iteration=1, steps=[SequenceStep("a", 5)])
     engine.step(plan)
     assert engine.executor.seen == [(True, "decode")] and not activity.busy
