@@ -490,10 +490,10 @@ class SchedulerCore:
         head = draft.admits[0] if draft.admits else None
         if head is None or head.request_id not in result.rejected:
             self._head_rejected = None
-        elif len(draft.admits) > 1 or self._num_active > 0 or head.state.terminal:
+        elif len(draft.admits) > 1 or head.state.terminal or not self._pool_was_empty(result):
             self._head_rejected = head.request_id  # retry it alone
         else:
-            # asked alone while nothing holds blocks: nothing will ever make room for it
+            # asked alone while nothing held a block: nothing will ever make room for it
             self._head_rejected = None
             out = OutputCollector()
             self._fail(head, out, f"{len(head.prompt)} tokens do not fit in the KV cache")
@@ -635,6 +635,17 @@ class SchedulerCore:
     def _fail(self, r: Request, out: OutputCollector, message: str) -> None:
         self._end(r, RequestState.FAILED, None)
         out.error(r, "failed", message)
+
+    def _pool_was_empty(self, result: KVStepResult) -> bool:
+        """Whether no request held a block when the KV manager ran this step. Judged from the
+        KV manager's own counts, not from this core's view: with two flows (or several plans
+        in flight) a free or an admission may be applied here before or after the KVStep that
+        rejected a request, while the KV manager ran them in the order they were sent."""
+        return (
+            self._num_active == 0
+            if not result.total_blocks
+            else (result.free_blocks >= result.total_blocks)
+        )
 
     def _freed(self, r: Request) -> None:
         """The KVStep carrying this request's free came back."""
