@@ -54,7 +54,7 @@ def single_rank_tokens() -> list[list[int]]:
     return out
 
 
-NODE_ARGS = ["--tp-size", "2", "--num-blocks", "64", "--log-level", "warning", "--no-http"]
+NODE_ARGS = ["--tp-size", "2", "--num-blocks", "128", "--log-level", "warning", "--no-http"]
 
 
 def free_port_pair() -> int:
