@@ -101,7 +101,7 @@ def test_inconsistent_layouts_are_config_errors() -> None:
             overrides={"parallel.tp_size": 2, "parallel.nnodes": 2, "parallel.node_rank": 2}
         )
     with pytest.raises(ConfigError, match="cp_size"):
-        load_config(overrides={"parallel.cp_size": 2})
+        load_config(overrides={"parallel.cp_size": 2, "parallel.tp_size": 2})
     with pytest.raises(ConfigError, match="master_port"):
         load_config(overrides={"parallel.tp_size": 2, "parallel.nnodes": 2})
 
