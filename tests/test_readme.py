@@ -101,6 +101,10 @@ def clone(tmp_path: Path, port: int) -> tuple[Path, dict[str, str]]:
         shim = bin_dir / name
         shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" {target} "$@"\n')
         shim.chmod(0o755)
+    # the tree under test is installed already: a block's `pip install -e .` has nothing to do
+    pip = bin_dir / "pip"
+    pip.write_text('#!/bin/sh\necho "pip $*: the tree under test is installed already"\n')
+    pip.chmod(0o755)
     env = {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
