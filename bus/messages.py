@@ -462,6 +462,28 @@ class KVAgentInfo(msgspec.Struct, array_like=True, gc=False, frozen=True, kw_onl
     device_id: int
     kv_layout: str
 
+    def handle(
+        self,
+        request_id: str,
+        block_ids: list[int],
+        num_tokens: int,
+        first_token: int,
+        tokens_per_block: int,
+        tp_size: int,
+        lease_deadline: float,
+    ) -> TransferHandle:
+        """The handle a receiver needs to read ``block_ids`` of this agent's pool."""
+        return TransferHandle(
+            request_id=request_id,
+            block_ids=block_ids,
+            num_tokens=num_tokens,
+            first_token=first_token,
+            tokens_per_block=tokens_per_block,
+            tp_size=tp_size,
+            lease_deadline=lease_deadline,
+            **msgspec.structs.asdict(self),
+        )
+
 
 class EngineInfo(Message):
     num_blocks: int

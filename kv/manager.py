@@ -143,21 +143,13 @@ class KVCacheManager:
         """Keep a prefilled request's blocks for a receiver and make its handle."""
         a = self.agent
         need = -(-num_tokens // self.tokens_per_block)
-        handle = TransferHandle(
-            request_id=req.request_id,
-            agent_name=a.agent_name,
-            agent_metadata=a.agent_metadata,
-            pool_address=a.pool_address,
-            block_bytes=a.block_bytes,
-            pool_blocks=a.pool_blocks,
-            mem_type=a.mem_type,
-            device_id=a.device_id,
-            block_ids=list(req.block_ids[:need]),
-            num_tokens=num_tokens,
-            first_token=first_token,
-            tokens_per_block=self.tokens_per_block,
-            tp_size=self.tp_size,
-            kv_layout=a.kv_layout,
+        handle = a.handle(
+            req.request_id,
+            list(req.block_ids[:need]),
+            num_tokens,
+            first_token,
+            self.tokens_per_block,
+            self.tp_size,
             lease_deadline=time.time() + self.transfer_cfg.lease_s,
         )
         self.transfers.lease(req, handle)

@@ -165,24 +165,13 @@ def test_nixl_reads_merged_runs_between_two_pools() -> None:
     dst = torch.zeros_like(src)
     sender, receiver = KVTransferAgent(src, "t"), KVTransferAgent(dst, "t")
     try:
-        a = sender.info()
-        from greenroom.bus.messages import TransferHandle
-
-        h = TransferHandle(
-            request_id="r",
-            agent_name=a.agent_name,
-            agent_metadata=a.agent_metadata,
-            pool_address=a.pool_address,
-            block_bytes=a.block_bytes,
-            pool_blocks=a.pool_blocks,
-            mem_type=a.mem_type,
-            device_id=a.device_id,
-            block_ids=[3, 4, 5, 9],
+        h = sender.info().handle(
+            "r",
+            [3, 4, 5, 9],
             num_tokens=4,
             first_token=0,
             tokens_per_block=1,
             tp_size=1,
-            kv_layout=a.kv_layout,
             lease_deadline=time.time() + 5,
         )
         receiver.start(

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import torch
 
-from greenroom.bus.messages import KVReceive, TransferHandle
+from greenroom.bus.messages import KVAgentInfo, KVReceive, TransferHandle
 from greenroom.kv.transfer import KVTransferAgent, block_runs
 from greenroom.models.arch import ArchConfig
 
@@ -162,15 +162,8 @@ def transfer_bandwidth(
             blocks = -(-n // tpb)
             remote = fragmented_blocks(blocks, run_blocks, seed=n)
             local = fragmented_blocks(blocks, run_blocks, seed=n + 1)
-            handle = TransferHandle(
-                request_id="bench",
-                block_ids=remote,
-                num_tokens=n,
-                first_token=0,
-                tokens_per_block=tpb,
-                tp_size=1,
-                lease_deadline=time.time() + 600,
-                **info,
+            handle = KVAgentInfo(**info).handle(
+                "bench", remote, n, 0, tpb, tp_size=1, lease_deadline=time.time() + 600
             )
             runs = block_runs(remote, local)
             single = [(r, loc, 1) for r, loc in zip(remote, local, strict=True)]
