@@ -16,7 +16,7 @@ from greenroom.http.generation import (
     token_strings,
 )
 from greenroom.http.protocol import ChatRequest
-from greenroom.http.serving import collect, first_event, sse_stream
+from greenroom.http.serving import chunk_builder, collect, first_event, sse_stream
 from greenroom.http.state import ServerState
 from greenroom.http.text import TextCodec
 
@@ -73,17 +73,7 @@ async def create_chat_completion(
     if req.stream:
         started: set[int] = set()
 
-        def chunk(choices: list, usage_body: dict | None = None) -> dict:
-            body = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": choices,
-            }
-            if req.include_usage:
-                body["usage"] = usage_body
-            return body
+        chunk = chunk_builder(rid, "chat.completion.chunk", created, model, req.include_usage)
 
         def chunks(ev: ChoiceEvent):
             usage.add(ev)

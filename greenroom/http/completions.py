@@ -15,7 +15,7 @@ from greenroom.http.generation import (
     token_strings,
 )
 from greenroom.http.protocol import CompletionRequest, prompt_list
-from greenroom.http.serving import collect, first_event, sse_stream
+from greenroom.http.serving import chunk_builder, collect, first_event, sse_stream
 from greenroom.http.state import ServerState
 from greenroom.http.text import TextCodec
 
@@ -78,17 +78,7 @@ async def create_completion(
             c["token_ids"] = ev.token_ids
         return c
 
-    def chunk(choices: list, usage_body: dict | None = None) -> dict:
-        body = {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": choices,
-        }
-        if req.include_usage:
-            body["usage"] = usage_body
-        return body
+    chunk = chunk_builder(rid, "text_completion", created, model, req.include_usage)
 
     if req.stream:
 

@@ -25,6 +25,20 @@ def sse(obj: dict) -> bytes:
     return b"data: " + _encode(obj) + b"\n\n"
 
 
+def chunk_builder(
+    rid: str, obj: str, created: int, model: str, include_usage: bool
+) -> Callable[..., dict]:
+    """The streamed chunk body of one response: its choices, and the usage when asked for."""
+
+    def chunk(choices: list, usage_body: dict | None = None) -> dict:
+        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+        if include_usage:
+            body["usage"] = usage_body
+        return body
+
+    return chunk
+
+
 async def first_event(events: AsyncIterator[ChoiceEvent]) -> ChoiceEvent:
     """The first event, or the ApiError the request ended with (closing the events)."""
     try:
