@@ -9,18 +9,16 @@ send to a vanished peer fail, so a disconnect is noticed at the request's next d
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 import msgspec
 
 from greenroom.actors import Actor, ActorRef, MailboxFull, handles, request_checks
+from greenroom.actors.client_outbox import RETRY_S, ClientOutbox
 from greenroom.actors.detokenizer import SampleText
 from greenroom.actors.request_checks import FrontendLimits, normalize_sampling
 from greenroom.bus.messages import (
-    SAMPLE_SEPARATOR,
     AbortRequest,
     CancelRequests,
     ClientMessages,
@@ -35,11 +33,9 @@ from greenroom.bus.messages import (
     PrefillRequest,
     ReleaseKV,
     RequestError,
-    SamplingParams,
     ServerInfo,
     ServerInfoQuery,
     SubmitRequest,
-    TokenDelta,
     TransferDone,
     TransferHandle,
     sample_request_id,
@@ -54,95 +50,7 @@ _decoder = msgspec.msgpack.Decoder(ClientMessages)
 _encoder = msgspec.msgpack.Encoder()
 
 
-RETRY_S = (0.001, 0.05)  # first and longest wait before re-sending to a full client
 LOG_EVERY_S = 10.0  # at most one log line per this many seconds about malformed frames
-
-
-def validate(req: GenerateRequest, limits: FrontendLimits, prompt_ids: list[int]) -> str | None:
-    """The reason a request is invalid, or None (request_checks: every field against what the
-    engine can represent; then the sampling options' own ranges)."""
-    reason = request_checks.validate(req, limits, prompt_ids)
-    if reason is not None:
-        return reason
-    if SAMPLE_SEPARATOR in req.request_id:
-        return "request_id must not contain the character U+001F"
-    s = req.sampling
-    return validate_sampling_options(s, limits)
-
-
-MAX_SAMPLES = 16
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-MAX_LOGIT_BIAS = 1024
-MAX_REPETITION_PENALTY = 10.0
-
-
-def validate_sampling_options(s: SamplingParams, limits: FrontendLimits) -> str | None:
-    """The reason the stop / min_tokens / penalty / logit_bias / n fields are invalid, or None."""
-    if not 1 <= s.n <= MAX_SAMPLES:
-        return f"n = {s.n} is invalid: must be in [1, {MAX_SAMPLES}]"
-    if not 0 <= s.min_tokens <= s.max_tokens:
-        return (
-            f"min_tokens = {s.min_tokens} is invalid: must be in [0, max_tokens = {s.max_tokens}]"
-        )
-    if not (
-        math.isfinite(s.repetition_penalty) and 0.0 < s.repetition_penalty <= MAX_REPETITION_PENALTY
-    ):
-        return (
-            f"repetition_penalty = {s.repetition_penalty} is invalid: "
-            f"must be in (0, {MAX_REPETITION_PENALTY:g}] (1 = off)"
-        )
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(s, name)
-        if not (math.isfinite(value) and -2.0 <= value <= 2.0):
-            return f"{name} = {value} is invalid: must be in [-2, 2]"
-    if len(s.logit_bias) > MAX_LOGIT_BIAS:
-        return f"logit_bias has {len(s.logit_bias)} entries: at most {MAX_LOGIT_BIAS}"
-    for token, bias in s.logit_bias.items():
-        if not 0 <= token < limits.vocab_size:
-            return f"logit_bias token id {token} is outside the vocabulary [0, {limits.vocab_size})"
-        if not (math.isfinite(bias) and -100.0 <= bias <= 100.0):
-            return f"logit_bias[{token}] = {bias} is invalid: must be in [-100, 100]"
-    if len(s.stop) > MAX_STOP_STRINGS:
-        return f"stop has {len(s.stop)} strings: at most {MAX_STOP_STRINGS}"
-    for text in s.stop:
-        if not 0 < len(text) <= MAX_STOP_CHARS:
-            return (
-                f"stop string {text[:40]!r} is invalid: must have 1 to {MAX_STOP_CHARS} characters"
-            )
-    return None
-
-
-def validate_handle(
-    h: TransferHandle, req: DecodeRequest, prompt_ids: list[int], info: ServerInfo
-) -> str | None:
-    """The reason a generation node refuses a transfer handle, or None."""
-    if h.request_id != req.request_id:
-        return f"the transfer handle is for request {h.request_id!r}, not {req.request_id!r}"
-    if h.tp_size != info.tp_size:
-        return (
-            f"tp_size mismatch: the context node runs tp_size = {h.tp_size}, this generation "
-            f"node tp_size = {info.tp_size}; pair nodes of equal tp_size"
-        )
-    if h.kv_layout != info.kv_layout or h.tokens_per_block != info.tokens_per_block:
-        return (
-            f"the context node's KV layout ({h.kv_layout}) differs from this node's "
-            f"({info.kv_layout}): serve the same model and kv.tokens_per_block on both"
-        )
-    if h.num_tokens != len(prompt_ids):
-        return f"the handle holds {h.num_tokens} tokens, the prompt has {len(prompt_ids)}"
-    need = -(-h.num_tokens // h.tokens_per_block)
-    if len(h.block_ids) != need:
-        return f"the handle names {len(h.block_ids)} blocks; {h.num_tokens} tokens need {need}"
-    if any(not 0 < b < h.pool_blocks for b in h.block_ids):
-        return f"the handle names blocks outside the context pool [1, {h.pool_blocks})"
-    if not 0 <= h.first_token < info.vocab_size:
-        return f"first token {h.first_token} is outside the vocabulary [0, {info.vocab_size})"
-    if req.sampling.max_tokens < 2:
-        return "max_tokens < 2: the context node's first token was the whole output"
-    if h.lease_deadline <= time.time():
-        return "the transfer handle's lease has run out"
-    return None
 
 
 class Frontend(Actor):
@@ -173,7 +81,7 @@ class Frontend(Actor):
         self._client_rid: dict[str, str] = {}  # bus id -> the client's id
         self._aborted: set[str] = set()  # bus ids the client aborted (id reusable at once)
         self._detached: set[str] = set()  # aborted, id reused: last messages not sent
-        self._outboxes: dict[bytes, _Outbox] = {}
+        self._outboxes: dict[bytes, ClientOutbox] = {}
         self._seq = 0
         self._max_token_chars = _max_token_chars(tokenizer)
         self._malformed_logged_at = 0.0
@@ -354,7 +262,9 @@ class Frontend(Actor):
         elif req.sampling.n > 1:
             reason = "n > 1 is not supported by disaggregated serving"
         else:
-            reason = validate_handle(req.handle, req, req.prompt_token_ids, self.info)
+            reason = request_checks.validate_handle(
+                req.handle, req, req.prompt_token_ids, self.info
+            )
         if reason is not None:
             self.stats["invalid"] += 1
             self._reply(
@@ -435,7 +345,7 @@ class Frontend(Actor):
                 ],
             )
             return False
-        reason = validate(req, self.limits, prompt_ids or [])
+        reason = request_checks.validate(req, self.limits, prompt_ids or [])
         if reason is None and req.sampling.stop and self.tokenizer is None:
             reason = "stop strings need a tokenizer.json in the model directory; use stop_token_ids"
         if reason is not None:
@@ -513,7 +423,7 @@ class Frontend(Actor):
             sent = self._write(ident, items)
             if sent is not False:
                 return sent is True
-            box = self._outboxes[ident] = _Outbox()
+            box = self._outboxes[ident] = ClientOutbox()
             self.stats["backpressure"] += 1
         for item in items:
             box.add(item)
@@ -526,7 +436,7 @@ class Frontend(Actor):
             return None
         return self._channel.try_send_to_peer([ident, _encoder.encode(items)])
 
-    def _schedule_flush(self, ident: bytes, box: _Outbox) -> None:
+    def _schedule_flush(self, ident: bytes, box: ClientOutbox) -> None:
         if box.scheduled or self._loop is None:
             return
         box.scheduled = True
@@ -658,44 +568,6 @@ class Frontend(Actor):
         return len(self._outboxes)
 
 
-@dataclass
-class _Outbox:
-    """Replies a full client has not taken yet; a request's deltas merge into one."""
-
-    items: list = field(default_factory=list)
-    open_delta: dict[tuple[str, int], int] = field(default_factory=dict)  # -> index in items
-    retry_s: float = RETRY_S[0]
-    scheduled: bool = False
-
-    def add(self, item) -> None:
-        if not isinstance(item, TokenDelta):
-            self.items.append(item)
-            return
-        key = (item.request_id, item.index)
-        i = self.open_delta.pop(key, None)
-        if i is not None:
-            item = merge_deltas(self.items[i], item)
-            self.items[i] = item
-        else:
-            i = len(self.items)
-            self.items.append(item)
-        if item.finish_reason is None:
-            self.open_delta[key] = i
-
-
-def merge_deltas(a: TokenDelta, b: TokenDelta) -> TokenDelta:
-    """One delta carrying ``a`` then ``b`` (of the same request and sample)."""
-    logprobs = None
-    if a.logprobs is not None or b.logprobs is not None:
-        logprobs = [*(a.logprobs or []), *(b.logprobs or [])]
-    text = None
-    if a.text is not None or b.text is not None:
-        text = (a.text or "") + (b.text or "")
-    return msgspec.structs.replace(
-        b, token_ids=[*a.token_ids, *b.token_ids], logprobs=logprobs, text=text
-    )
-
-
 def _salvage_request_id(payload: bytes, max_len: int) -> str | None:
     try:
         raw = msgspec.msgpack.decode(payload)
@@ -715,4 +587,4 @@ def _max_token_chars(tokenizer) -> int:
         return 1 << 10
 
 
-__all__ = ["Frontend", "FrontendLimits", "TokenDelta", "merge_deltas", "validate"]
+__all__ = ["Frontend", "FrontendLimits"]

@@ -10,13 +10,21 @@ or None.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from greenroom.bus.messages import GenerateRequest, SamplingParams
+from greenroom.bus.messages import (
+    SAMPLE_SEPARATOR,
+    DecodeRequest,
+    GenerateRequest,
+    SamplingParams,
+    ServerInfo,
+    TransferHandle,
+)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_LOGPROBS = 20
@@ -154,8 +162,89 @@ def check_prompt(prompt_ids: list[int], s: SamplingParams, limits: FrontendLimit
 
 
 def validate(req: GenerateRequest, limits: FrontendLimits, prompt_ids: list[int]) -> str | None:
-    """The reason a request is invalid, or None."""
-    return check_request(req, limits) or check_prompt(prompt_ids, req.sampling, limits)
+    """The reason a request is invalid, or None: every field against what the engine can
+    represent, then the sampling options' own ranges."""
+    reason = check_request(req, limits) or check_prompt(prompt_ids, req.sampling, limits)
+    if reason is not None:
+        return reason
+    if SAMPLE_SEPARATOR in req.request_id:
+        return "request_id must not contain the character U+001F"
+    return validate_sampling_options(req.sampling, limits)
+
+
+MAX_SAMPLES = 16
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_LOGIT_BIAS = 1024
+MAX_REPETITION_PENALTY = 10.0
+
+
+def validate_sampling_options(s: SamplingParams, limits: FrontendLimits) -> str | None:
+    """The reason the stop / min_tokens / penalty / logit_bias / n fields are invalid, or None."""
+    if not 1 <= s.n <= MAX_SAMPLES:
+        return f"n = {s.n} is invalid: must be in [1, {MAX_SAMPLES}]"
+    if not 0 <= s.min_tokens <= s.max_tokens:
+        return (
+            f"min_tokens = {s.min_tokens} is invalid: must be in [0, max_tokens = {s.max_tokens}]"
+        )
+    if not (
+        math.isfinite(s.repetition_penalty) and 0.0 < s.repetition_penalty <= MAX_REPETITION_PENALTY
+    ):
+        return (
+            f"repetition_penalty = {s.repetition_penalty} is invalid: "
+            f"must be in (0, {MAX_REPETITION_PENALTY:g}] (1 = off)"
+        )
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(s, name)
+        if not (math.isfinite(value) and -2.0 <= value <= 2.0):
+            return f"{name} = {value} is invalid: must be in [-2, 2]"
+    if len(s.logit_bias) > MAX_LOGIT_BIAS:
+        return f"logit_bias has {len(s.logit_bias)} entries: at most {MAX_LOGIT_BIAS}"
+    for token, bias in s.logit_bias.items():
+        if not 0 <= token < limits.vocab_size:
+            return f"logit_bias token id {token} is outside the vocabulary [0, {limits.vocab_size})"
+        if not (math.isfinite(bias) and -100.0 <= bias <= 100.0):
+            return f"logit_bias[{token}] = {bias} is invalid: must be in [-100, 100]"
+    if len(s.stop) > MAX_STOP_STRINGS:
+        return f"stop has {len(s.stop)} strings: at most {MAX_STOP_STRINGS}"
+    for text in s.stop:
+        if not 0 < len(text) <= MAX_STOP_CHARS:
+            return (
+                f"stop string {text[:40]!r} is invalid: must have 1 to {MAX_STOP_CHARS} characters"
+            )
+    return None
+
+
+def validate_handle(
+    h: TransferHandle, req: DecodeRequest, prompt_ids: list[int], info: ServerInfo
+) -> str | None:
+    """The reason a generation node refuses a transfer handle, or None."""
+    if h.request_id != req.request_id:
+        return f"the transfer handle is for request {h.request_id!r}, not {req.request_id!r}"
+    if h.tp_size != info.tp_size:
+        return (
+            f"tp_size mismatch: the context node runs tp_size = {h.tp_size}, this generation "
+            f"node tp_size = {info.tp_size}; pair nodes of equal tp_size"
+        )
+    if h.kv_layout != info.kv_layout or h.tokens_per_block != info.tokens_per_block:
+        return (
+            f"the context node's KV layout ({h.kv_layout}) differs from this node's "
+            f"({info.kv_layout}): serve the same model and kv.tokens_per_block on both"
+        )
+    if h.num_tokens != len(prompt_ids):
+        return f"the handle holds {h.num_tokens} tokens, the prompt has {len(prompt_ids)}"
+    need = -(-h.num_tokens // h.tokens_per_block)
+    if len(h.block_ids) != need:
+        return f"the handle names {len(h.block_ids)} blocks; {h.num_tokens} tokens need {need}"
+    if any(not 0 < b < h.pool_blocks for b in h.block_ids):
+        return f"the handle names blocks outside the context pool [1, {h.pool_blocks})"
+    if not 0 <= h.first_token < info.vocab_size:
+        return f"first token {h.first_token} is outside the vocabulary [0, {info.vocab_size})"
+    if req.sampling.max_tokens < 2:
+        return "max_tokens < 2: the context node's first token was the whole output"
+    if h.lease_deadline <= time.time():
+        return "the transfer handle's lease has run out"
+    return None
 
 
 def _too_long(n: int, limits: FrontendLimits) -> str:
@@ -179,4 +268,6 @@ __all__ = [
     "normalize_sampling",
     "representable",
     "validate",
+    "validate_handle",
+    "validate_sampling_options",
 ]
