@@ -373,14 +373,17 @@ class Engine(Actor):
             _answer(inflight.reply, error=exc)
             return
         if inflight.launched.plan.steps:
-            self._record(inflight.launched.plan, inflight.start, inflight.gap_ms)
+            launched = inflight.launched
+            self._record(launched.plan, inflight.start, inflight.gap_ms, launched.forward_events)
         _answer(inflight.reply, result)
 
-    def _record(self, plan: StepPlan, start: float, gap_ms: float) -> None:
+    def _record(self, plan: StepPlan, start: float, gap_ms: float, events=None) -> None:
+        """``events``: the step's forward events (overlapped steps: its own, not the latest
+        launch's, which may still run on the device)."""
         gpu_ms = None
-        events = self.executor.forward_events
+        events = events if events is not None else self.executor.forward_events
         if self.executor.time_forwards and events is not None:
-            events[1].synchronize()  # done already: sampling read the logits back
+            events[1].synchronize()  # done already: its tokens were read back
             gpu_ms = events[0].elapsed_time(events[1])
         decode_only = all(s.num_tokens == 1 for s in plan.steps)
         self.profile.end(

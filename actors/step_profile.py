@@ -34,9 +34,41 @@ class EngineProfile(Message):
 
     decode: dict[str, float | int | None] = msgspec.field(default_factory=dict)
     other: dict[str, float | int | None] = msgspec.field(default_factory=dict)
+    # CUDA caching-allocator counters since the last reset (``allocator_counters``): device
+    # mallocs, frees and out-of-memory retries synchronize the device, so any during serving
+    # stall the overlapped steps
+    allocator: dict[str, int] = msgspec.field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"decode": dict(self.decode), "other": dict(self.other)}
+        return {
+            "decode": dict(self.decode),
+            "other": dict(self.other),
+            "allocator": dict(self.allocator),
+        }
+
+
+ALLOCATOR_COUNTERS = (
+    "num_alloc_retries",
+    "num_device_alloc",
+    "num_device_free",
+    "num_sync_all_streams",
+)
+HOST_COUNTERS = ("num_host_alloc", "num_host_free")
+
+
+def allocator_counters() -> dict[str, int]:
+    """The process's CUDA allocator counters (empty without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    stats = torch.cuda.memory_stats()
+    out = {k: int(stats.get(k, 0)) for k in ALLOCATOR_COUNTERS}
+    host_stats = getattr(torch.cuda, "host_memory_stats", None)
+    if host_stats is not None:
+        hs = host_stats()
+        out.update({k: int(hs.get(k, 0)) for k in HOST_COUNTERS})
+    return out
 
 
 @dataclass
@@ -50,6 +82,7 @@ class StepProfile:
     )
     _last_end: float | None = None
     _overlapped: bool = False
+    _counters: dict[str, int] = field(default_factory=allocator_counters)
 
     def begin(self) -> tuple[float, float]:
         """(start time, gap since the previous step's end in ms)."""
@@ -83,9 +116,16 @@ class StepProfile:
         self.decode.clear()
         self.other.clear()
         self._last_end = None
+        self._counters = allocator_counters()
 
     def summary(self) -> dict:
-        return {"decode": _summarize(self.decode), "other": _summarize(self.other)}
+        now = allocator_counters()
+        allocator = {k: v - self._counters.get(k, 0) for k, v in now.items()}
+        return {
+            "decode": _summarize(self.decode),
+            "other": _summarize(self.other),
+            "allocator": allocator,
+        }
 
 
 def _summarize(rows: list[tuple[float, float, float | None, int, dict[str, float]]]) -> dict:
@@ -100,11 +140,13 @@ def _summarize(rows: list[tuple[float, float, float | None, int, dict[str, float
         "batch_mean": round(statistics.fmean(r[3] for r in rows), 1),
         "wall_ms_mean": round(statistics.fmean(walls), 3),
         "wall_ms_p50": round(statistics.median(walls), 3),
+        "wall_s_total": round(sum(walls) / 1e3, 3),
         "gap_ms_mean": round(statistics.fmean(gaps), 3) if gaps else None,
         "gap_ms_p50": round(statistics.median(gaps), 3) if gaps else None,
     }
     if gpus:
         out["forward_gpu_ms_mean"] = round(statistics.fmean(gpus), 3)
+        out["forward_gpu_s_total"] = round(sum(gpus) / 1e3, 3)
         out["host_ms_mean"] = round(out["wall_ms_mean"] - out["forward_gpu_ms_mean"], 3)
     # the step's timeline on the host (PlanExecutor's StepTiming): mean ms per phase
     phases = [r[4] for r in rows if r[4]]
@@ -115,4 +157,4 @@ def _summarize(rows: list[tuple[float, float, float | None, int, dict[str, float
     return out
 
 
-__all__ = ["EngineProfile", "EngineProfileQuery", "StepProfile"]
+__all__ = ["EngineProfile", "EngineProfileQuery", "StepProfile", "allocator_counters"]

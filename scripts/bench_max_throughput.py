@@ -69,6 +69,12 @@ def parse_args() -> argparse.Namespace:
         "external client would; default) or on the node's event loop in this process",
     )
     p.add_argument(
+        "--gpu-timing",
+        action="store_true",
+        help="time every forward with CUDA events and report the share of the run the GPU "
+        "spent in forwards (costs a little host time per step)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -215,12 +221,17 @@ async def run_set(
 ) -> dict:
     from greenroom.actors.step_profile import EngineProfileQuery
 
-    await engine.ask(EngineProfileQuery(reset=True), timeout=30)
+    await engine.ask(EngineProfileQuery(reset=True, gpu_timing=args.gpu_timing), timeout=30)
     if args.client == "process":
         measured = await replay_in_process(address, requests, seed=len(requests))
     else:
         measured = await offline_throughput(client, requests)
     profile = (await engine.ask(EngineProfileQuery(reset=True), timeout=30)).to_dict()
+    gpu_s = [
+        profile[k].get("forward_gpu_s_total", 0.0 if not profile[k]["steps"] else None)
+        for k in ("decode", "other")
+    ]
+    busy = sum(gpu_s) / measured["seconds"] if None not in gpu_s else None
     return {
         "requests": len(requests),
         "mean_prompt_tokens": sum(r.prompt_length for r in requests) / len(requests),
@@ -230,6 +241,8 @@ async def run_set(
         "of_roofline": measured["output_tokens_per_s"] / roofline.output_tokens_per_s,
         "client": args.client,
         "engine_profile": profile,
+        # forwards' device time over the run's wall time (--gpu-timing)
+        "gpu_busy_fraction": busy,
     }
 
 

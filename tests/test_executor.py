@@ -245,3 +245,22 @@ def test_a_plan_cannot_read_a_token_no_step_sampled(runner) -> None:
     with pytest.raises(PlanError):
         ex.launch(StepPlan(iteration=1, steps=[SequenceStep("g", 1)]))
     ex.finish(first)
+
+
+def test_a_mixed_batch_runs_its_decode_rows_in_the_decode_kernel(runner) -> None:
+    from greenroom.models.batch import SequenceChunk
+
+    chunks = [
+        SequenceChunk([7], 20, [1, 2]),  # decode rows over cached (here: arbitrary) KV
+        SequenceChunk([9], 3, [3]),
+        SequenceChunk(PROMPT[:12], 5, [4, 5]),  # a prefill chunk after a cached prefix
+        SequenceChunk([4], 0, [6]),  # a one-token chunk after a longer one stays in prefill
+        SequenceChunk(PROMPT, 0, [7, 8]),
+    ]
+    batch = runner.build_batch(chunks)
+    assert batch.decode_rows == 2 and not batch.decode_only
+    split = runner.forward(batch, graphs="none")
+    batch.decode_rows = 0
+    whole = runner.forward(batch, graphs="none")
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-4)
+    assert runner.build_batch(chunks[:2]).decode_rows == 0  # decode-only: the decode path

@@ -25,10 +25,16 @@ def test_step_profile_splits_decode_from_other_steps() -> None:
     assert s["decode"]["steps"] == 2 and s["other"]["steps"] == 1
     assert s["decode"]["batch_mean"] == 5.0
     assert s["decode"]["forward_gpu_ms_mean"] == 2.5
+    assert s["decode"]["forward_gpu_s_total"] == pytest.approx(0.005)
+    assert s["decode"]["wall_s_total"] == pytest.approx(
+        s["decode"]["wall_ms_mean"] * 2 / 1e3, abs=1e-3
+    )
     assert s["decode"]["host_ms_mean"] == pytest.approx(s["decode"]["wall_ms_mean"] - 2.5, abs=1e-3)
     assert "forward_gpu_ms_mean" not in s["other"]
     p.reset()
-    assert p.summary() == {"decode": {"steps": 0}, "other": {"steps": 0}}
+    s = p.summary()
+    assert (s["decode"], s["other"]) == ({"steps": 0}, {"steps": 0})
+    assert all(v >= 0 for v in s["allocator"].values())  # counter deltas (none without CUDA)
     assert p.begin()[1] == 0.0  # no previous step: no gap
 
 

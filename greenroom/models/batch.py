@@ -45,6 +45,10 @@ class ForwardBatch:
     host_lens: tuple[np.ndarray, np.ndarray] | None = None
     # a Helix CP rank's local block tables, shard lengths and KV slots (greenroom.models.helix_batch)
     helix: HelixView | None = None
+    # a mixed batch's leading requests with exactly one new token: their attention runs in the
+    # decode kernel, which reads each KV head once for its whole query group (the prefill
+    # kernel reads it once per query head)
+    decode_rows: int = 0
 
     @property
     def num_requests(self) -> int:
@@ -89,6 +93,8 @@ class ForwardBatch:
             (t for c in chunks for t in c.token_ids), dtype=np.int64, count=int(cu[-1])
         )
         logits_indices = np.arange(int(cu[-1])) if all_logits else cu[1:] - 1
+        longer = np.flatnonzero(q_lens != 1)
+        decode_rows = int(longer[0]) if longer.size else 0
         wide, narrow = upload_packed(
             [input_ids, positions, slots, logits_indices], [tables, context_lens, cu], device
         )
@@ -105,6 +111,7 @@ class ForwardBatch:
             decode_only=bool((q_lens == 1).all()),
             all_logits=all_logits,
             host_lens=(q_lens, context_lens),
+            decode_rows=decode_rows,
         )
 
 

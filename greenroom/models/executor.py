@@ -282,7 +282,7 @@ class PlanExecutor:
             if batch_sampling.adjustments is not None:
                 batch_sampling.adjustments.record(out.token_ids)
             tokens = out.token_ids
-        launched = LaunchedStep(plan, started, timing, ready, tokens)
+        launched = LaunchedStep(plan, started, timing, ready, tokens, forward_events=events)
         if ready:
             positions = []
             for row, seq in enumerate(ready):
@@ -461,6 +461,8 @@ class LaunchedStep:
     ready: list[Sequence] = field(default_factory=list)  # sequences that sample a token
     tokens: torch.Tensor | None = None  # [len(ready)] int64 on the device
     positions: list[int] = field(default_factory=list)  # each token's index in its sequence
+    # CUDA events around its forward when the executor times forwards (``time_forwards``)
+    forward_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
     _host: list[torch.Tensor] = field(default_factory=list)
     _done: torch.cuda.Event | None = None
 

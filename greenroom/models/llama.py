@@ -125,6 +125,17 @@ class LlamaModel:
                 q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale,
                 window=window,
             )  # fmt: skip
+        d = batch.decode_rows if batch.attention_tiles is None else 0
+        if d:
+            decode = ops.paged_decode_attention(
+                q[:d], k_cache, v_cache, batch.block_tables[:d], batch.context_lens[:d],
+                self.scale, window=window,
+            )  # fmt: skip
+            chunks = ops.paged_prefill_attention(
+                q[d:], k_cache, v_cache, batch.block_tables[d:], batch.cu_seqlens_q[d:] - d,
+                batch.context_lens[d:], self.scale, batch.max_seqlen_q, window=window,
+            )  # fmt: skip
+            return torch.cat([decode, chunks])
         return ops.paged_prefill_attention(
             q,
             k_cache,

@@ -1,0 +1,132 @@
+"""Step-shape profiler: the device time of a forward with prefill chunks beside decode rows,
+against the same work split into its parts, and the kernels it spends that time in.
+
+GPU: a Llama-3.1-8B-shaped model with random bf16 weights. Shapes (``--shapes``, each
+``PROMPTS x PROMPT_LEN + DECODE_ROWS @ CONTEXT``) are timed eagerly (CUDA-event median), mixed
+ones also with their decode rows through the prefill kernel (``decode_rows = 0``), and decode-only
+ones also through CUDA graphs. ``--quick``: a tiny shape on CPU. Prints one JSON object as its
+last line; with ``--kernels`` a per-kernel table for each shape on stderr too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from functools import partial
+
+import torch
+
+from greenroom.bench.roofline import measure_ceilings, prefill_flops
+from greenroom.bench.step_breakdown import blocks_needed, kernel_table, step_batch
+from greenroom.bench.timing import median_seconds
+from greenroom.config import KVConfig, ModelConfig
+from greenroom.models.arch import ArchConfig
+from greenroom.models.loader import random_weights
+from greenroom.models.presets import preset_config
+from greenroom.models.runner import ModelRunner
+
+SHAPE = re.compile(r"^(\d+)x(\d+)\+(\d+)@(\d+)$")
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    m = SHAPE.match(text.replace(" ", ""))
+    if m is None:
+        raise SystemExit(
+            f"shape {text!r}: expected PROMPTS x PROMPT_LEN + DECODE_ROWS @ CONTEXT, e.g. 8x1000+400@1500"
+        )
+    return tuple(int(g) for g in m.groups())  # type: ignore[return-value]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="tiny shapes on CPU")
+    p.add_argument("--model", default="random:llama-3.1-8b")
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated shapes, e.g. 8x1000+0@0,8x1000+400@1500,0x0+414@1500",
+    )
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument(
+        "--kernels", action="store_true", help="per-kernel device time of each shape (stderr)"
+    )
+    args = p.parse_args()
+    quick = args.quick or not torch.cuda.is_available()
+    device = torch.device("cpu" if quick else "cuda")
+    model = "random:small" if quick else args.model
+    default = "2x24+3@40,0x0+4@40" if quick else "8x1000+0@0,8x1000+400@1500,0x0+414@1500"
+    shapes = [parse_shape(s) for s in (args.shapes or default).split(",")]
+    arch = ArchConfig.from_dict(preset_config(model), source=model)
+    dtype = torch.float32 if quick else torch.bfloat16
+    ceilings = measure_ceilings(device, dtype)
+    tpb = 16
+    need = max(blocks_needed(*s, tpb) for s in shapes)
+    longest = max(max(s[1], s[3]) for s in shapes)
+    rows = max(s[0] + s[2] for s in shapes)
+    cfg = ModelConfig(
+        max_model_len=max(longest, 64), cuda_graph_max_batch_size=max(1, max(s[2] for s in shapes))
+    )
+    runner = ModelRunner.from_weights(
+        cfg,
+        KVConfig(tokens_per_block=tpb, num_blocks=need),
+        arch,
+        random_weights(arch, dtype, device),
+        device,
+        model,
+    )
+    if device.type == "cuda":
+        decode_sizes = sorted({s[2] for s in shapes if s[0] == 0 and s[2] > 0})
+        if decode_sizes:
+            runner.capture_cuda_graphs(batch_sizes=decode_sizes)
+    kv_per_token = runner.block_bytes // tpb
+    out = []
+    for prompts, plen, drows, ctx in shapes:
+        batch = step_batch(runner, prompts, plen, drows, ctx)
+        timed = lambda fn: median_seconds(fn, device, args.reps, 2) * 1e3  # noqa: E731
+        row = {
+            "shape": f"{prompts}x{plen}+{drows}@{ctx}",
+            "rows": batch.num_requests,
+            "tokens": batch.num_tokens,
+        }
+        row["eager_ms"] = timed(partial(runner.forward, batch, graphs="none"))
+        if batch.decode_rows:
+            saved, batch.decode_rows = batch.decode_rows, 0
+            row["decode_rows_in_prefill_kernel_ms"] = timed(
+                partial(runner.forward, batch, graphs="none")
+            )
+            batch.decode_rows = saved
+        if batch.decode_only and runner.graphs is not None and runner.graphs.can_run(batch):
+            row["graph_ms"] = timed(partial(runner.forward, batch))
+        flops = prompts * prefill_flops(arch, plen) if prompts else 0.0
+        kv_bytes = drows * ctx * kv_per_token
+        row["prefill_matmul_floor_ms"] = flops / ceilings.matmul_flops_per_s * 1e3
+        row["decode_kv_read_floor_ms"] = kv_bytes / ceilings.copy_bytes_per_s * 1e3
+        if args.kernels and device.type == "cuda":
+            row["kernels"] = kernel_table(partial(runner.forward, batch, graphs="none"))
+            print(json.dumps({"shape": row["shape"], "kernels": row["kernels"]}), file=sys.stderr)
+        out.append(row)
+        print(
+            f"profile_step: {json.dumps({k: v for k, v in row.items() if k != 'kernels'})}",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "profile_step",
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "model": model,
+                "ceilings": ceilings.to_dict(),
+                "rows": rows,
+                "shapes": out,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
