@@ -207,7 +207,8 @@ class Engine(Actor):
 
     @handles(EngineProfileQuery)
     def profile_query(self, msg: EngineProfileQuery) -> EngineProfile:
-        out = EngineProfile(**self.profile.summary())
+        steps = [list(row) for row in self.profile.trace] if msg.steps else []
+        out = EngineProfile(**self.profile.summary(), steps=steps)
         if msg.reset:
             self.profile.reset()
         self.executor.time_forwards = msg.gpu_timing
@@ -393,6 +394,7 @@ class Engine(Actor):
             len(plan.steps),
             gpu_ms,
             getattr(self.executor, "last_timing", None),
+            sum(s.num_tokens for s in plan.steps),
         )
 
     def _execute_on_stream(self, plan: StepPlan, stream) -> StepResult:

@@ -26,6 +26,7 @@ class EngineProfileQuery(Message):
 
     reset: bool = True
     gpu_timing: bool = False
+    steps: bool = False  # include every step's row (``EngineProfile.steps``)
 
 
 class EngineProfile(Message):
@@ -38,6 +39,8 @@ class EngineProfile(Message):
     # mallocs, frees and out-of-memory retries synchronize the device, so any during serving
     # stall the overlapped steps
     allocator: dict[str, int] = msgspec.field(default_factory=dict)
+    # one row per step when asked (``STEP_FIELDS``; gpu_ms -1 when not timed)
+    steps: list[list[float]] = msgspec.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -46,6 +49,11 @@ class EngineProfile(Message):
             "allocator": dict(self.allocator),
         }
 
+
+STEP_FIELDS = (
+    "end_s", "wall_ms", "gap_ms", "gpu_ms", "rows", "tokens", "decode_only",
+    "prepare_ms", "forward_launch_ms", "token_wait_ms",
+)  # fmt: skip
 
 ALLOCATOR_COUNTERS = (
     "num_alloc_retries",
@@ -83,6 +91,7 @@ class StepProfile:
     _last_end: float | None = None
     _overlapped: bool = False
     _counters: dict[str, int] = field(default_factory=allocator_counters)
+    trace: list[list[float]] = field(default_factory=list)  # STEP_FIELDS rows
 
     def begin(self) -> tuple[float, float]:
         """(start time, gap since the previous step's end in ms)."""
@@ -98,6 +107,7 @@ class StepProfile:
         batch: int,
         gpu_ms: float | None,
         phases: dict[str, float] | None = None,
+        tokens: int = 0,
     ) -> None:
         now = time.perf_counter()
         if not self._overlapped:
@@ -105,6 +115,13 @@ class StepProfile:
         rows = self.decode if decode_only else self.other
         if len(rows) < self.max_steps:
             rows.append(((now - start) * 1e3, gap_ms, gpu_ms, batch, phases or {}))
+        if len(self.trace) < self.max_steps:
+            ph = phases or {}
+            self.trace.append([
+                now, (now - start) * 1e3, gap_ms, -1.0 if gpu_ms is None else gpu_ms, batch,
+                tokens, float(decode_only), ph.get("prepare_ms", 0.0),
+                ph.get("forward_launch_ms", 0.0), ph.get("token_wait_ms", 0.0),
+            ])  # fmt: skip
 
     def mark_idle(self) -> None:
         """Overlapped steps: the engine waits for a plan from now (a step's ``end`` comes
@@ -117,6 +134,7 @@ class StepProfile:
         self.other.clear()
         self._last_end = None
         self._counters = allocator_counters()
+        self.trace.clear()
 
     def summary(self) -> dict:
         now = allocator_counters()

@@ -75,6 +75,13 @@ def parse_args() -> argparse.Namespace:
         "spent in forwards (costs a little host time per step)",
     )
     p.add_argument(
+        "--step-trace",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write every engine step of each set (actors.step_profile.STEP_FIELDS) to PATH as JSON",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -226,7 +233,8 @@ async def run_set(
         measured = await replay_in_process(address, requests, seed=len(requests))
     else:
         measured = await offline_throughput(client, requests)
-    profile = (await engine.ask(EngineProfileQuery(reset=True), timeout=30)).to_dict()
+    answer = await engine.ask(EngineProfileQuery(reset=True, steps=True), timeout=30)
+    profile = answer.to_dict()
     gpu_s = [
         profile[k].get("forward_gpu_s_total", 0.0 if not profile[k]["steps"] else None)
         for k in ("decode", "other")
@@ -243,6 +251,7 @@ async def run_set(
         "engine_profile": profile,
         # forwards' device time over the run's wall time (--gpu-timing)
         "gpu_busy_fraction": busy,
+        "steps": answer.steps,
     }
 
 
@@ -298,6 +307,11 @@ def main() -> None:
     progress("ceilings", ceilings.to_dict())
     served = asyncio.run(serve(s, args, arch, dtype, ceilings))
     fixed = served.get("fixed")
+    trace = {k: served[k].pop("steps") for k in ("fixed", "openorca") if k in served}
+    if args.step_trace is not None:
+        from greenroom.actors.step_profile import STEP_FIELDS
+
+        args.step_trace.write_text(json.dumps({"fields": STEP_FIELDS, **trace}))
     result = {
         "benchmark": "bench_max_throughput",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
+import time
 from functools import partial
 
 import torch
@@ -37,6 +39,18 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
             f"shape {text!r}: expected PROMPTS x PROMPT_LEN + DECODE_ROWS @ CONTEXT, e.g. 8x1000+400@1500"
         )
     return tuple(int(g) for g in m.groups())  # type: ignore[return-value]
+
+
+def host_launch_ms(fn, reps: int = 3) -> float:
+    """Median host time to issue ``fn``'s work (the device idle and synchronized before)."""
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -93,6 +107,7 @@ def main() -> None:
             "tokens": batch.num_tokens,
         }
         row["eager_ms"] = timed(partial(runner.forward, batch, graphs="none"))
+        row["eager_host_launch_ms"] = host_launch_ms(partial(runner.forward, batch, graphs="none"))
         if batch.decode_rows:
             saved, batch.decode_rows = batch.decode_rows, 0
             row["decode_rows_in_prefill_kernel_ms"] = timed(
