@@ -20,6 +20,7 @@ from collections import deque
 
 from greenroom.actors import Actor, ActorCrashed, ActorError, ActorRef, handles
 from greenroom.actors.scheduling import FlowBudget, SchedulerCore
+from greenroom.actors.scheduling.routing import PromptRouting
 from greenroom.bus.messages import (
     CancelRequests,
     EngineInfo,
@@ -64,6 +65,20 @@ def flow_budgets(cfg: NodeConfig) -> list[FlowBudget]:
     ]
 
 
+def prompt_routing(cfg: NodeConfig) -> PromptRouting | None:
+    """How prompts split between the SM-disaggregation flows; None in mixed mode. The node
+    fills ``sm_disagg.compute_bound_tokens`` with its measurement when the config leaves 0."""
+    sd = cfg.sm_disagg
+    if not sd.enabled:
+        return None
+    if sd.policy == "adaptive" and sd.compute_bound_tokens < 1:
+        raise ValueError(
+            "sm_disagg.compute_bound_tokens = 0 reached the scheduler: the node measures it "
+            "at start (or set it in the config)"
+        )
+    return PromptRouting(sd.policy, max(1, sd.compute_bound_tokens))
+
+
 def plans_limit(cfg: NodeConfig) -> int:
     """Plans a flow keeps in flight: ``pp_depth`` micro-batches under pipeline parallelism
     (``pp_size`` by default), else ``plans_in_flight``."""
@@ -102,6 +117,7 @@ class Scheduler(Actor):
             eos_token_ids=list(info.eos_token_ids),
             flows=self.flows,
             pipelined=cfg.parallel.pp_size > 1,
+            routing=prompt_routing(cfg),
         )
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task] = []

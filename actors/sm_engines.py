@@ -73,7 +73,28 @@ def _capture_prefill_graphs(cfg: NodeConfig, runner, ctx_stream) -> None:
     )
 
 
-async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> dict[str, ActorRef]:
+def _compute_bound_tokens(cfg: NodeConfig, runner, ctx_stream) -> int:
+    """``sm_disagg.compute_bound_tokens``, measured on the context partition when the config
+    leaves it 0 under adaptive routing (0 stays 0 under fixed: no routing uses it)."""
+    sd = cfg.sm_disagg
+    if sd.compute_bound_tokens > 0 or sd.policy != "adaptive":
+        return sd.compute_bound_tokens
+    from greenroom.models.compute_bound import measure_compute_bound_tokens
+
+    tokens, _ = sm_disagg_budgets(cfg)
+    m = measure_compute_bound_tokens(runner, ctx_stream, max_tokens=tokens)
+    log.info(
+        "compute-bound prompt length measured on the context partition",
+        compute_bound_tokens=m.tokens,
+        prefill_tokens=m.sizes,
+        prefill_ms=m.step_ms,
+        measure_s=m.seconds,
+    )
+    return m.tokens
+
+
+async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> tuple[dict[str, ActorRef], int]:
+    """The two engines, and the compute-bound prompt length (configured or measured)."""
     from greenroom.models.executor import PlanExecutor
     from greenroom.models.runner import ModelRunner
 
@@ -97,9 +118,10 @@ async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> dict[str, ActorR
         )
         if cfg.sm_disagg.context_cuda_graphs:
             _capture_prefill_graphs(cfg, runner, ctx_stream)
+    threshold = _compute_bound_tokens(cfg, runner, ctx_stream)
     handoffs, activity = HandoffEvents(), ContextActivity()
     placement = None
-    if gen_stream is not None and cfg.sm_disagg.generation_whole_gpu_when_idle:
+    if gen_stream is not None and cfg.sm_disagg.whole_gpu_when_idle:
         placement = GenerationPlacement(gen_stream, _whole_gpu_decode_graphs(runner), activity)
 
     def make_executor(role: str) -> PlanExecutor:
@@ -120,7 +142,7 @@ async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> dict[str, ActorR
             name=f"{role}-engine",
             host="thread",
         )
-    return refs
+    return refs, threshold
 
 
 def _whole_gpu_decode_graphs(runner):

@@ -77,6 +77,20 @@ _NODE_FLAGS: list[tuple[Any, ...]] = [
         float,
         "SM share of the context engine (with --sm-disagg)",
     ),
+    (
+        "--sm-policy",
+        "sm_disagg.policy",
+        str,
+        "with --sm-disagg: adaptive (short prompts ride in decode steps) or fixed (every "
+        "prompt on the context engine)",
+    ),
+    (
+        "--compute-bound-tokens",
+        "sm_disagg.compute_bound_tokens",
+        int,
+        "with --sm-disagg adaptive: prompts of at least this many tokens go to the context "
+        "engine (0: measured at start)",
+    ),
     ("--http-port", "http.port", int, "OpenAI-compatible HTTP API port (0: pick a free one)"),
     ("--http-host", "http.host", str, "address the HTTP API binds", "ADDR"),
     ("--http-workers", "http.workers", int, "HTTP server processes sharing the port"),

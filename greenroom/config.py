@@ -152,11 +152,25 @@ class SMDisaggConfig(_Section):
     # the context engine replays prefill CUDA graphs at padded token counts instead of
     # launching a few hundred kernels per step from Python (needs model.cuda_graphs)
     context_cuda_graphs: bool = True
+    # adaptive: prompts of at least compute_bound_tokens go to the context engine, shorter
+    # (memory-bound) ones ride in the generation engine's step as in mixed mode; fixed: every
+    # prompt goes to the context engine
+    policy: Literal["adaptive", "fixed"] = "adaptive"
+    # the prompt length from which prefill on the context partition is compute-bound; 0:
+    # measured when the node starts (a ladder of prefill sizes on the context partition)
+    compute_bound_tokens: NonNegInt = 0
     # the generation engine decodes on every SM while no context plan runs (a second set of
-    # decode graphs on a whole-GPU stream), on its partition only while one does. Off: on an
-    # H200 (8B shape, OpenOrca) it lowered tokens/s per user by 2-29% against staying on the
-    # partition (BENCHMARKS.md, SM-level disaggregation)
-    generation_whole_gpu_when_idle: bool = False
+    # decode graphs on a whole-GPU stream), on its partition only while one does. "auto": on
+    # under policy adaptive, off under fixed (on an H200, 8B shape, OpenOrca, fixed routing
+    # lost 2-29% tokens/s per user with it: BENCHMARKS.md, SM-level disaggregation)
+    generation_whole_gpu_when_idle: bool | Literal["auto"] = "auto"
+
+    @property
+    def whole_gpu_when_idle(self) -> bool:
+        """``generation_whole_gpu_when_idle`` with "auto" decided by the policy."""
+        if self.generation_whole_gpu_when_idle == "auto":
+            return self.policy == "adaptive"
+        return bool(self.generation_whole_gpu_when_idle)
 
 
 class HttpConfig(_Section):

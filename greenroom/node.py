@@ -94,7 +94,7 @@ class Node:
         )
         resources: list = []  # closed after the actors stop (the rank bus, the store)
         try:
-            engines = await _start_engines(cfg, sup, resources)
+            engines, cfg = await _start_engines(cfg, sup, resources)
             first = next(iter(engines.values()))
             info: EngineInfo = await first.ask(EngineInfoQuery(), timeout=ENGINE_START_TIMEOUT_S)
             info = fit_max_model_len(info)
@@ -298,11 +298,15 @@ def _close_all(resources: list) -> None:
             resource.close()
 
 
-async def _start_engines(cfg: NodeConfig, sup: Supervisor, resources: list) -> dict[str, ActorRef]:
+async def _start_engines(
+    cfg: NodeConfig, sup: Supervisor, resources: list
+) -> tuple[dict[str, ActorRef], NodeConfig]:
+    """The engines by flow, and the config with what starting them decided (SM
+    disaggregation: the measured ``sm_disagg.compute_bound_tokens``)."""
     if cfg.parallel.world_size > 1:
         from greenroom.parallel.head import start_rank_group
 
-        return await start_rank_group(cfg, sup, resources)
+        return await start_rank_group(cfg, sup, resources), cfg
     if not cfg.sm_disagg.enabled:
         import torch
 
@@ -315,10 +319,12 @@ async def _start_engines(cfg: NodeConfig, sup: Supervisor, resources: list) -> d
             )
         else:
             ref = await sup.start_child(Engine, cfg, name="engine", host="thread")
-        return {"mixed": ref}
+        return {"mixed": ref}, cfg
     from greenroom.actors.sm_engines import start_sm_engines
 
-    return await start_sm_engines(cfg, sup)
+    engines, threshold = await start_sm_engines(cfg, sup)
+    sm = msgspec.structs.replace(cfg.sm_disagg, compute_bound_tokens=threshold)
+    return engines, msgspec.structs.replace(cfg, sm_disagg=sm)
 
 
 async def _start_http(cfg: NodeConfig, node: Node):

@@ -14,6 +14,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 from greenroom.actors.scheduling import FlowBudget, SchedulerCore
+from greenroom.actors.scheduling.routing import PromptRouting
 from greenroom.bus.messages import (
     HandoffEvent,
     KVStepResult,
@@ -151,10 +152,11 @@ class Sim:
         max_model_len: int = 256,
         host_blocks: int = 0,
         prefix_reuse: bool = True,
+        routing: PromptRouting | None = None,
         **sched,
     ) -> None:
         self.cfg = SchedulerConfig(**sched)
-        self.core = SchedulerCore(self.cfg, tpb, max_model_len, [EOS], flows)
+        self.core = SchedulerCore(self.cfg, tpb, max_model_len, [EOS], flows, routing=routing)
         kv_cfg = KVConfig(
             tokens_per_block=tpb, host_blocks=host_blocks, enable_prefix_reuse=prefix_reuse
         )

@@ -128,3 +128,37 @@ def test_unknown_names_in_a_file_name_the_valid_ones(tmp_path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(y)
     assert "did you mean" not in str(err.value) and "tokens_per_block" in str(err.value)
+
+
+def test_sm_disagg_routing_fields() -> None:
+    sd = load_config(overrides={"sm_disagg.enabled": True}).sm_disagg
+    assert sd.policy == "adaptive" and sd.compute_bound_tokens == 0  # 0: measured at start
+    assert sd.generation_whole_gpu_when_idle == "auto" and sd.whole_gpu_when_idle
+    fixed = load_config(overrides={"sm_disagg.policy": "fixed"}).sm_disagg
+    assert not fixed.whole_gpu_when_idle
+    pinned = load_config(
+        overrides={"sm_disagg.policy": "fixed", "sm_disagg.generation_whole_gpu_when_idle": True}
+    ).sm_disagg
+    assert pinned.whole_gpu_when_idle
+    assert (
+        load_config(overrides=["sm_disagg.compute_bound_tokens=512"]).sm_disagg.compute_bound_tokens
+        == 512
+    )
+    with pytest.raises(ConfigError, match="sm_disagg.policy = 'auto' is invalid.*adaptive"):
+        load_config(overrides={"sm_disagg.policy": "auto"})
+    with pytest.raises(ConfigError, match="sm_disagg.compute_bound_tokens = -1 is invalid"):
+        load_config(overrides={"sm_disagg.compute_bound_tokens": -1})
+    with pytest.raises(ConfigError, match="generation_whole_gpu_when_idle = 'yes' is invalid"):
+        load_config(overrides={"sm_disagg.generation_whole_gpu_when_idle": "yes"})
+
+
+def test_scheduler_routing_from_the_config() -> None:
+    from greenroom.actors.scheduler import prompt_routing
+
+    assert prompt_routing(load_config()) is None  # mixed mode
+    on = {"sm_disagg.enabled": True}
+    r = prompt_routing(load_config(overrides={**on, "sm_disagg.compute_bound_tokens": 300}))
+    assert r.adaptive and r.threshold_tokens == 300
+    assert not prompt_routing(load_config(overrides={**on, "sm_disagg.policy": "fixed"})).adaptive
+    with pytest.raises(ValueError, match="measures it at start"):
+        prompt_routing(load_config(overrides=on))

@@ -33,6 +33,8 @@ def node_config(sm: bool, **overrides):
         "sm_disagg.enabled": sm,
         "sm_disagg.context_max_num_tokens": 48,
         "sm_disagg.context_max_batch_size": 4,
+        # every prompt through the context engine: these tests cover the handoff protocol
+        "sm_disagg.policy": "fixed",
         "log_level": "warning",
     }
     base.update(overrides)
@@ -97,6 +99,35 @@ async def test_greedy_outputs_equal_mixed_mode_under_concurrent_load(mixed_outpu
             assert deltas[0] == tokens[:1], f"request {i}: {deltas}"
         stats = await node.scheduler_stats()
         assert stats["handoffs"] == sum(1 for _, m in requests if m > 1)
+        assert stats["prefill_tokens"] == sum(len(p) for p, _ in requests)
+        await node.wait_blocks_free()
+        assert (await node.scheduler_stats())["active"] == 0
+    finally:
+        await node.stop()
+
+
+@pytest.mark.parametrize("threshold", [40, 0])
+async def test_adaptive_routing_keeps_greedy_outputs_under_concurrent_load(
+    mixed_outputs, threshold: int
+) -> None:
+    """Short and long prompts interleaved: under ``adaptive`` those shorter than the threshold
+    prefill inside generation steps, the others on the context engine and hand off; every
+    request streams what mixed mode streams. ``0``: the node measures the threshold."""
+    requests = workload()
+    routing = {"sm_disagg.policy": "adaptive", "sm_disagg.compute_bound_tokens": threshold}
+    node = await Node.start(node_config(sm=True, **routing))
+    try:
+        measured = node.cfg.sm_disagg.compute_bound_tokens
+        assert measured == threshold if threshold else measured >= 1
+        results = await run_all(node, requests)
+        for i, deltas in enumerate(results):
+            assert sum(deltas, []) == mixed_outputs[i], f"request {i}"
+        stats = await node.scheduler_stats()
+        long = [m for p, m in requests if len(p) >= measured]
+        # long prompts always hand off; a short one does only when decodes filled the
+        # generation step's room
+        assert stats["handoffs"] >= sum(1 for m in long if m > 1)
+        assert 1 <= stats["prompts_in_generation"] <= len(requests) - len(long)
         assert stats["prefill_tokens"] == sum(len(p) for p, _ in requests)
         await node.wait_blocks_free()
         assert (await node.scheduler_stats())["active"] == 0

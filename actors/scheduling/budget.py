@@ -14,6 +14,9 @@ class FlowBudget:
     name: str
     max_num_tokens: int
     max_batch_size: int
+    # generation flow under adaptive SM-disaggregation routing: short prompts are admitted and
+    # prefilled in its steps, beside the decodes, as in mixed mode
+    takes_prompts: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in FLOW_NAMES:
@@ -23,15 +26,17 @@ class FlowBudget:
                 f"flow {self.name!r}: max_num_tokens = {self.max_num_tokens} and "
                 f"max_batch_size = {self.max_batch_size} must both be >= 1"
             )
+        if self.takes_prompts and self.name != "generation":
+            raise ValueError(f"flow {self.name!r}: takes_prompts is for the generation flow")
 
     @property
     def admits(self) -> bool:
         """Whether new requests enter through this flow."""
-        return self.name != "generation"
+        return self.name != "generation" or self.takes_prompts
 
     @property
     def prefills(self) -> bool:
-        return self.name != "generation"
+        return self.name != "generation" or self.takes_prompts
 
     @property
     def decodes(self) -> bool:

@@ -13,6 +13,7 @@ applied in any order.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, OrderedDict, deque
 
 import msgspec
@@ -22,6 +23,7 @@ from greenroom.actors.scheduling.flight import Draft, IssuedPlan, PlanEntry
 from greenroom.actors.scheduling.outputs import ERROR_KINDS, OutputCollector
 from greenroom.actors.scheduling.planner import admit_for, extend_for, select_work
 from greenroom.actors.scheduling.request import FreeState, KVWait, Request, RequestState
+from greenroom.actors.scheduling.routing import FlowRoom, PromptRouting, Waiting, route_prompts
 from greenroom.bus.messages import (
     KVComputed,
     KVReceive,
@@ -52,13 +54,22 @@ class SchedulerCore:
         eos_token_ids: list[int],
         flows: list[FlowBudget],
         pipelined: bool = False,
+        routing: PromptRouting | None = None,
     ) -> None:
+        """``routing`` (two flows only): under ``adaptive`` each admission goes to the flow
+        ``route_prompts`` picks, short prompts riding in the generation flow's steps."""
         self.cfg = sched_cfg
         self.pipelined = pipelined
         self.tokens_per_block = tokens_per_block
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.flows = check_flows(flows)
+        self.routing = routing if routing is not None and routing.adaptive else None
+        if self.routing is not None and "generation" in self.flows:
+            gen = self.flows["generation"]
+            self.flows["generation"] = dataclasses.replace(gen, takes_prompts=True)
+        elif self.routing is not None:
+            raise ValueError("adaptive prompt routing needs the context and generation flows")
         self._requests: dict[str, Request] = {}  # every request not yet gone (blocks included)
         self._waiting: OrderedDict[str, Request] = OrderedDict()
         self._running: dict[str, Request] = {}  # admission order: the last is the newest
@@ -447,14 +458,57 @@ class SchedulerCore:
 
     def _select(self, flow: str):
         fb = self.flows[flow]
-        room = self.cfg.max_num_active_requests - self._num_active if fb.admits else 0
+        room = 0
+        if fb.admits:
+            # both flows admit under adaptive routing: the other's pending admissions count
+            pending = sum(len(d.admits) for f, d in self._drafts.items() if f != flow)
+            room = self.cfg.max_num_active_requests - self._num_active - pending
         if self._waiting and next(iter(self._waiting)) == self._head_rejected:
             # alone, so that later candidates' prefix claims cannot crowd it out again
             room = min(room, 1)
         running = self._running.values()
         if self.pipelined:  # a request in a micro-batch in flight waits for its result
             running = [r for r in running if r.in_flight == 0]
-        return select_work(fb, running, self._waiting.values(), room)
+        waiting = self._routed(flow, room) if self.routing is not None else self._waiting.values()
+        return select_work(fb, running, waiting, room)
+
+    def _routed(self, flow: str, room: int) -> list[Request]:
+        """Adaptive routing: the admission candidates ``route_prompts`` sends to ``flow``, given
+        what each flow's next plan has room for after its decodes and continuing chunks."""
+        admitting = {r.request_id for d in self._drafts.values() for r in d.admits}
+        candidates: list[Request] = []
+        for r in self._waiting.values():
+            if len(candidates) >= room:
+                break
+            if r.request_id in admitting:
+                continue  # the other flow's KVStep is admitting it
+            candidates.append(r)
+            if r.has_blocks:
+                break  # select_work keeps FCFS behind a preempted request not yet freed
+        if not candidates:
+            return []
+        routed = route_prompts(
+            "adaptive",
+            [Waiting(r.request_id, len(r.prompt)) for r in candidates],
+            self.routing.threshold_tokens,
+            self._room("context"),
+            self._room("generation"),
+        )
+        mine = set(routed.context if flow == "context" else routed.generation)
+        return [r for r in candidates if r.request_id in mine]
+
+    def _room(self, flow: str) -> FlowRoom:
+        """What the next plan of ``flow`` leaves for new prompts after its running requests."""
+        fb = self.flows[flow]
+        tokens, seqs = fb.max_num_tokens, fb.max_batch_size
+        for r in self._running.values():
+            if r.flow != flow:
+                continue
+            if fb.decodes and r.can_decode():
+                tokens, seqs = tokens - 1, seqs - 1
+            elif r.state is RequestState.PREFILL and r.prompt_left > 0 and not r.waiting_for_kv:
+                tokens, seqs = tokens - r.prompt_left, seqs - 1
+        return FlowRoom(max(0, tokens), max(0, seqs))
 
     def _computed(self) -> list[KVComputed]:
         """Prompt tokens covered by issued plans, for requests where that grew since last time.
@@ -487,6 +541,8 @@ class SchedulerCore:
             self._running[r.request_id] = r
             newly.append(r)
             self._counters["admitted"] += 1
+            if flow == "generation":  # adaptive routing: a short prompt rides in decode steps
+                self._counters["prompts_in_generation"] += 1
         head = draft.admits[0] if draft.admits else None
         if head is None or head.request_id not in result.rejected:
             self._head_rejected = None

@@ -33,6 +33,25 @@ def compute_bound_tokens(
 
 
 @dataclass(frozen=True, slots=True)
+class PromptRouting:
+    """How the scheduler splits prompts between the two SM-disaggregation flows:
+    ``threshold_tokens`` is the compute-bound chunk size (``sm_disagg.compute_bound_tokens``)."""
+
+    policy: RoutingPolicy
+    threshold_tokens: int
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("adaptive", "fixed"):
+            raise ValueError(f"routing policy {self.policy!r} is invalid: adaptive or fixed")
+        if self.threshold_tokens < 1:
+            raise ValueError(f"threshold_tokens = {self.threshold_tokens} is invalid: must be >= 1")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.policy == "adaptive"
+
+
+@dataclass(frozen=True, slots=True)
 class Waiting:
     """A prompt ready to be prefilled: its id and the tokens still to compute."""
 
@@ -92,6 +111,7 @@ def route_prompts(
 
 __all__ = [
     "FlowRoom",
+    "PromptRouting",
     "Routing",
     "RoutingPolicy",
     "Waiting",
