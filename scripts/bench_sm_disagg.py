@@ -1,14 +1,20 @@
-"""SM-level prefill/decode disaggregation against mixed chunked prefill, through real nodes.
+"""SM-level prefill/decode disaggregation (fixed and adaptive routing) against mixed chunked
+prefill, through real nodes.
 
-One model (GPU default: ``random:llama-3.1-8b``, bf16), one request set (lengths from the
-OpenOrca trace, Poisson arrivals) at several loads, served by mixed chunked prefill and by SM
-disaggregation at several ``context_sm_percent`` values, all in one run: each mode is a fresh
-node in this process with the same KV pool (``kv.num_blocks``) and budgets. Per point: output
-tokens/s per GPU, tokens/s per user (1000 / mean TPOT), TTFT p50/p99. The target is read at
-equal tokens/s per GPU (the mixed curve interpolated at each SM point's throughput): >= 1.3x
-tokens/s per user with TTFT p99 <= 1.5x. A prefill-heavy and a decode-heavy mix (one load each)
-show the worst cases. Draws the Pareto curves (PNG). ``--quick``: the tiny model on CPU.
-Prints one JSON object as the last line.
+One model (GPU default: ``random:llama-3.1-8b``; ``random:llama-2-70b-half`` is the published
+per-layer regime), several request mixes (OpenOrca trace lengths, and fixed-shape mixes:
+prefill-heavy, decode-heavy, balanced, long_context = 10,000-token prompts with 600-token
+outputs), each at several Poisson loads, served by mixed chunked prefill, SM disaggregation
+with fixed routing (every prompt on the context engine) and with adaptive routing (short
+prompts ride in the generation step), all in one run: each mode is a fresh node in this
+process with the same KV pool (``kv.num_blocks``) and budgets. Per point: output tokens/s per
+GPU, tokens/s per user (1000 / mean TPOT), TTFT p50/p99. Each SM point is read against the
+mixed curve of its mix at equal tokens/s per GPU (interpolated; the same offered load where
+it falls outside the curve), with the issue's targets for adaptive as pass/fail fields:
+>= 0.97x per user at every load of OpenOrca and decode-heavy, >= 1.25x on long_context and
+>= 1.2x on prefill-heavy and balanced, TTFT p99 <= 1.0x. The ceiling per mixed point is the
+most per-user speed any SM mode could reach (mixed TPOT over its decode-only step).
+``--quick``: the tiny model on CPU. Prints one JSON object as the last line.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from pathlib import Path
 from greenroom.bench.sm_disagg import (
     Mode,
     Point,
-    best_comparison,
-    compare_at_equal_throughput,
+    adaptive_targets,
+    mode_comparisons,
     node_overrides,
+    parse_modes,
     plot_pareto,
     point_from_report,
     user_speed_ceiling,
@@ -39,37 +46,76 @@ from greenroom.replay.bundled import OPENORCA, bundled_trace
 
 # the bundled slice (1,000 rows, greenroom/data/SOURCE.md); the full trace for real runs
 DEFAULT_TRACE = bundled_trace(OPENORCA)
+MIXES = ("openorca", "prefill_heavy", "decode_heavy", "balanced", "long_context")
+# fixed-shape mixes: (input tokens, output tokens)
+SHAPES = {
+    "prefill_heavy": (2048, 16),
+    "decode_heavy": (64, 512),
+    "balanced": (2048, 256),
+    "long_context": (10000, 600),
+}
+# Poisson loads (requests/s) per mix, for the 8B shape on one H200; --load MIX=R1,R2 overrides
+DEFAULT_LOADS = {
+    "openorca": "8,16,24,32",
+    "prefill_heavy": "3,6,9",
+    "decode_heavy": "4,8,12",
+    "balanced": "3,6",
+    "long_context": "0.5,1,1.5",
+}
+QUICK_SHAPES = {"prefill_heavy": (256, 4), "decode_heavy": (8, 48), "balanced": (128, 16),
+                "long_context": (200, 24)}  # fmt: skip
+QUICK_LOADS = {"openorca": "40,160", "prefill_heavy": "40", "decode_heavy": "40",
+               "balanced": "40", "long_context": "10,40"}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", default=DEFAULT_TRACE)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Split a long run by --mixes (and --load), one invocation each; every "
+        "invocation runs all --modes so each comparison is made within one run.",
+    )
+    ap.add_argument("--trace", default=DEFAULT_TRACE, help="OpenOrca lengths CSV")
     ap.add_argument("--model", default="random:llama-3.1-8b")
-    ap.add_argument("--num-blocks", type=int, default=8192)
-    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--num-blocks", type=int, default=16384, help="KV pool blocks (16 tokens)")
+    ap.add_argument(
+        "--max-model-len", type=int, default=0, help="0: 4096, or what long_context needs"
+    )
     ap.add_argument("--max-num-tokens", type=int, default=2048, help="mixed chunk budget")
     ap.add_argument("--context-max-num-tokens", type=int, default=4096)
     ap.add_argument("--max-batch-size", type=int, default=128)
-    ap.add_argument("--requests", type=int, default=240, help="requests per load point")
-    ap.add_argument("--rates", default="8,16,24,32", help="Poisson loads, requests/s")
-    ap.add_argument("--sm-percents", default="0.3,0.5")
-    ap.add_argument("--heavy-requests", type=int, default=64)
-    ap.add_argument("--prefill-heavy", default="2048,16,6", help="input,output,rate")
-    ap.add_argument("--decode-heavy", default="64,512,8", help="input,output,rate")
-    ap.add_argument("--balanced", default="2048,256,6", help="input,output,rate")
     ap.add_argument(
-        "--mixes",
-        default="openorca,prefill_heavy,decode_heavy",
-        help="request sets to run, of openorca, prefill_heavy, decode_heavy, balanced",
+        "--modes",
+        default="mixed,fixed,adaptive",
+        help="of mixed, fixed, adaptive (SM modes); adaptive:N routes at N tokens instead of "
+        "--compute-bound-tokens (several sweep the threshold)",
     )
+    ap.add_argument("--sm-percents", default="0.3", help="context SM shares of the SM modes")
+    ap.add_argument(
+        "--compute-bound-tokens",
+        type=int,
+        default=0,
+        help="adaptive routing threshold (0: the node measures it at start)",
+    )
+    ap.add_argument("--mixes", default=",".join(MIXES), help=f"of {', '.join(MIXES)}")
+    ap.add_argument(
+        "--load",
+        action="append",
+        default=[],
+        metavar="MIX=R1,R2",
+        help="Poisson loads (requests/s) of one mix; repeat per mix (defaults: "
+        + "; ".join(f"{m}={r}" for m, r in DEFAULT_LOADS.items())
+        + ")",
+    )
+    ap.add_argument("--requests", type=int, default=240, help="requests per OpenOrca point")
+    ap.add_argument("--heavy-requests", type=int, default=64, help="per point of a shape mix")
+    ap.add_argument("--long-requests", type=int, default=24, help="per long_context point")
     ap.add_argument(
         "--gpu-timing",
         action="store_true",
         help="also time each forward with CUDA events (host time = wall - forward); timing "
         "events serialize the two SM engines' streams, so SM modes run slower with it",
     )
-    ap.add_argument("--budget-s", type=float, default=480.0, help="skip points past this")
-    ap.add_argument("--sm-only", action="store_true", help="skip the mixed baseline")
+    ap.add_argument("--budget-s", type=float, default=520.0, help="skip points past this")
     ap.add_argument(
         "--context-graphs",
         choices=("on", "off"),
@@ -78,14 +124,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--gil-switch-ms", type=float, default=0.0, help="0: Python's default")
     ap.add_argument("--out", default="sm_disagg_results.json")
-    ap.add_argument("--plot", default="sm_disagg_pareto.png")
+    ap.add_argument("--plot", default="sm_disagg_pareto.png", help="'' for none")
     ap.add_argument("--quick", action="store_true", help="tiny model on CPU")
     args = ap.parse_args(argv)
+    shapes, loads = dict(SHAPES), dict(DEFAULT_LOADS)
     if args.quick:
-        args.model, args.num_blocks, args.max_model_len = None, 1024, 0
+        args.model, args.num_blocks = None, 1024
         args.max_num_tokens, args.context_max_num_tokens, args.max_batch_size = 64, 64, 32
-        args.requests, args.rates, args.sm_percents = 16, "40,160", "0.5"
-        args.heavy_requests, args.prefill_heavy, args.decode_heavy = 8, "256,4,40", "8,48,40"
+        args.requests, args.heavy_requests, args.long_requests = 12, 8, 6
+        args.sm_percents = "0.5"
+        shapes, loads = QUICK_SHAPES, dict(QUICK_LOADS)
+    mixes = [m.strip() for m in args.mixes.split(",") if m.strip()]
+    bad = [m for m in mixes if m not in MIXES]
+    if bad or not mixes:
+        ap.error(f"--mixes {args.mixes!r} is invalid: choose from {', '.join(MIXES)}")
+    for item in args.load:
+        mix, _, rates = item.partition("=")
+        if mix not in MIXES or not rates:
+            ap.error(f"--load {item!r} is invalid: MIX=R1,R2 with MIX one of {', '.join(MIXES)}")
+        loads[mix] = rates
+    try:
+        args.loads = {m: [float(r) for r in loads[m].split(",")] for m in mixes}
+        args.mode_list = parse_modes(args.modes, args.sm_percents)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if any(r <= 0 for rates in args.loads.values() for r in rates):
+        ap.error("every --load rate must be > 0")
+    args.mix_list, args.shapes = mixes, shapes
+    if not args.max_model_len:
+        longest = max((sum(shapes[m]) for m in mixes if m in shapes), default=0)
+        args.max_model_len = 0 if args.quick else max(4096, -(-(longest + 64) // 1024) * 1024)
     return args
 
 
@@ -106,32 +174,28 @@ def base_overrides(args: argparse.Namespace) -> dict:
         "scheduler.max_num_active_requests": args.max_batch_size,
         "sm_disagg.context_max_num_tokens": args.context_max_num_tokens,
         "sm_disagg.context_cuda_graphs": args.context_graphs == "on",
+        "sm_disagg.compute_bound_tokens": args.compute_bound_tokens,
     }
 
 
 def request_sets(args: argparse.Namespace, vocab_size: int, max_model_len: int) -> list[tuple]:
-    """(mix, rate, requests): the trace at every load, then the two heavy mixes."""
+    """(mix, rate, requests) for every mix and load: the trace's lengths, or a fixed shape."""
     fit = {"vocab_size": vocab_size, "max_model_len": max_model_len, "seed": 0}
     if args.quick:
         fit.update(max_input_len=64, max_output_len=16)
-    mixes = args.mixes.split(",")
     sets = []
-    if "openorca" in mixes:
-        rows = read_rows(args.trace, "lengths", limit=args.requests)
-        sets += [
-            ("openorca", rate, build_requests(rows, rate=rate, **fit))
-            for rate in (float(r) for r in args.rates.split(","))
-        ]
-    for mix, spec in (
-        ("prefill_heavy", args.prefill_heavy),
-        ("decode_heavy", args.decode_heavy),
-        ("balanced", args.balanced),
-    ):
-        if mix not in mixes:
+    for mix in args.mix_list:
+        if mix == "openorca":
+            rows = read_rows(args.trace, "lengths", limit=args.requests)
+            sets += [(mix, r, build_requests(rows, rate=r, **fit)) for r in args.loads[mix]]
             continue
-        isl, osl, rate = (float(x) for x in spec.split(","))
-        heavy = [TraceRow(None, int(isl), int(osl)) for _ in range(args.heavy_requests)]
-        sets.append((mix, rate, build_requests(heavy, vocab_size=vocab_size, rate=rate, seed=1)))
+        isl, osl = args.shapes[mix]
+        count = args.long_requests if mix == "long_context" else args.heavy_requests
+        rows = [TraceRow(None, isl, osl) for _ in range(count)]
+        sets += [
+            (mix, r, build_requests(rows, vocab_size=vocab_size, rate=r, seed=1))
+            for r in args.loads[mix]
+        ]
     return sets
 
 
@@ -183,6 +247,8 @@ async def run_mode(mode: Mode, args, deadline: float, log) -> tuple[list[Point],
                     f"{p.ttft_p50_ms or 0:7.0f} p99 {p.ttft_p99_ms or 0:7.0f} ms  failed {p.num_failed}"
                 )
         info["scheduler"] = await node.refs["scheduler"].ask(_stats_query(), timeout=10)
+        if mode.sm_percent is not None:
+            info["compute_bound_tokens"] = node.cfg.sm_disagg.compute_bound_tokens
     finally:
         await node.stop()
         del node
@@ -203,33 +269,6 @@ def _stats_query():
     return SchedulerStatsQuery()
 
 
-def heavy_summary(points: list[Point]) -> dict:
-    """Per heavy mix: each SM mode against mixed at the same offered load."""
-    out = {}
-    for mix in ("prefill_heavy", "decode_heavy", "balanced"):
-        base = next((p for p in points if p.mix == mix and p.mode == "mixed"), None)
-        if base is None:
-            continue
-        rows = {"mixed": base.to_dict()}
-        for p in points:
-            if p.mix != mix or p.mode == "mixed":
-                continue
-            rows[p.mode] = {
-                **p.to_dict(),
-                "throughput_ratio": _ratio(
-                    p.output_tokens_per_s_per_gpu, base.output_tokens_per_s_per_gpu
-                ),
-                "user_speed_ratio": _ratio(p.tokens_per_s_per_user, base.tokens_per_s_per_user),
-                "ttft_p99_ratio": _ratio(p.ttft_p99_ms, base.ttft_p99_ms),
-            }
-        out[mix] = rows
-    return out
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a and b else None
-
-
 def device_info() -> dict:
     import torch
 
@@ -248,9 +287,7 @@ async def main(args: argparse.Namespace) -> dict:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    modes = ([] if args.sm_only else [Mode.mixed()]) + [
-        Mode.sm(float(p)) for p in args.sm_percents.split(",")
-    ]
+    modes: list[Mode] = args.mode_list
     points: list[Point] = []
     modes_info = []
     result: dict = {}
@@ -261,9 +298,10 @@ async def main(args: argparse.Namespace) -> dict:
         log(f"{mode.name}: {info}")
         result = summarize(args, points, modes_info)
         Path(args.out).write_text(json.dumps(result, indent=1))  # partial results survive
-    if args.plot:
-        title = f"{args.model or 'tiny'} on {device_info()['device']}: OpenOrca, Poisson loads"
-        plot_pareto([p for p in points if p.mix == "openorca"], args.plot, title)
+    if args.plot and points:
+        mix = "openorca" if any(p.mix == "openorca" for p in points) else points[0].mix
+        title = f"{args.model or 'tiny'} on {device_info()['device']}: {mix}, Poisson loads"
+        plot_pareto([p for p in points if p.mix == mix], args.plot, title)
         result["pareto_png"] = args.plot
     result["total_s"] = round(time.perf_counter() - start, 1)
     Path(args.out).write_text(json.dumps(result, indent=1))
@@ -274,28 +312,34 @@ def summarize(args, points: list[Point], modes_info: list[dict]) -> dict:
     from greenroom.kernels.sm_partition import choose_sm_split
 
     dev = device_info()
-    trace = [p for p in points if p.mix == "openorca"]
-    mixed = [p for p in trace if p.mode == "mixed"]
-    comparisons = compare_at_equal_throughput(mixed, [p for p in trace if p.mode != "mixed"])
-    best = best_comparison(comparisons)
     splits = {}
     if "sms" in dev:
-        for p in args.sm_percents.split(","):
-            splits[Mode.sm(float(p)).name] = choose_sm_split(dev["sms"], float(p))
+        for m in args.mode_list:
+            if m.sm_percent is not None:
+                splits[m.name] = choose_sm_split(dev["sms"], m.sm_percent)
+    sm_modes = [m.name for m in args.mode_list if m.sm_percent is not None]
+    comparisons = {
+        mix: {mode: mode_comparisons(points, mode, mix) for mode in sm_modes}
+        for mix in args.mix_list
+    }
+    targets = adaptive_targets(points)
+    verdicts = [t["pass"] for t in targets.values()]
     return {
         "benchmark": "sm_disagg",
         **dev,
         "model": args.model or "tiny-llama (embedded, CPU)",
+        "mixes": {m: args.shapes.get(m, "trace") for m in args.mix_list},
+        "loads": args.loads,
         "sm_splits": splits,
         "config": {k: v for k, v in base_overrides(args).items() if k not in ("port", "log_level")},
         "gil_switch_ms": args.gil_switch_ms or None,
         "modes": modes_info,
         "points": [p.to_dict() for p in points],
         "comparisons": comparisons,
-        "best": best,
-        "target_met": bool(best and best["meets_target"]),
+        "targets": {k: {f: v for f, v in t.items() if f != "rows"} for k, t in targets.items()},
+        # every adaptive target judged and met (None: nothing could be judged)
+        "targets_met": all(verdicts) if verdicts and None not in verdicts else None,
         "user_speedup_ceilings": ceilings(points, modes_info),
-        "heavy_mixes": heavy_summary(points),
         # requests that failed at any point: the comparisons cover fewer than were sent
         "lost_requests": sum(p.num_failed for p in points),
     }
@@ -314,37 +358,42 @@ def ceilings(points: list[Point], modes_info: list[dict]) -> list[dict]:
     return out
 
 
-if __name__ == "__main__":
-    result = asyncio.run(main(parse_args()))
-    brief = {k: result[k] for k in ("benchmark", "device", "model", "target_met", "best")}
-    brief["user_speedup_ceilings"] = {
+def brief(result: dict) -> dict:
+    """The last line: verdicts, ratios and the points, without per-step profiles."""
+    out = {k: result[k] for k in ("benchmark", "device", "model", "targets_met", "targets")}
+    out["compute_bound_tokens"] = {
+        m["mode"]: m["compute_bound_tokens"] for m in result["modes"] if "compute_bound_tokens" in m
+    }
+    out["routed"] = {
+        m["mode"]: {
+            k: m.get("scheduler", {}).get(k, 0) for k in ("handoffs", "prompts_in_generation")
+        }
+        for m in result["modes"]
+        if m["mode"] != "mixed"
+    }
+    out["user_speedup_ceilings"] = {
         f"{c['mix']}@{c['rate']:g}": c["user_speedup_ceiling"]
         for c in result["user_speedup_ceilings"]
     }
-    brief["points"] = [
-        {
-            k: p[k]
-            for k in (
-                "mode",
-                "mix",
-                "rate",
-                "output_tokens_per_s_per_gpu",
-                "tokens_per_s_per_user",
-                "ttft_p99_ms",
-            )
-        }
-        for p in result["points"]
-    ]
-    brief["heavy_mixes"] = {
-        mix: {
-            m: {k: r.get(k) for k in ("user_speed_ratio", "ttft_p99_ratio", "throughput_ratio")}
-            for m, r in rows.items()
-            if m != "mixed"
-        }
-        for mix, rows in result["heavy_mixes"].items()
+    out["comparisons"] = {
+        f"{mix}/{mode}": [
+            {k: r[k] for k in ("rate", "compared_at", "user_speedup", "ttft_p99_ratio")}
+            for r in rows
+        ]
+        for mix, by_mode in result["comparisons"].items()
+        for mode, rows in by_mode.items()
     }
-    brief["lost_requests"] = result["lost_requests"]
-    print(json.dumps(brief))
+    keys = ("mode", "mix", "rate", "output_tokens_per_s_per_gpu", "tokens_per_s_per_user",
+            "ttft_p99_ms", "num_failed")  # fmt: skip
+    out["points"] = [{k: p[k] for k in keys} for p in result["points"]]
+    out["lost_requests"] = result["lost_requests"]
+    out["total_s"] = result.get("total_s")
+    return out
+
+
+if __name__ == "__main__":
+    result = asyncio.run(main(parse_args()))
+    print(json.dumps(brief(result)))
     if result["lost_requests"]:
         print(f"bench_sm_disagg: {result['lost_requests']} requests failed", file=sys.stderr)
         sys.exit(1)

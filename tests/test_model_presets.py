@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from greenroom.config import load_config
 from greenroom.models.presets import PRESETS, is_preset
@@ -39,3 +40,16 @@ def _chunk(tokens, runner):
     from greenroom.models.batch import SequenceChunk
 
     return SequenceChunk(token_ids=tokens, num_cached=0, block_ids=[1])
+
+
+def test_llama_2_70b_half_has_the_published_per_layer_shapes() -> None:
+    from greenroom.models.arch import ArchConfig
+
+    a = ArchConfig.from_dict(PRESETS["llama-2-70b-half"])
+    assert (a.hidden_size, a.intermediate_size, a.num_layers) == (8192, 28672, 40)
+    assert (a.num_heads, a.num_kv_heads, a.head_dim, a.vocab_size) == (64, 8, 128, 32000)
+    assert a.dtype == torch.bfloat16 and a.max_position_embeddings >= 10_600  # long_context
+    per_layer = a.hidden_size * (a.q_size + 2 * a.kv_size) + a.q_size * a.hidden_size
+    per_layer += 3 * a.hidden_size * a.intermediate_size
+    weights = 2 * (a.num_layers * per_layer + 2 * a.vocab_size * a.hidden_size)
+    assert 68e9 < weights < 71e9  # bf16 bytes: half of Llama-2-70B, fits one H200

@@ -72,6 +72,7 @@ async def test_engines_report_step_profiles(sm: bool, engine_host: str) -> None:
             "scheduler.max_num_tokens": 32,
             "scheduler.max_batch_size": 8,
             "sm_disagg.enabled": sm,
+            "sm_disagg.policy": "fixed",  # every prompt on the context engine: both profile
             "engine_host": engine_host,  # a process engine replies across the process boundary
             "log_level": "warning",
         }

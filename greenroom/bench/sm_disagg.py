@@ -1,10 +1,11 @@
-"""SM-level disaggregation against mixed chunked prefill: load points, Pareto curves, the target.
+"""SM-level disaggregation against mixed chunked prefill: load points, Pareto curves, targets.
 
 A serving mode is mixed chunked prefill (``sm_percent`` None) or SM disaggregation with a
-context-engine share of the SMs. Each mode runs the same request sets at several Poisson loads;
-a point is (output tokens/s per GPU, tokens/s per user = 1000 / mean TPOT ms, TTFT p50/p99).
-The comparison interpolates the mixed curve at an SM point's throughput, so both are read at
-equal tokens/s per GPU.
+context-engine share of the SMs and a routing policy (``fixed``: every prompt on the context
+engine; ``adaptive``: short prompts ride in the generation step). Each mode runs the same
+request sets (mixes) at several Poisson loads; a point is (output tokens/s per GPU, tokens/s
+per user = 1000 / mean TPOT ms, TTFT p50/p99). The comparison interpolates the mixed curve of
+the same mix at an SM point's throughput, so both are read at equal tokens/s per GPU.
 """
 
 from __future__ import annotations
@@ -18,19 +19,59 @@ from greenroom.replay import ReplayReport
 TARGET_USER_SPEEDUP = 1.3
 TARGET_MAX_TTFT_P99_RATIO = 1.5
 
+# Adaptive routing against mixed, per mix (issue 16): tokens/s per user at equal tokens/s per
+# GPU with TTFT p99 <= 1.0x mixed; "every": at every comparable load (it never loses),
+# "best": at one load at least.
+ADAPTIVE_TARGETS: dict[str, tuple[str, float]] = {
+    "openorca": ("every", 0.97),
+    "decode_heavy": ("every", 0.97),
+    "long_context": ("best", 1.25),
+    "prefill_heavy": ("best", 1.2),
+    "balanced": ("best", 1.2),
+}
+ADAPTIVE_MAX_TTFT_P99_RATIO = 1.0
+POLICIES = ("fixed", "adaptive")
+
 
 @dataclass(frozen=True)
 class Mode:
     name: str
     sm_percent: float | None  # None: mixed chunked prefill
+    policy: str = "fixed"  # SM modes: sm_disagg.policy
+    threshold: int = 0  # adaptive: sm_disagg.compute_bound_tokens (0: the run's setting)
 
     @classmethod
     def mixed(cls) -> Mode:
         return cls("mixed", None)
 
     @classmethod
-    def sm(cls, percent: float) -> Mode:
-        return cls(f"sm{round(percent * 100)}", percent)
+    def sm(cls, percent: float, policy: str = "fixed", threshold: int = 0) -> Mode:
+        if policy not in POLICIES:
+            raise ValueError(f"policy {policy!r} is invalid: one of {POLICIES}")
+        if threshold < 0 or (threshold and policy != "adaptive"):
+            raise ValueError(f"threshold {threshold} is invalid: a positive one, for adaptive")
+        suffix = f"_t{threshold}" if threshold else ""
+        return cls(f"{policy}{round(percent * 100)}{suffix}", percent, policy, threshold)
+
+
+def parse_modes(names: str, sm_percents: str) -> list[Mode]:
+    """``"mixed,fixed,adaptive,adaptive:512"`` with ``"0.3"`` -> mixed, fixed30, adaptive30,
+    adaptive30_t512 (``:N``: that mode's compute_bound_tokens, e.g. to sweep thresholds)."""
+    modes = []
+    for spec in (n.strip() for n in names.split(",") if n.strip()):
+        name, _, threshold = spec.partition(":")
+        if name == "mixed" and not threshold:
+            modes.append(Mode.mixed())
+        elif name in POLICIES:
+            if threshold and not threshold.isdigit():
+                raise ValueError(f"mode {spec!r} is invalid: adaptive:N with N tokens")
+            n = int(threshold or 0)
+            modes += [Mode.sm(float(p), name, n) for p in sm_percents.split(",")]
+        else:
+            raise ValueError(f"mode {spec!r} is invalid: mixed, fixed, adaptive or adaptive:N")
+    if not modes:
+        raise ValueError("no mode to run: give --modes, e.g. mixed,fixed,adaptive")
+    return modes
 
 
 def node_overrides(mode: Mode, base: dict) -> dict:
@@ -39,6 +80,9 @@ def node_overrides(mode: Mode, base: dict) -> dict:
     out["sm_disagg.enabled"] = mode.sm_percent is not None
     if mode.sm_percent is not None:
         out["sm_disagg.context_sm_percent"] = mode.sm_percent
+        out["sm_disagg.policy"] = mode.policy
+        if mode.threshold:
+            out["sm_disagg.compute_bound_tokens"] = mode.threshold
     return out
 
 
@@ -113,10 +157,17 @@ def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float | N
     return pairs[0][1]
 
 
-def compare_at_equal_throughput(mixed: Sequence[Point], sm: Sequence[Point]) -> list[dict]:
+def compare_at_equal_throughput(
+    mixed: Sequence[Point],
+    sm: Sequence[Point],
+    min_speedup: float = TARGET_USER_SPEEDUP,
+    max_ttft_ratio: float = TARGET_MAX_TTFT_P99_RATIO,
+    equal_load_fallback: bool = False,
+) -> list[dict]:
     """Per SM point: the mixed curve read at the same tokens/s per GPU (linear between mixed
     load points), the user-speed ratio and the TTFT p99 ratio; None where the SM point's
-    throughput lies outside the mixed curve's range."""
+    throughput lies outside the mixed curve's range, unless ``equal_load_fallback``: then
+    the mixed point at the same offered load stands in (``compared_at`` says which)."""
     curve = [p for p in mixed if p.tokens_per_s_per_user is not None and p.ttft_p99_ms]
     xs = [p.output_tokens_per_s_per_gpu for p in curve]
     out = []
@@ -124,25 +175,78 @@ def compare_at_equal_throughput(mixed: Sequence[Point], sm: Sequence[Point]) -> 
         x = p.output_tokens_per_s_per_gpu
         user = interpolate(xs, [q.tokens_per_s_per_user for q in curve], x)
         ttft = interpolate(xs, [q.ttft_p99_ms for q in curve], x)
+        at = "equal_throughput"
+        if user is None and equal_load_fallback:
+            same = next((q for q in curve if q.rate == p.rate), None)
+            if same is not None:
+                user, ttft, at = same.tokens_per_s_per_user, same.ttft_p99_ms, "equal_load"
         speedup = p.tokens_per_s_per_user / user if user and p.tokens_per_s_per_user else None
         ttft_ratio = p.ttft_p99_ms / ttft if ttft and p.ttft_p99_ms else None
         out.append(
             {
                 "mode": p.mode,
+                "mix": p.mix,
                 "rate": p.rate,
+                "compared_at": at if user is not None else None,
                 "tokens_per_s_per_gpu": x,
                 "sm_tokens_per_s_per_user": p.tokens_per_s_per_user,
                 "mixed_tokens_per_s_per_user": user,
-                "user_speedup": speedup,
+                "user_speedup": finite(speedup),
                 "sm_ttft_p99_ms": p.ttft_p99_ms,
                 "mixed_ttft_p99_ms": ttft,
-                "ttft_p99_ratio": ttft_ratio,
+                "ttft_p99_ratio": finite(ttft_ratio),
                 "meets_target": speedup is not None
                 and ttft_ratio is not None
-                and speedup >= TARGET_USER_SPEEDUP
-                and ttft_ratio <= TARGET_MAX_TTFT_P99_RATIO,
+                and speedup >= min_speedup
+                and ttft_ratio <= max_ttft_ratio,
             }
         )
+    return out
+
+
+def mode_comparisons(points: Sequence[Point], mode: str, mix: str) -> list[dict]:
+    """``mode``'s points of ``mix`` against the mixed curve of ``mix``, judged by that mix's
+    adaptive target (a ratio of 1.0 where the mix has none)."""
+    _, target = ADAPTIVE_TARGETS.get(mix, ("best", 1.0))
+    return compare_at_equal_throughput(
+        [p for p in points if p.mix == mix and p.mode == "mixed"],
+        [p for p in points if p.mix == mix and p.mode == mode],
+        min_speedup=target,
+        max_ttft_ratio=ADAPTIVE_MAX_TTFT_P99_RATIO,
+        equal_load_fallback=True,
+    )
+
+
+def adaptive_targets(points: Sequence[Point]) -> dict[str, dict]:
+    """Per mix and adaptive mode: the comparison rows and whether the issue's target holds
+    (``pass`` None when no adaptive point could be compared)."""
+    out: dict[str, dict] = {}
+    mixes = sorted({p.mix for p in points}, key=lambda m: (m not in ADAPTIVE_TARGETS, m))
+    modes = sorted({p.mode for p in points if p.mode.startswith("adaptive")})
+    for mix in mixes:
+        rule, target = ADAPTIVE_TARGETS.get(mix, ("best", 1.0))
+        for mode in modes:
+            rows = mode_comparisons(points, mode, mix)
+            if not rows:
+                continue
+            judged = [r for r in rows if r["user_speedup"] is not None]
+            verdict = None
+            if judged:
+                hits = [r["meets_target"] for r in judged]
+                verdict = all(hits) if rule == "every" else any(hits)
+            speedups = [r["user_speedup"] for r in judged]
+            out[f"{mix}/{mode}"] = {
+                "target": f"{rule} load: >= {target}x tokens/s per user, TTFT p99 <= "
+                f"{ADAPTIVE_MAX_TTFT_P99_RATIO}x mixed",
+                "pass": verdict,
+                "user_speedup_min": min(speedups) if speedups else None,
+                "user_speedup_max": max(speedups) if speedups else None,
+                "ttft_p99_ratio_max": max(
+                    (r["ttft_p99_ratio"] for r in judged if r["ttft_p99_ratio"] is not None),
+                    default=None,
+                ),
+                "rows": rows,
+            }
     return out
 
 

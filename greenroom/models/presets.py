@@ -33,6 +33,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eos_token_id": [128001, 128008, 128009],
         "torch_dtype": "bfloat16",
     },
+    # Llama-2-70B's per-layer shapes with 40 of its 80 layers, so that bf16 weights (~70 GB)
+    # and a KV pool fit one H200; 16k positions (Llama-2 has 4k) for 10k-token prompts
+    "llama-2-70b-half": {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 32000,
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 16384,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+    },
     "llama-3.2-1b": {
         "architectures": ["LlamaForCausalLM"],
         "vocab_size": 128256,

@@ -1,0 +1,102 @@
+"""bench_sm_disagg: modes, per-mix comparisons against the mixed curve, the adaptive targets
+as pass/fail fields, and the --quick run (tiny model on CPU) with its JSON last line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from greenroom.bench.sm_disagg import Mode, Point, adaptive_targets, node_overrides, parse_modes
+
+
+def point(mode: str, mix: str, rate: float, tput: float, user: float, ttft: float) -> Point:
+    return Point(mode, mix, rate, 10, 0, 1.0, tput, user, 1000 / user, ttft, ttft, 1.0)
+
+
+def test_modes_and_their_overrides() -> None:
+    modes = parse_modes("mixed,fixed,adaptive,adaptive:512", "0.3")
+    assert [m.name for m in modes] == ["mixed", "fixed30", "adaptive30", "adaptive30_t512"]
+    o = node_overrides(modes[3], {"sm_disagg.compute_bound_tokens": 0})
+    assert o["sm_disagg.enabled"] and o["sm_disagg.policy"] == "adaptive"
+    assert o["sm_disagg.compute_bound_tokens"] == 512 and o["sm_disagg.context_sm_percent"] == 0.3
+    assert node_overrides(modes[0], {})["sm_disagg.enabled"] is False
+    for bad in ("sm30", "fixed:12", "adaptive:x", ""):
+        with pytest.raises(ValueError):
+            parse_modes(bad, "0.3")
+    assert Mode.sm(0.5, "adaptive").name == "adaptive50"
+
+
+def test_adaptive_targets_judge_each_mix_by_its_rule() -> None:
+    mixed = [
+        point("mixed", "openorca", 8, 1000, 100, 50),
+        point("mixed", "openorca", 16, 2000, 80, 100),
+        point("mixed", "long_context", 0.5, 300, 40, 2000),
+        point("mixed", "long_context", 1.0, 600, 30, 4000),
+    ]
+    adaptive = [
+        point("adaptive30", "openorca", 8, 1000, 99, 50),  # 0.99x: within "never loses"
+        point("adaptive30", "openorca", 16, 2000, 76, 90),  # 0.95x: loses at this load
+        point("adaptive30", "long_context", 0.5, 450, 45, 2500),  # 1.29x at equal throughput
+        point("adaptive30", "long_context", 1.0, 700, 50, 5000),  # past the curve: equal load
+    ]
+    t = adaptive_targets(mixed + adaptive)
+    orca, long = t["openorca/adaptive30"], t["long_context/adaptive30"]
+    assert orca["pass"] is False and orca["user_speedup_min"] == pytest.approx(0.95)
+    assert [r["meets_target"] for r in orca["rows"]] == [True, False]
+    assert long["pass"] is True  # the best load meets 1.25x with TTFT p99 <= 1.0x
+    r0, r1 = long["rows"]
+    assert r0["compared_at"] == "equal_throughput" and r0["user_speedup"] == pytest.approx(
+        1.286, abs=1e-3
+    )
+    assert r0["ttft_p99_ratio"] == pytest.approx(2500 / 3000, abs=1e-3)
+    assert r1["compared_at"] == "equal_load" and r1["user_speedup"] == pytest.approx(
+        50 / 30, abs=1e-3
+    )
+    assert not r1["meets_target"]  # TTFT p99 1.25x mixed
+    only_mixed = adaptive_targets(mixed)
+    assert only_mixed == {}
+
+
+@pytest.mark.slow
+def test_quick_run_reports_every_mode_mix_and_target() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/bench_sm_disagg.py",
+            "--quick",
+            "--mixes",
+            "openorca,long_context",
+            "--load",
+            "openorca=40,160",
+            "--load",
+            "long_context=20",
+            "--plot",
+            "",
+            "--out",
+            "/dev/null",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=True,
+    )
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["lost_requests"] == 0
+    modes = {p["mode"] for p in out["points"]}
+    assert modes == {"mixed", "fixed50", "adaptive50"}
+    assert {(p["mode"], p["mix"]) for p in out["points"]} == {
+        (m, x) for m in modes for x in ("openorca", "long_context")
+    }
+    assert set(out["targets"]) == {"openorca/adaptive50", "long_context/adaptive50"}
+    for t in out["targets"].values():
+        assert t["pass"] in (True, False) and t["user_speedup_min"] > 0
+    assert set(out["comparisons"]) == {
+        f"{x}/{m}" for x in ("openorca", "long_context") for m in ("fixed50", "adaptive50")
+    }
+    assert out["compute_bound_tokens"]["adaptive50"] >= 1  # measured at start
+    assert out["routed"]["fixed50"]["prompts_in_generation"] == 0
+    assert out["routed"]["adaptive50"]["prompts_in_generation"] > 0
+    assert out["user_speedup_ceilings"] and out["targets_met"] in (True, False)
