@@ -98,7 +98,7 @@ def measure_compute_bound_tokens(
     t0 = time.perf_counter()
     sizes, step_ms = [], []
     ctx = torch.cuda.stream(stream) if cuda and stream is not None else contextlib.nullcontext()
-    with ctx, torch.inference_mode():
+    with ctx, torch.inference_mode(), _one_cpu_thread(not cuda):
         for n in ladder:
             step_ms.append(_time_prefill(runner, n, repeats, cuda))
             sizes.append(n)
@@ -114,6 +114,22 @@ def measure_compute_bound_tokens(
         [round(t, 3) for t in step_ms],
         round(time.perf_counter() - t0, 3),
     )
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(on: bool):
+    """CPU: time on one intra-op thread; on a busy host, threads spinning at barriers turn a
+    millisecond forward into hundreds (measured on 2 shared cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if on:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if on:
+            torch.set_num_threads(before)
 
 
 def _time_prefill(runner: Any, n: int, repeats: int, cuda: bool) -> float:
