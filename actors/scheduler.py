@@ -4,7 +4,9 @@ The planning logic lives in `greenroom.actors.scheduling` (pure, no I/O); this a
 messages: per iteration and flow it asks the KV manager for the batch's block changes, sends the
 plan to the flow's engine without waiting for it (up to `plans_in_flight` plans run ahead), and
 streams each result's deltas to the frontend. Mixed mode has one flow; SM-level disaggregation
-has two (context, generation) as two tasks of this one actor, interleaving on one event loop.
+has two (context, generation) as two tasks of this one actor, interleaving on one event loop;
+under adaptive routing both admit prompts (``prompt_routing``: long ones to the context flow,
+short ones into generation steps).
 
 Under pipeline parallelism the flow keeps up to ``pp_depth`` micro-batches in flight, each with
 its own requests, and applies each result as it comes (in any order): a micro-batch that can be
