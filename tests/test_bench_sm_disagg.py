@@ -100,3 +100,32 @@ def test_quick_run_reports_every_mode_mix_and_target() -> None:
     assert out["routed"]["fixed50"]["prompts_in_generation"] == 0
     assert out["routed"]["adaptive50"]["prompts_in_generation"] > 0
     assert out["user_speedup_ceilings"] and out["targets_met"] in (True, False)
+
+
+@pytest.mark.slow
+def test_points_past_the_budget_are_skipped_and_the_run_still_reports() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/bench_sm_disagg.py",
+            "--quick",
+            "--mixes",
+            "decode_heavy",
+            "--modes",
+            "mixed,adaptive:16",
+            "--budget-s",
+            "0",
+            "--plot",
+            "",
+            "--out",
+            "/dev/null",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=True,
+    )
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["points"] == [] and out["targets_met"] is None
+    assert out["skipped"] == {"mixed": ["decode_heavy@40"], "adaptive50_t16": ["decode_heavy@40"]}
+    assert out["compute_bound_tokens"] == {"adaptive50_t16": 16}
