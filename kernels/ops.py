@@ -27,6 +27,7 @@ KERNELS = (
     "fused_add_rms_norm",
     "rms_norm",
     "apply_rotary",
+    "silu_and_mul",
 )
 
 Backend = Literal["auto", "reference"]
@@ -155,6 +156,10 @@ def rms_norm(x, weight, eps) -> torch.Tensor:
     return implementation("rms_norm", x.device)(x, weight, eps)
 
 
+def silu_and_mul(x) -> torch.Tensor:
+    return implementation("silu_and_mul", x.device)(x)
+
+
 def apply_rotary(q, k, positions, cos_sin_cache) -> tuple[torch.Tensor, torch.Tensor]:
     return implementation("apply_rotary", q.device)(q, k, positions, cos_sin_cache)
 
@@ -172,5 +177,6 @@ __all__ = [
     "register",
     "rms_norm",
     "set_backend",
+    "silu_and_mul",
     "write_kv_cache",
 ]

@@ -200,6 +200,12 @@ def fused_add_rms_norm(
     return rms_norm(new_residual, weight, eps), new_residual
 
 
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation of the fused gate/up projection ``x [..., 2 * I]``: ``silu(gate) * up``."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,5 +227,6 @@ __all__ = [
     "paged_decode_attention_partial",
     "paged_prefill_attention",
     "rms_norm",
+    "silu_and_mul",
     "write_kv_cache",
 ]

@@ -40,7 +40,9 @@ def sm_budget(num_sms: int | None) -> Iterator[None]:
         _SM_BUDGET.reset(token)
 
 
-@triton.jit
+# Arguments that follow the batch (split count, block-table width, tile counts) are not
+# specialized on their values: each new value class would compile another variant mid-serving.
+@triton.jit(do_not_specialize=["num_splits", "stride_bt", "stride_os", "stride_ls"])
 def _decode_kernel(
     q_ptr,
     k_cache_ptr,

@@ -65,7 +65,9 @@ def _attend_chunk(
     return acc, m_new, l_i
 
 
-@triton.jit
+# Arguments that follow the batch (split count, block-table width, tile counts) are not
+# specialized on their values: each new value class would compile another variant mid-serving.
+@triton.jit(do_not_specialize=["num_m_blocks", "num_tiles", "stride_bt"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,

@@ -25,6 +25,7 @@ from greenroom.kernels.triton_merge_attn_states import merge_attn_states  # noqa
 from greenroom.kernels.triton_prefill_attention import paged_prefill_attention  # noqa: E402
 from greenroom.kernels.triton_rms_norm import fused_add_rms_norm, rms_norm  # noqa: E402
 from greenroom.kernels.triton_rotary import apply_rotary  # noqa: E402
+from greenroom.kernels.triton_silu_and_mul import silu_and_mul  # noqa: E402
 
 TOL = 1e-4
 HEAD_DIM = 32
@@ -263,3 +264,12 @@ def test_rotary():
     q_out, k_out = apply_rotary(q, k, positions, cache)
     q_ref, k_ref = reference.apply_rotary(q, k, positions, cache)
     assert inputs.rel_err(q_out, q_ref) <= TOL and inputs.rel_err(k_out, k_ref) <= TOL
+
+
+def test_silu_and_mul():
+    x = torch.randn(3, 2, 2 * 1500)  # more than one column block, a ragged last one
+    out = silu_and_mul(x)
+    assert out.shape == (3, 2, 1500)
+    assert inputs.rel_err(out, reference.silu_and_mul(x)) <= TOL
+    strided = torch.randn(5, 4 * 40)[:, ::2]  # a non-contiguous input is copied first
+    assert inputs.rel_err(silu_and_mul(strided), reference.silu_and_mul(strided)) <= TOL

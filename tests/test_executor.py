@@ -264,3 +264,16 @@ def test_a_mixed_batch_runs_its_decode_rows_in_the_decode_kernel(runner) -> None
     whole = runner.forward(batch, graphs="none")
     torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-4)
     assert runner.build_batch(chunks[:2]).decode_rows == 0  # decode-only: the decode path
+
+
+def test_packed_uploads_start_every_array_16_byte_aligned() -> None:
+    import numpy as np
+
+    from greenroom.models.batch import upload_packed
+
+    wide = [np.arange(n, dtype=np.int64) for n in (1, 3, 5)]
+    narrow = [np.arange(n, dtype=np.int32) for n in (1, 2, 7, 6)]
+    out_wide, out_narrow = upload_packed(wide, narrow, "cpu")
+    for a, t in zip(wide + narrow, out_wide + out_narrow, strict=True):
+        assert t.data_ptr() % 16 == 0
+        assert t.tolist() == a.tolist()

@@ -197,6 +197,15 @@ def test_rms_norm(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype):
+    from greenroom.kernels import reference
+    from greenroom.kernels.triton_silu_and_mul import silu_and_mul
+
+    x = (4 * torch.randn(257, 2 * 14336, device="cuda")).to(dtype)
+    _check(silu_and_mul(x), reference.silu_and_mul(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rotary(dtype):
     from greenroom.kernels import reference
     from greenroom.kernels.triton_rotary import apply_rotary

@@ -49,6 +49,9 @@ class ForwardBatch:
     # decode kernel, which reads each KV head once for its whole query group (the prefill
     # kernel reads it once per query head)
     decode_rows: int = 0
+    # the rows after them (block tables, cu_seqlens_q from 0, context lengths), each its own
+    # aligned array
+    chunk_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_requests(self) -> int:
@@ -95,8 +98,12 @@ class ForwardBatch:
         logits_indices = np.arange(int(cu[-1])) if all_logits else cu[1:] - 1
         longer = np.flatnonzero(q_lens != 1)
         decode_rows = int(longer[0]) if longer.size else 0
+        narrow_arrays = [tables, context_lens, cu]
+        if decode_rows:
+            d = decode_rows
+            narrow_arrays += [tables[d:], cu[d:] - d, context_lens[d:]]
         wide, narrow = upload_packed(
-            [input_ids, positions, slots, logits_indices], [tables, context_lens, cu], device
+            [input_ids, positions, slots, logits_indices], narrow_arrays, device
         )
         return cls(
             input_ids=wide[0],
@@ -112,7 +119,15 @@ class ForwardBatch:
             all_logits=all_logits,
             host_lens=(q_lens, context_lens),
             decode_rows=decode_rows,
+            chunk_rows=tuple(narrow[3:]) if decode_rows else None,
         )
+
+
+ALIGN_WORDS = 4  # every array starts on a 16-byte boundary of the packed buffer
+
+
+def _aligned(words: int) -> int:
+    return -(-words // ALIGN_WORDS) * ALIGN_WORDS
 
 
 def upload_packed(
@@ -120,27 +135,28 @@ def upload_packed(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """``wide`` arrays as int64 and ``narrow`` ones as int32 tensors on ``device``, in one
     host-to-device copy from pinned memory: the copy is asynchronous, so the host can run
-    ahead of a forward still on the GPU (a pageable copy would wait for it)."""
+    ahead of a forward still on the GPU (a pageable copy would wait for it).
+
+    Each array starts 16-byte aligned: Triton specializes a kernel on its pointer arguments'
+    alignment, so arrays at arbitrary offsets would compile new kernel variants mid-serving."""
     device = torch.device(device)
-    sizes = [a.size for a in wide] + [a.size for a in narrow]
-    n_wide = sum(sizes[: len(wide)])
-    total = n_wide * 2 + sum(sizes[len(wide) :])  # in int32 words
-    total += total % 2
-    host = torch.empty(total, dtype=torch.int32, pin_memory=device.type == "cuda")
+    offsets, total = [], 0
+    for a, words_per in [(a, 2) for a in wide] + [(a, 1) for a in narrow]:
+        offsets.append(total)
+        total = _aligned(total + a.size * words_per)
+    host = torch.empty(max(total, ALIGN_WORDS), dtype=torch.int32, pin_memory=device.type == "cuda")
     words = host.numpy()
-    words[: 2 * n_wide].view(np.int64)[:] = np.concatenate([a.ravel() for a in wide])
-    if narrow:
-        words[2 * n_wide : 2 * n_wide + sum(sizes[len(wide) :])] = np.concatenate(
-            [a.ravel() for a in narrow]
-        )
+    for i, a in enumerate(wide):
+        words[offsets[i] : offsets[i] + 2 * a.size].view(np.int64)[:] = a.ravel()
+    for i, a in enumerate(narrow, start=len(wide)):
+        words[offsets[i] : offsets[i] + a.size] = a.ravel()
     dev = host.to(device, non_blocking=True) if device.type != "cpu" else host
-    wide_dev = dev[: 2 * n_wide].view(torch.int64)
-    out_wide, out_narrow, at = [], [], 0
-    for a in wide:
-        out_wide.append(wide_dev[at : at + a.size].view(a.shape))
-        at += a.size
-    at = 2 * n_wide
-    for a in narrow:
-        out_narrow.append(dev[at : at + a.size].view(a.shape))
-        at += a.size
+    out_wide = [
+        dev[offsets[i] : offsets[i] + 2 * a.size].view(torch.int64).view(a.shape)
+        for i, a in enumerate(wide)
+    ]
+    out_narrow = [
+        dev[offsets[i] : offsets[i] + a.size].view(a.shape)
+        for i, a in enumerate(narrow, start=len(wide))
+    ]
     return out_wide, out_narrow

@@ -97,8 +97,8 @@ class LlamaModel:
             )
             h = self.tp.all_reduce(F.linear(attn.reshape(n, -1), layer.o, layer.o_bias))
             x, residual = ops.fused_add_rms_norm(h, residual, layer.post_norm, arch.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = self.tp.all_reduce(F.linear(F.silu(gate) * up, layer.down))
+            act = ops.silu_and_mul(F.linear(x, layer.gate_up))
+            h = self.tp.all_reduce(F.linear(act, layer.down))
         if not self.stage.is_last:
             return h, residual
         out, _ = ops.fused_add_rms_norm(h, residual, w.norm, arch.rms_norm_eps)
@@ -126,14 +126,15 @@ class LlamaModel:
                 window=window,
             )  # fmt: skip
         d = batch.decode_rows if batch.attention_tiles is None else 0
-        if d:
+        if d and batch.chunk_rows is not None:
             decode = ops.paged_decode_attention(
                 q[:d], k_cache, v_cache, batch.block_tables[:d], batch.context_lens[:d],
                 self.scale, window=window,
             )  # fmt: skip
+            tables, cu_seqlens, context_lens = batch.chunk_rows
             chunks = ops.paged_prefill_attention(
-                q[d:], k_cache, v_cache, batch.block_tables[d:], batch.cu_seqlens_q[d:] - d,
-                batch.context_lens[d:], self.scale, batch.max_seqlen_q, window=window,
+                q[d:], k_cache, v_cache, tables, cu_seqlens, context_lens, self.scale,
+                batch.max_seqlen_q, window=window,
             )  # fmt: skip
             return torch.cat([decode, chunks])
         return ops.paged_prefill_attention(
