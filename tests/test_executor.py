@@ -277,3 +277,19 @@ def test_packed_uploads_start_every_array_16_byte_aligned() -> None:
     for a, t in zip(wide + narrow, out_wide + out_narrow, strict=True):
         assert t.data_ptr() % 16 == 0
         assert t.tolist() == a.tolist()
+
+
+def test_block_list_behaves_as_the_list_it_replaces() -> None:
+    from greenroom.models.block_list import BlockList
+
+    ids = BlockList([3, 4])
+    ids.extend(range(5, 40))  # grows past its first buffer
+    ids.extend([])
+    assert len(ids) == 37 and ids[0] == 3 and ids[-1] == 39 and list(ids[1:3]) == [4, 5]
+    assert ids.array().dtype.name == "int64" and ids == list(range(3, 40))
+    del ids[10:]
+    assert ids == list(range(3, 13))
+    ids.extend([99])
+    assert ids[-1] == 99 and len(ids) == 11
+    with pytest.raises(TypeError):
+        del ids[2]

@@ -7,6 +7,7 @@ gives that position. Attention for the request covers ``num_cached + len(chunk)`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,8 @@ class SequenceChunk:
 
     token_ids: list[int]  # the new tokens computed this step
     num_cached: int  # tokens before them whose KV is already in the pool
-    block_ids: list[int]  # block table covering at least num_cached + len(token_ids) tokens
+    # block table covering at least num_cached + len(token_ids) tokens (a list or an array)
+    block_ids: Sequence[int] | np.ndarray
 
 
 @dataclass

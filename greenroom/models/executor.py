@@ -30,6 +30,7 @@ from greenroom.bus.messages import (
     TokenLogprobs,
 )
 from greenroom.models.batch import ForwardBatch, SequenceChunk, upload_packed
+from greenroom.models.block_list import BlockList
 from greenroom.models.kv_pool import allocate_kv_pool
 from greenroom.models.logits_adjust import LogitsAdjustments, needs_adjustment
 from greenroom.models.runner import GraphKind, ModelRunner
@@ -55,7 +56,7 @@ class Sequence:
     request_id: str
     tokens: list[int]
     num_computed: int
-    block_ids: list[int]
+    block_ids: BlockList
     sampling: SamplingParams
     seed: int
     num_output_tokens: int  # index of the next output token to sample
@@ -160,7 +161,7 @@ class PlanExecutor:
             request_id=new.request_id,
             tokens=list(new.prompt_token_ids),
             num_computed=new.num_cached_tokens,
-            block_ids=list(new.block_ids),
+            block_ids=BlockList(new.block_ids),
             sampling=s,
             seed=s.seed
             if s.seed is not None
@@ -204,7 +205,7 @@ class PlanExecutor:
                 f"request {request_id!r}: {end} tokens exceed its block table "
                 f"({len(seq.block_ids)} blocks = {capacity} tokens)"
             )
-        return SequenceChunk(seq.tokens[start:end], start, seq.block_ids)
+        return SequenceChunk(seq.tokens[start:end], start, seq.block_ids.array())
 
     # ------------------------------------------------------------------ execute
 
