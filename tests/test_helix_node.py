@@ -1,8 +1,8 @@
 """Helix context parallelism end to end: `greenroom serve --cp-size N` on CPU ranks (gloo).
 
-Greedy tokens at cp 2 and 3 equal transformers' over decodes that cross many block
-boundaries (4 tokens per block), with requests of different lengths joining mid-run, chunked
-prefill beside decodes and prefix reuse; a CP rank killed mid-stream fails its requests
+Greedy tokens at cp 1, 2, 3 and 4 equal transformers' (so each other's) over decodes that
+cross many block boundaries (4 tokens per block), with requests of different lengths joining
+mid-run, chunked prefill beside decodes and prefix reuse, and no block leaks; a CP rank killed mid-stream fails its requests
 explicitly and the group restarts.
 """
 
@@ -116,24 +116,40 @@ async def stream_until_error(address: str, prompt: list[int]) -> BaseException |
     return None
 
 
-@pytest.mark.parametrize("cp", [2, 3])
+async def joining_mid_run(client: AsyncClient, prompts: list[list[int]]) -> list:
+    """Each request starts once the one before it has streamed a few tokens, so every later
+    one joins (and is prefilled in chunks) while the earlier ones decode."""
+    sampling = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    started = [asyncio.Event() for _ in prompts]
+    started[0].set()
+
+    async def run(i: int) -> tuple[list[int], int]:
+        await started[i].wait()
+        tokens, cached = [], 0
+        async for delta in client.stream(prompts[i], sampling):
+            tokens += delta.token_ids
+            if len(tokens) >= 3 and i + 1 < len(prompts):
+                started[i + 1].set()
+            if delta.metrics is not None:
+                cached = delta.metrics.num_cached_tokens
+        return tokens, cached
+
+    return await asyncio.gather(*(run(i) for i in range(len(prompts))))
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3, 4])
 async def test_serve_helix_gives_the_transformers_tokens(checkpoint, prompts, expected, cp):
     proc, address = start_serve(*node_args(checkpoint, cp))
     try:
         async with AsyncClient(address, timeout=120) as client:
             info = await client.server_info()
-            assert f"cp{cp}" in info.device and info.num_blocks == 48 * cp
-            sampling = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
-
-            async def late(prompt, delay: float):
-                await asyncio.sleep(delay)  # joins while the others decode
-                return await client.generate(prompt, sampling)
-
-            results = await asyncio.gather(*(late(p, 0.3 * i) for i, p in enumerate(prompts[:3])))
-            assert [r.token_ids for r in results] == expected[:3]
-            reused = await client.generate(prompts[3], sampling)  # cached blocks of prompt 1
-            assert reused.token_ids == expected[3]
-            assert reused.metrics.num_cached_tokens >= SHARED
+            assert (f"cp{cp}" in info.device) == (cp > 1) and info.num_blocks == 48 * cp
+            results = await joining_mid_run(client, prompts)
+            assert [tokens for tokens, _ in results] == expected
+            # the last prompt found the second one's first blocks cached, each on its rank
+            assert results[3][1] >= SHARED
+            stats = await client.node_stats()
+            assert stats.kv_free_blocks == stats.kv_total_blocks  # nothing leaked
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
