@@ -375,6 +375,8 @@ class KVStats(Message):
     offloaded_blocks: int = 0
     leased_blocks: int = 0  # context role: blocks held for receivers
     transfers: dict[str, int] = {}  # transfer sessions by final or current state
+    # Helix (cp_size > 1): blocks in use by requests on each CP rank (idle cached ones free)
+    rank_used_blocks: list[int] = []
 
 
 class KVStatsQuery(Message):

@@ -268,10 +268,12 @@ class NodeConfig(_Section):
                 f"sm_disagg.enabled with {sizes} is not supported: SM-level disaggregation "
                 "runs on one GPU (pipeline and tensor parallelism need sm_disagg.enabled = false)"
             )
-        if p.world_size > 1 and self.role != "mixed":
+        helix_generation = self.role == "generation" and p.cp_size == p.world_size
+        if p.world_size > 1 and self.role != "mixed" and not helix_generation:
             raise ValueError(
-                f"role = {self.role!r} with {sizes} is not supported yet: a multi-rank node "
-                "serves role 'mixed'"
+                f"role = {self.role!r} with {sizes}, cp_size = {p.cp_size} is not supported "
+                "yet: a multi-rank node serves role 'mixed', or role 'generation' with "
+                "cp_size > 1 alone (Helix)"
             )
         if self.parallel.cp_size > 1 and self.kv.host_blocks > 0:
             raise ValueError(

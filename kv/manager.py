@@ -277,7 +277,13 @@ class KVCacheManager:
             offloaded_blocks=cache.offloaded_blocks,
             leased_blocks=self.transfers.leased_blocks,
             transfers=self.transfers.counts(),
+            rank_used_blocks=self.rank_used_blocks() if self.cp_size > 1 else [],
         )
+
+    def rank_used_blocks(self) -> list[int]:
+        """Blocks each CP rank holds for requests (every rank's null block left out)."""
+        per_rank = self.cache.gpu.capacity // self.cp_size
+        return [per_rank - self.cache.num_free_on(r) for r in range(self.cp_size)]
 
     def check_invariants(self) -> None:
         """Full O(n) consistency check; raises AssertionError naming what broke."""

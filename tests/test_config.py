@@ -72,8 +72,14 @@ def test_unsupported_combinations_fail_at_load() -> None:
         load_config(overrides={"parallel.cp_size": 2, "parallel.tp_size": 2})
     with pytest.raises(ConfigError, match="Helix ranks have no host tier"):
         load_config(overrides={"parallel.cp_size": 2, "kv.host_blocks": 4})
-    with pytest.raises(ConfigError, match="multi-rank node serves role 'mixed'"):
-        load_config(overrides={"parallel.cp_size": 2, "role": "generation"})
+    with pytest.raises(ConfigError, match="role = 'context' with .*cp_size = 2"):
+        load_config(overrides={"parallel.cp_size": 2, "role": "context"})
+    with pytest.raises(ConfigError, match="role = 'generation' with .*tp_size = 2"):
+        load_config(overrides={"parallel.tp_size": 2, "role": "generation"})
+    with pytest.raises(ConfigError, match="sm_disagg.enabled"):
+        load_config(overrides={"parallel.cp_size": 2, "sm_disagg.enabled": True})
+    helix = load_config(overrides={"parallel.cp_size": 4, "role": "generation"})
+    assert helix.parallel.world_size == 4
     assert load_config(overrides={"parallel.cp_size": 3}).parallel.world_size == 3
 
 

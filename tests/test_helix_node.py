@@ -1,8 +1,9 @@
 """Helix context parallelism end to end: `greenroom serve --cp-size N` on CPU ranks (gloo).
 
-Greedy tokens at cp 1, 2, 3 and 4 equal transformers' (so each other's) over decodes that
-cross many block boundaries (4 tokens per block), with requests of different lengths joining
-mid-run, chunked prefill beside decodes and prefix reuse, and no block leaks; a CP rank killed mid-stream fails its requests
+Greedy tokens at cp 1, 2, 3 (`serve`) and 4 (`launch` over two nodes) equal transformers'
+(so each other's) over decodes that cross many block boundaries (4 tokens per block), with
+requests of different lengths joining mid-run, chunked prefill beside decodes and prefix
+reuse, and no block leaks; a CP rank killed mid-stream fails its requests
 explicitly and the group restarts.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_tp_deploy import free_port_pair, wait_line
 from tiny_checkpoints import random_prompts, save_checkpoint
 
 from greenroom.bus.messages import SamplingParams
@@ -137,22 +139,68 @@ async def joining_mid_run(client: AsyncClient, prompts: list[list[int]]) -> list
     return await asyncio.gather(*(run(i) for i in range(len(prompts))))
 
 
-@pytest.mark.parametrize("cp", [1, 2, 3, 4])
+async def check_node(address: str, cp: int, prompts, expected) -> None:
+    async with AsyncClient(address, timeout=120) as client:
+        info = await client.server_info()
+        assert (f"cp{cp}" in info.device) == (cp > 1) and info.num_blocks == 48 * cp
+        results = await joining_mid_run(client, prompts)
+        assert [tokens for tokens, _ in results] == expected
+        # the last prompt found the second one's first blocks cached, each on its rank
+        assert results[3][1] >= SHARED
+        stats = await client.node_stats()
+        assert stats.kv_free_blocks == stats.kv_total_blocks  # nothing leaked
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3])  # cp 4: the two-node launch below
 async def test_serve_helix_gives_the_transformers_tokens(checkpoint, prompts, expected, cp):
     proc, address = start_serve(*node_args(checkpoint, cp))
     try:
-        async with AsyncClient(address, timeout=120) as client:
-            info = await client.server_info()
-            assert (f"cp{cp}" in info.device) == (cp > 1) and info.num_blocks == 48 * cp
-            results = await joining_mid_run(client, prompts)
-            assert [tokens for tokens, _ in results] == expected
-            # the last prompt found the second one's first blocks cached, each on its rank
-            assert results[3][1] >= SHARED
-            stats = await client.node_stats()
-            assert stats.kv_free_blocks == stats.kv_total_blocks  # nothing leaked
+        await check_node(address, cp, prompts, expected)
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_launch_cp_4_over_two_nodes_from_a_slurm_env(checkpoint, prompts, expected):
+    """`greenroom launch` on two "nodes" of this machine, two CP ranks each: Slurm's world
+    (2 tasks, 2 nodes) covers the 4 CP ranks, node 0 hosting the head."""
+    port = free_port_pair()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(k, None)
+    env |= {
+        "SLURM_NTASKS": "2",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "127.0.0.[1-2]",
+        "MASTER_PORT": str(port),
+    }
+    args = [sys.executable, "-m", "greenroom.cli", "launch", "--log-level", "warning"]
+    args += ["--no-http", *node_args(checkpoint, 4)]
+    nodes = [
+        subprocess.Popen(
+            args + (["--port", "0"] if n == 0 else []),
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env | {"SLURM_PROCID": str(n), "SLURM_LOCALID": "0", "SLURM_NODEID": str(n)},
+        )
+        for n in (0, 1)
+    ]
+    seen: list[str] = []
+    try:
+        address = wait_line(nodes[0], r"clients connect to (\S+)", seen).group(1)
+
+        asyncio.run(check_node(address, 4, prompts, expected))
+        nodes[0].send_signal(signal.SIGTERM)
+        assert nodes[0].wait(timeout=30) == 0
+        assert nodes[1].wait(timeout=30) == 0  # the head's shutdown stops the agent
+        text = "".join(seen) + nodes[1].stdout.read()
+        assert "launch (slurm): node 1 of 2" in text
+        assert "node 1: 2(pp0 cp2 tp0) 3(pp0 cp3 tp0)" in text
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def test_kill_9_of_a_cp_rank_fails_its_requests_and_the_group_restarts(

@@ -274,16 +274,20 @@ def test_helix_blocks_round_robin_and_room_is_counted_per_rank():
     cfg = KVConfig(tokens_per_block=2)
     mgr = KVCacheManager(cfg, 3 * 4, cp_size=3)  # 3 ranks of 4 blocks (3 usable each)
     placement = HelixPlacement(cp_size=3, tokens_per_block=2)
+    assert mgr.stats().rank_used_blocks == [0, 0, 0]
     res = mgr.step(KVStep(iteration=0, admit=[admit("a", [1, 2, 3, 4, 5])]))
     blocks = res.admitted[0].block_ids
     assert [b // 4 for b in blocks] == [placement.block_rank(j) for j in range(3)]
+    assert mgr.stats().rank_used_blocks == [1, 1, 1]
     # 7 blocks: rank 0 would need 3 of them but "a" already holds one there
     res = mgr.step(KVStep(iteration=1, admit=[admit("b", [9] * 13, 14)]))
     assert res.rejected == ["b"]
     res = mgr.step(KVStep(iteration=2, extend=[KVExtend("a", 12)]))
     assert [b // 4 for b in res.extended["a"]] == [0, 1, 2]
     mgr.check_invariants()
+    assert mgr.stats().rank_used_blocks == [2, 2, 2]
     mgr.step(KVStep(iteration=3, free=[KVFree("a", [6])]))
+    assert mgr.stats().rank_used_blocks == [0, 0, 0]  # its cached blocks are idle
     # the cached prefix blocks stay on their ranks when a new request reuses them
     res = mgr.step(KVStep(iteration=4, admit=[admit("c", [1, 2, 3, 4, 5, 6, 7], 8)]))
     adm = res.admitted[0]

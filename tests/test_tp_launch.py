@@ -147,6 +147,10 @@ def launch(*args: str, env: dict | None = None, timeout: float = 60) -> tuple[in
             ("--tp-size", "2", "--nnodes", "2", "--node-rank", "2", "--master-port", "1"),
             "node_rank",
         ),
+        (("--cp-size", "3"), "cp_size = 3 does not divide num_attention_heads = 4"),
+        (("--cp-size", "2", "--nnodes", "3", "--master-port", "29999"), "inconsistent world size"),
+        (("--cp-size", "2", "--tp-size", "2"), "Helix context parallelism runs with tp_size = 1"),
+        (("--cp-size", "2", "--role", "context"), "role = 'context' with"),
     ],
 )
 def test_bad_launch_input_is_one_line_and_a_non_zero_exit(args, message) -> None:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from greenroom.config import NodeConfig
 from greenroom.models.arch import ArchConfig
-from greenroom.parallel.shard import check_tp_size
+from greenroom.parallel.shard import check_cp_size, check_tp_size
 from greenroom.parallel.stages import split_layers
 
 
 def check_parallel(cfg: NodeConfig, arch: ArchConfig, gpu_count: int | None = None) -> None:
-    """ValueError with one line when ``arch`` cannot be split ``tp_size`` ways or into
-    ``pp_size`` stages (``pp_layers``), or this node has fewer GPUs than ranks to host."""
+    """ValueError with one line when ``arch`` cannot be split ``tp_size`` ways, run Helix over
+    ``cp_size`` ranks or be cut into ``pp_size`` stages (``pp_layers``), or this node has fewer
+    GPUs than ranks to host."""
     p = cfg.parallel
     if p.world_size == 1:
         return
     check_tp_size(arch, p.tp_size)
+    if p.cp_size > 1:
+        check_cp_size(arch, p.cp_size)
     split_layers(arch.num_layers, p.pp_size, p.pp_layers)
     check_local_gpus(cfg, gpu_count)
 

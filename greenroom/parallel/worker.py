@@ -107,6 +107,7 @@ def run(spec: WorkerSpec) -> int:
             layout, spec.rank, spec.store_addr, spec.store_port, spec.epoch, device, spec.timeout_s
         )
         executor = _executor(cfg, device, groups, spec.timeout_s)
+        receives = _receives(cfg, executor.runner, groups)
     except Exception as exc:
         log.exception("rank failed to start")
         send(m.RankFailed(epoch=spec.epoch, rank=spec.rank, error=f"{type(exc).__name__}: {exc}"))
@@ -123,6 +124,7 @@ def run(spec: WorkerSpec) -> int:
         + (f" x pp{layout.pp_size}" if layout.pp_size > 1 else "")
         + (f" x cp{layout.cp_size}" if layout.cp_size > 1 else ""),
         model_name=r.model_name,
+        kv_agent=receives.agent.info() if receives is not None else None,
     )
     send(m.RankReady(epoch=spec.epoch, rank=spec.rank, info=info))
     log.info("rank ready", device=str(device), num_blocks=r.num_blocks)
@@ -135,6 +137,8 @@ def run(spec: WorkerSpec) -> int:
     while True:
         msg = decode(sock.recv_multipart(copy=False))
         if isinstance(msg, m.Shutdown):
+            if receives is not None:
+                receives.close()
             groups.destroy()
             return 0
         if isinstance(msg, m.HoldResults):
@@ -158,6 +162,8 @@ def run(spec: WorkerSpec) -> int:
         check = _start_plan_check(tp, msg.plan_id, device)
         result, error = None, None
         started = time.monotonic()
+        if receives is not None:
+            receives.start(msg.plan)
         try:
             result = executor.execute(msg.plan)
         except PlanError as exc:  # the same on every rank: raised before any collective
@@ -182,6 +188,9 @@ def run(spec: WorkerSpec) -> int:
             if any(i != msg.plan_id for i in ids):
                 log.error("ranks ran different plans; the group stops", plan_ids=ids)
                 return EXIT_DIVERGED
+        if receives is not None:
+            receives.settle(idle=not msg.plan.steps)
+            result = receives.report(result)
         if answers:
             out = m.RankResult(epoch=spec.epoch, plan_id=msg.plan_id, result=result, error=error)
             if held is None:
@@ -223,6 +232,15 @@ def _executor(cfg, device, groups, timeout_s: float):
             layout, groups.rank, runner.arch.hidden_size, runner.dtype, device, timeout_s
         )
     return PlanExecutor(runner, host_blocks=cfg.kv.host_blocks, link=link)
+
+
+def _receives(cfg, runner, groups):
+    """A Helix generation node's rank reads its share of each received request's KV."""
+    if cfg.role != "generation":
+        return None
+    from greenroom.parallel.rank_receives import RankReceives
+
+    return RankReceives.open(runner, groups.model, cfg)
 
 
 def _start_plan_check(tp, plan_id: int, device):
