@@ -8,6 +8,8 @@
   several context lengths (they must not grow with the context).
 - Decode attention time at ``cp`` ranks (each attends ``1 / cp`` of the context, then the
   exchange) against one rank attending the whole context.
+- The whole model's decode step time at ``cp`` ranks against one rank at a long context
+  (greenroom.bench.helix_step).
 
 Ranks are spawned processes joined in one gloo (CPU) or NCCL (GPU) group on loopback.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from greenroom.bench.helix_step import single_rank_step_ms, step_rank
 from greenroom.bus.messages import KVAdmit, KVExtend, KVFree, KVStep
 from greenroom.config import KVConfig
 from greenroom.kv import KVCacheManager
@@ -177,11 +180,14 @@ def run(cp: int, cfg: dict, num_requests: int) -> dict:
     with tempfile.TemporaryDirectory() as out_dir:
         env = os.environ.get("OMP_NUM_THREADS")
         mp.spawn(_rank, args=(cp, _free_port(), cfg, out_dir), nprocs=cp, join=True)
+        mp.spawn(step_rank, args=(cp, _free_port(), cfg, out_dir), nprocs=cp, join=True)
         if env is not None:
             os.environ["OMP_NUM_THREADS"] = env
         ranks = [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(cp)]
+        step_cp_ms = max(torch.load(Path(out_dir) / f"step{r}.pt") for r in range(cp))
     if cfg["device"] == "cpu":
         torch.set_num_threads(1)
+    step_one_ms = single_rank_step_ms(cfg)
     contexts = cfg["contexts"]
     per_ctx_bytes = {c: max(r["bytes"][c] for r in ranks) for c in contexts}
     longest = contexts[-1]
@@ -200,4 +206,10 @@ def run(cp: int, cfg: dict, num_requests: int) -> dict:
         "decode_attention_ms_cp": cp_ms,
         "decode_attention_ms_cp1": one_ms,
         "decode_attention_speedup": one_ms / cp_ms,
+        "step_model": cfg["model"],
+        "step_batch": cfg["step_batch"],
+        "step_context": cfg["step_context"],
+        "decode_step_ms_cp": step_cp_ms,
+        "decode_step_ms_cp1": step_one_ms,
+        "decode_step_speedup": step_one_ms / step_cp_ms,
     }
