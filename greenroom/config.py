@@ -275,12 +275,6 @@ class NodeConfig(_Section):
                 "yet: a multi-rank node serves role 'mixed', or role 'generation' with "
                 "cp_size > 1 alone (Helix)"
             )
-        if self.parallel.cp_size > 1 and self.kv.host_blocks > 0:
-            raise ValueError(
-                f"parallel.cp_size = {self.parallel.cp_size} with kv.host_blocks = "
-                f"{self.kv.host_blocks} is not supported yet: Helix ranks have no host tier "
-                "(set kv.host_blocks = 0)"
-            )
         if self.kv_transfer.lease_margin_s >= self.kv_transfer.lease_s:
             raise ValueError(
                 f"kv_transfer.lease_margin_s = {self.kv_transfer.lease_margin_s} is invalid: "

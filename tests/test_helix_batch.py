@@ -88,3 +88,19 @@ def test_partials_over_every_rank_merge_to_causal_attention(cp) -> None:
         want = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv)
         torch.testing.assert_close(merged[start : start + n], want, atol=1e-5, rtol=1e-5)
         start += n
+
+
+def test_each_rank_runs_the_host_copies_of_its_own_blocks() -> None:
+    from greenroom.bus.messages import BlockCopy
+
+    copies = [
+        BlockCopy("offload", 17, 5),  # rank 1's local block 1 -> host block 5
+        BlockCopy("onboard", 5, 34),  # host block 5 -> rank 2's local block 2
+        BlockCopy("onboard", 7, 19),  # host block 7 -> rank 1's local block 3
+        BlockCopy("offload", 3, 0),  # rank 0
+    ]
+    placement = HelixPlacement(cp_size=3, tokens_per_block=TPB)
+    own = [HelixRank(placement, r, BPR).own_copies(copies) for r in range(3)]
+    assert own[0] == [BlockCopy("offload", 3, 0)]
+    assert own[1] == [BlockCopy("offload", 1, 5), BlockCopy("onboard", 7, 3)]
+    assert own[2] == [BlockCopy("onboard", 5, 2)]

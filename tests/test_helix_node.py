@@ -58,6 +58,10 @@ def prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def expected(checkpoint, prompts) -> list[list[int]]:
+    return greedy(checkpoint, prompts)
+
+
+def greedy(checkpoint, prompts: list[list[int]]) -> list[list[int]]:
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     out = []
     with torch.no_grad():
@@ -201,6 +205,38 @@ def test_launch_cp_4_over_two_nodes_from_a_slurm_env(checkpoint, prompts, expect
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+async def test_host_tier_each_rank_offloads_and_onboards_its_own_blocks(
+    checkpoint, prompts, expected
+):
+    """10 blocks per rank: a long request evicts the second prompt's cached blocks to the host
+    tier, each rank copying its own; the last prompt onboards its shared prefix back."""
+    from greenroom.config import load_config
+    from greenroom.node import Node
+
+    other = random_prompts((46,), 251, seed=5)[0]
+    cfg = load_config(
+        overrides={
+            "port": 0, "model.path": str(checkpoint), "parallel.cp_size": 2,
+            "kv.tokens_per_block": 4, "kv.num_blocks": 10, "kv.host_blocks": 32,
+            "scheduler.max_num_tokens": 16, "http.enabled": False, "log_level": "warning",
+        }
+    )  # fmt: skip
+    node = await Node.start(cfg)
+    try:
+        sampling = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+        async with AsyncClient(node.address, timeout=120) as client:
+            assert (await client.generate(prompts[1], sampling)).token_ids == expected[1]
+            evicting = await client.generate(other, sampling)
+            assert evicting.token_ids == greedy(checkpoint, [other])[0]
+            again = await client.generate(prompts[3], sampling)
+            assert again.token_ids == expected[3]
+            assert again.metrics.num_cached_tokens >= SHARED
+        stats = await node.wait_blocks_free()
+        assert stats.offloaded_blocks > 0 and stats.onboarded_blocks > 0, stats
+    finally:
+        await node.stop()
 
 
 def test_kill_9_of_a_cp_rank_fails_its_requests_and_the_group_restarts(

@@ -111,6 +111,9 @@ class PlanExecutor:
     # ------------------------------------------------------------------ plan phases
 
     def _copy_blocks(self, copies: list[BlockCopy]) -> None:
+        helix = getattr(self.runner, "helix", None)
+        if copies and helix is not None:
+            copies = helix.own_copies(copies)
         if not copies:
             return
         if self.host_pool is None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from greenroom.bus.messages import BlockCopy
 from greenroom.kv.helix_placement import HelixPlacement
 from greenroom.models.batch import SequenceChunk, upload_packed
 
@@ -37,6 +38,25 @@ class HelixRank:
     @property
     def first_block(self) -> int:
         return self.rank * self.blocks_per_rank
+
+    def own_copies(self, copies: list[BlockCopy]) -> list[BlockCopy]:
+        """The host-tier copies whose GPU block is this rank's, with that block as a local id.
+
+        Block j of every cached prefix is on rank j mod cp_size, so the rank that offloaded a
+        block is the rank that onboards it again: each rank's host pool holds its own blocks'
+        copies (the KV manager numbers one host tier for every rank)."""
+        out = []
+        end = self.first_block + self.blocks_per_rank
+        for c in copies:
+            offload = c.kind == "offload"
+            gpu = c.src if offload else c.dst
+            if not self.first_block <= gpu < end:
+                continue
+            local = gpu - self.first_block
+            out.append(
+                BlockCopy(c.kind, local, c.dst) if offload else BlockCopy(c.kind, c.src, local)
+            )
+        return out
 
     def to_local(self, block: int) -> int:
         local = block - self.first_block
