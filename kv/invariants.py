@@ -99,9 +99,12 @@ def check_manager(mgr: KVCacheManager) -> None:
             _check(host.pool.refcounts[node.block] == 1, "host block of a node has refcount != 1")
             _check(not host.pool.is_free(node.block), "host block of a node is free")
             should_queue = not node.children
-            _check((node.queue is host.evictable) == should_queue, f"{node}: host eviction queue")
+            queue = host.queue_of(node)
+            _check((node.queue is queue) == should_queue, f"{node}: host eviction queue")
+            if cp > 1:
+                _check(host.pool.rank_of(node.block) == (node.depth - 1) % cp, f"{node}: host rank")
             host_queued += should_queue
     _check(sum(map(len, cache.evictable)) == gpu_queued, "GPU eviction queue holds stale nodes")
-    _check(len(host.evictable) == host_queued, "host eviction queue holds stale nodes")
+    _check(host.num_evictable == host_queued, "host eviction queue holds stale nodes")
     _check(len(host_blocks) + host.num_free == host.capacity, "host capacity not conserved")
     _check(root.gpu_children == sum(1 for c in root.children.values() if c.on_gpu), "root count")

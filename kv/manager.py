@@ -54,7 +54,8 @@ class KVCacheManager:
         self.cfg = kv_cfg
         self.tokens_per_block = kv_cfg.tokens_per_block
         self.prefix_reuse = kv_cfg.enable_prefix_reuse
-        host_blocks = kv_cfg.host_blocks if self.prefix_reuse else 0
+        # kv.host_blocks is per CP rank, as each rank's GPU pool is
+        host_blocks = kv_cfg.host_blocks * cp_size if self.prefix_reuse else 0
         self.events = EventLog(event_sink)
         self.cache = PrefixCache(
             num_gpu_blocks, host_blocks, kv_cfg.offload_min_priority, self.events, cp_size

@@ -38,7 +38,7 @@ class PrefixCache:
         cp_size: int = 1,
     ) -> None:
         self.gpu = BlockPool(num_gpu_blocks, reserve_null=True, ranks=cp_size)
-        self.host = HostTier(host_blocks)
+        self.host = HostTier(host_blocks, ranks=cp_size)
         self.tree = RadixTree()
         # per rank: GPU nodes with no reference and no GPU child
         self.evictable = [EvictionQueue() for _ in range(cp_size)]
@@ -122,7 +122,7 @@ class PrefixCache:
             self.ref(node.block)
         else:
             node.claims += 1
-            self.host.evictable.discard(node)
+            self.host.discard(node)
 
     def release_claim(self, node: RadixNode) -> None:
         """Undo `claim` (if the node was onboarded since, the claim became a reference)."""
@@ -131,7 +131,7 @@ class PrefixCache:
             return
         node.claims -= 1
         if node.claims == 0 and not node.children:
-            self.host.evictable.push(node)
+            self.host.push(node)
 
     # ------------------------------------------------------------------ allocation
 
@@ -173,7 +173,7 @@ class PrefixCache:
                 and self.gpu.refcounts[parent.block] == 0
             ):
                 self._queue(parent)
-        while (leaf := self.host.evictable.pop()) is not None:
+        while (leaf := self.host.pop_any()) is not None:
             block = leaf.block
             self._drop_host_leaf(leaf)
             self.host.release(block)
@@ -189,7 +189,7 @@ class PrefixCache:
         self._idle(block, -1)
         host_block = None
         if node.priority >= self.offload_min_priority and self.host.enabled:
-            host_block = self.host.allocate(self._drop_host_leaf)
+            host_block = self.host.allocate(self._drop_host_leaf, self.gpu.rank_of(block))
         if host_block is None:
             self._drop_subtree(node)
         else:
@@ -198,7 +198,7 @@ class PrefixCache:
             self.offloaded_blocks += 1
             self.events.record(OFFLOADED, "host", node.hash)
             if not node.children:
-                self.host.evictable.push(node)
+                self.host.push(node)
         if not parent.is_root and not parent.gpu_children and self.gpu.refcounts[parent.block] == 0:
             self._queue(parent)
         return block
@@ -210,7 +210,7 @@ class PrefixCache:
         self.tree.remove(node)
         self.events.record(REMOVED, "host", node.hash)
         if not parent.on_gpu and not parent.children and not parent.claims:
-            self.host.evictable.push(parent)
+            self.host.push(parent)
 
     def _drop_subtree(self, node: RadixNode) -> None:
         """Remove an evicted GPU node and its host descendants (none of them is claimed: a
@@ -225,7 +225,7 @@ class PrefixCache:
                 self.tree.remove(n)
                 self.events.record(REMOVED, "gpu", n.hash)
             else:
-                self.host.evictable.discard(n)
+                self.host.discard(n)
                 self.tree.remove(n)
                 self.host.release(n.block)
                 self.events.record(REMOVED, "host", n.hash)
@@ -255,7 +255,7 @@ class PrefixCache:
         self.events.record(ONBOARDED, "gpu", node.hash)
 
     def _move_to_gpu(self, node: RadixNode, block: int) -> None:
-        self.host.evictable.discard(node)
+        self.host.discard(node)
         self.tree.move(node, on_gpu=True, block=block)
         self.node_of_block[block] = node
         self.gpu.refcounts[block] += node.claims

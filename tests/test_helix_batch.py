@@ -93,14 +93,15 @@ def test_partials_over_every_rank_merge_to_causal_attention(cp) -> None:
 def test_each_rank_runs_the_host_copies_of_its_own_blocks() -> None:
     from greenroom.bus.messages import BlockCopy
 
+    # 3 ranks of 16 GPU blocks and 8 host blocks: host id = rank * 8 + local id
     copies = [
-        BlockCopy("offload", 17, 5),  # rank 1's local block 1 -> host block 5
-        BlockCopy("onboard", 5, 34),  # host block 5 -> rank 2's local block 2
-        BlockCopy("onboard", 7, 19),  # host block 7 -> rank 1's local block 3
+        BlockCopy("offload", 17, 13),  # rank 1: GPU local 1 -> host local 5
+        BlockCopy("onboard", 21, 34),  # rank 2: host local 5 -> GPU local 2
+        BlockCopy("onboard", 15, 19),  # rank 1: host local 7 -> GPU local 3
         BlockCopy("offload", 3, 0),  # rank 0
     ]
     placement = HelixPlacement(cp_size=3, tokens_per_block=TPB)
-    own = [HelixRank(placement, r, BPR).own_copies(copies) for r in range(3)]
+    own = [HelixRank(placement, r, BPR, None, 8).own_copies(copies) for r in range(3)]
     assert own[0] == [BlockCopy("offload", 3, 0)]
     assert own[1] == [BlockCopy("offload", 1, 5), BlockCopy("onboard", 7, 3)]
     assert own[2] == [BlockCopy("onboard", 5, 2)]

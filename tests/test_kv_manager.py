@@ -294,3 +294,25 @@ def test_helix_blocks_round_robin_and_room_is_counted_per_rank():
     assert adm.block_ids[:2] == blocks[:2] and adm.num_cached_tokens == 4
     assert [b // 4 for b in adm.block_ids] == [0, 1, 2, 0]
     mgr.check_invariants()
+
+
+def test_helix_host_tier_keeps_each_block_on_its_rank():
+    """kv.host_blocks per CP rank: a GPU block goes to a host block of its own rank and comes
+    back to a GPU block of that rank (block j of a prefix always on rank j mod cp)."""
+    cfg = KVConfig(tokens_per_block=2, host_blocks=2)
+    mgr = KVCacheManager(cfg, 2 * 3, cp_size=2)  # 2 ranks of 3 GPU blocks (2 usable each)
+    assert mgr.stats().host_blocks == 4  # 2 per rank: host id = rank * 2 + local id
+    a = [1, 2, 3, 4, 5, 6, 7, 8]
+    step(mgr, admit=[admit("a", a)])
+    step(mgr, computed=[KVComputed("a", len(a))])
+    step(mgr, free=[KVFree("a")])  # its 4 full blocks stay cached
+    res = step(mgr, admit=[admit("b", [50 + i for i in range(8)])])  # evicts all of them
+    assert len(res.copies) == 4
+    for c in res.copies:
+        assert c.kind == "offload" and c.src // 3 == c.dst // 2
+    step(mgr, free=[KVFree("b")])
+    res = step(mgr, admit=[admit("c", a)])
+    onboards = [c for c in res.copies if c.kind == "onboard"]
+    assert onboards and all(c.src // 2 == c.dst // 3 for c in onboards)
+    blocks = res.admitted[0].block_ids
+    assert [b // 3 for b in blocks] == [j % 2 for j in range(len(blocks))]

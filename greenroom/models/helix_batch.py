@@ -30,6 +30,7 @@ class HelixRank:
     rank: int
     blocks_per_rank: int  # the pool of every CP rank, its null block included
     group: object = None  # torch.distributed ProcessGroup of the CP ranks
+    host_blocks_per_rank: int = 0  # the host tier of every CP rank (kv.host_blocks)
 
     @property
     def cp_size(self) -> int:
@@ -40,22 +41,22 @@ class HelixRank:
         return self.rank * self.blocks_per_rank
 
     def own_copies(self, copies: list[BlockCopy]) -> list[BlockCopy]:
-        """The host-tier copies whose GPU block is this rank's, with that block as a local id.
+        """The host-tier copies whose GPU block is this rank's, with local ids on both sides.
 
-        Block j of every cached prefix is on rank j mod cp_size, so the rank that offloaded a
-        block is the rank that onboards it again: each rank's host pool holds its own blocks'
-        copies (the KV manager numbers one host tier for every rank)."""
+        Block j of every cached prefix is on rank j mod cp_size, and the KV manager offloads a
+        rank's GPU block into a host block of the same rank (host id = rank *
+        host_blocks_per_rank + local id), so each rank copies its own blocks between its own
+        GPU and host pools."""
         out = []
         end = self.first_block + self.blocks_per_rank
+        host_first = self.rank * self.host_blocks_per_rank
         for c in copies:
             offload = c.kind == "offload"
-            gpu = c.src if offload else c.dst
+            gpu, host = (c.src, c.dst) if offload else (c.dst, c.src)
             if not self.first_block <= gpu < end:
                 continue
-            local = gpu - self.first_block
-            out.append(
-                BlockCopy(c.kind, local, c.dst) if offload else BlockCopy(c.kind, c.src, local)
-            )
+            gpu, host = gpu - self.first_block, host - host_first
+            out.append(BlockCopy(c.kind, gpu, host) if offload else BlockCopy(c.kind, host, gpu))
         return out
 
     def to_local(self, block: int) -> int:

@@ -156,7 +156,9 @@ class ModelRunner:
         self.helix: HelixRank | None = None
         if helix:
             placement = HelixPlacement(tp.size, self.tokens_per_block)
-            self.helix = HelixRank(placement, tp.rank, self.num_blocks, tp.group)
+            self.helix = HelixRank(
+                placement, tp.rank, self.num_blocks, tp.group, kv_cfg.host_blocks
+            )
             self.model.helix = self.helix
         self.graphs: DecodeGraphs | None = None
         self.whole_graphs: DecodeGraphs | None = None
