@@ -247,6 +247,8 @@ async def run_set(
         "measured": measured,
         "roofline": roofline.to_dict(),
         "of_roofline": measured["output_tokens_per_s"] / roofline.output_tokens_per_s,
+        # against the bound with each decode step's attention and matmuls run one after the other
+        "of_serial_bound": roofline.serial_seconds / measured["seconds"],
         "client": args.client,
         "engine_profile": profile,
         # forwards' device time over the run's wall time (--gpu-timing)

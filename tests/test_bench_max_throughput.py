@@ -41,6 +41,13 @@ def test_serving_roofline_counts_steps_kv_and_prefill() -> None:
         (prefill_flops(arch, 10) + prefill_flops(arch, 20)) / 1e12
     )
     assert roof.output_tokens == 6
+    # the serial bound adds the decode rows' matmuls when they outweigh the weight reads
+    matmul_s = (3 + 1) * prefill_flops(arch, 1) / 1e12
+    assert roof.decode_serial_s == pytest.approx(kv_tokens * kv / 1e9 + max(3 * w / 1e9, matmul_s))
+    slow_matmul = DeviceCeilings(copy_bytes_per_s=1e9, matmul_flops_per_s=1e6)
+    compute_bound = serving_roofline([(10, 4), (20, 2)], 8, arch, torch.float32, slow_matmul)
+    assert compute_bound.serial_seconds > compute_bound.seconds
+    assert roof.serial_seconds >= roof.seconds
     # a batch limit below the concurrency makes more steps
     assert serving_roofline([(10, 3)] * 4, 2, arch, torch.float32, ceilings).decode_steps == 4
 

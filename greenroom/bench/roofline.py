@@ -98,10 +98,18 @@ class ServingRoofline:
     decode_s: float
     decode_steps: int
     output_tokens: int
+    # A tighter bound for engines that run a decode step's attention and its matmuls one after
+    # the other: the KV read at the copy bandwidth plus the larger of the weight reads and the
+    # decode matmul FLOPs at the matmul rate (at large batches decode matmuls are compute-bound).
+    decode_serial_s: float = 0.0
 
     @property
     def seconds(self) -> float:
         return self.prefill_s + self.decode_s
+
+    @property
+    def serial_seconds(self) -> float:
+        return self.prefill_s + max(self.decode_serial_s, self.decode_s)
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -112,6 +120,7 @@ class ServingRoofline:
             **asdict(self),
             "seconds": self.seconds,
             "output_tokens_per_s": self.output_tokens_per_s,
+            "serial_seconds": self.serial_seconds,
         }
 
 
@@ -131,12 +140,16 @@ def serving_roofline(
     kv_tokens = sum((o - 1) * p + (o - 1) * o // 2 for p, o in lengths)
     longest = max((o - 1 for _, o in lengths), default=0)
     steps = max(longest, math.ceil(decode_rows / max_batch))
-    decode_bytes = steps * weight_bytes(arch, dtype) + kv_tokens * kv_bytes_per_token(arch, dtype)
+    bandwidth = ceilings.copy_bytes_per_s
+    weights_s = steps * weight_bytes(arch, dtype) / bandwidth
+    kv_s = kv_tokens * kv_bytes_per_token(arch, dtype) / bandwidth
+    matmul_s = decode_rows * prefill_flops(arch, 1) / ceilings.matmul_flops_per_s
     return ServingRoofline(
         prefill_s=prefill,
-        decode_s=decode_bytes / ceilings.copy_bytes_per_s,
+        decode_s=weights_s + kv_s,
         decode_steps=steps,
         output_tokens=sum(o for _, o in lengths),
+        decode_serial_s=kv_s + max(weights_s, matmul_s),
     )
 
 
