@@ -48,6 +48,9 @@ class ModelConfig(_Section):
     seed: int = 0
     cuda_graphs: bool = True
     cuda_graph_max_batch_size: PositiveInt = 256
+    # steps with prompt chunks beside decode rows of up to this many tokens replay captured
+    # graphs (Python would launch a few hundred kernels per step); 0: such steps run eagerly
+    cuda_graph_max_mixed_tokens: NonNegInt = 512
     # launch each plan behind the one still on the GPU and read that one's tokens after, so
     # the GPU goes from forward to forward (mixed mode; SM-disaggregated engines run plain)
     overlap_steps: bool = True

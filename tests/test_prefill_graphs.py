@@ -140,3 +140,44 @@ def test_batches_past_the_captured_shapes_run_eagerly(runner):
 def test_prefill_graphs_need_a_gpu_and_cuda_graphs_on(runner):
     assert runner.capture_prefill_graphs(max_num_tokens=256) == []
     assert runner.prefill_graphs is None
+
+
+def test_a_mixed_step_with_decode_rows_first_pads_to_the_eager_result(runner):
+    chunks = _chunks()[::-1]  # decode row first, as the scheduler orders a mixed step
+    _prime(runner)
+    batch = runner.build_batch(chunks)
+    assert batch.decode_rows == 1
+    expected = runner.forward(batch, graphs="none")  # eager: decode rows in the decode kernel
+    _prime(runner)
+    graphs = PrefillGraphs(
+        runner.model, runner.kv_pool, runner.max_blocks_per_seq, [64], max_requests=8,
+        capture=False,
+    )  # fmt: skip
+    got = graphs.padded_forward(runner.build_batch(chunks))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_graphs_run_mixed_steps_of_the_decode_engines_only(runner, monkeypatch):
+    class Recorder:
+        def __init__(self) -> None:
+            self.ran = 0
+
+        def can_run(self, batch) -> bool:
+            return True
+
+        def run(self, batch):
+            self.ran += 1
+            return torch.zeros(batch.num_requests, runner.vocab_size)
+
+    recorder = Recorder()
+    monkeypatch.setattr(runner, "mixed_graphs", recorder)
+    _prime(runner)
+    mixed = runner.build_batch(_chunks())
+    runner.forward(mixed, graphs="none")  # eager on request
+    runner.forward(mixed, graphs="prefill")  # the context engine's graphs only
+    assert recorder.ran == 0
+    runner.forward(mixed, graphs="decode")
+    runner.forward(mixed, graphs="decode_whole")
+    assert recorder.ran == 2
+    runner.forward(runner.build_batch(_chunks()[2:]), graphs="decode")  # decode-only: not mixed
+    assert recorder.ran == 2

@@ -163,6 +163,9 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.whole_graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
+        # small mixed steps (prompt chunks beside decode rows) of the engine that replays
+        # ``graphs``, captured on its stream with them
+        self.mixed_graphs: PrefillGraphs | None = None
 
     def _agree_num_blocks(self, num_blocks: int) -> int:
         """Every rank of a TP group and every pipeline stage must number the same blocks (the
@@ -201,7 +204,21 @@ class ModelRunner:
             self.whole_graphs = graphs
         else:
             self.graphs = graphs
+            self._capture_mixed_graphs(stream)
         return graphs.batch_sizes
+
+    def _capture_mixed_graphs(self, stream: torch.cuda.Stream | None) -> None:
+        max_tokens = self.model_cfg.cuda_graph_max_mixed_tokens
+        if not max_tokens:
+            return
+        self.mixed_graphs = PrefillGraphs(
+            self.model,
+            self.kv_pool,
+            self.max_blocks_per_seq,
+            default_token_sizes(max_tokens),
+            min(max_tokens, self.model_cfg.cuda_graph_max_batch_size),
+            stream,
+        )
 
     def capture_prefill_graphs(
         self,
@@ -261,6 +278,13 @@ class ModelRunner:
         decode = self.whole_graphs if graphs == "decode_whole" else self.graphs
         if graphs in ("decode", "decode_whole") and decode is not None and decode.can_run(batch):
             return decode.run_greedy(batch)
+        if (
+            graphs in ("decode", "decode_whole")
+            and not batch.decode_only
+            and self.mixed_graphs is not None
+            and self.mixed_graphs.can_run(batch)
+        ):
+            return self.mixed_graphs.run(batch), None
         if (
             graphs == "prefill"
             and self.prefill_graphs is not None
