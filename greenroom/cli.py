@@ -140,7 +140,8 @@ _NODE_FLAGS: list[tuple[Any, ...]] = [
         "parallel.cp_size",
         int,
         "Helix context-parallel ranks: each holds every request's KV blocks i with "
-        "i mod cp_size == its rank (mixed or generation role, tp_size 1)",
+        "i mod cp_size == its rank (role mixed, with --tp-size inside each CP rank; or role "
+        "generation with tp_size 1)",
     ),
     ("--log-format", "log_format", str, "auto: JSON when stdout is not a terminal"),
     ("--log-level", "log_level", str, "lowest level logged"),

@@ -113,11 +113,10 @@ class ParallelConfig(_Section):
     stage_reports: bool = False
 
     def __post_init__(self) -> None:
-        if self.cp_size > 1 and (self.tp_size > 1 or self.pp_size > 1):
+        if self.cp_size > 1 and self.pp_size > 1:
             raise ValueError(
-                f"cp_size = {self.cp_size} with tp_size = {self.tp_size} and pp_size = "
-                f"{self.pp_size} is not supported yet: Helix context parallelism runs with "
-                "tp_size = 1 and pp_size = 1"
+                f"cp_size = {self.cp_size} with pp_size = {self.pp_size} is not supported yet: "
+                "Helix context parallelism runs with pp_size = 1"
             )
         if self.pp_layers and len(self.pp_layers) != self.pp_size:
             raise ValueError(

@@ -68,8 +68,14 @@ def test_unsupported_combinations_fail_at_load() -> None:
         load_config(overrides={"parallel.pp_size": 2, "role": "context"})
     with pytest.raises(ConfigError, match="pp_layers"):
         load_config(overrides={"parallel.pp_size": 2, "parallel.pp_layers": [1, 2, 3]})
-    with pytest.raises(ConfigError, match="Helix context parallelism runs with tp_size = 1"):
-        load_config(overrides={"parallel.cp_size": 2, "parallel.tp_size": 2})
+    with pytest.raises(ConfigError, match="Helix context parallelism runs with pp_size = 1"):
+        load_config(overrides={"parallel.cp_size": 2, "parallel.pp_size": 2})
+    assert (
+        load_config(overrides={"parallel.cp_size": 2, "parallel.tp_size": 2}).parallel.world_size
+        == 4
+    )
+    with pytest.raises(ConfigError, match="role = 'generation' with .*cp_size = 2"):
+        load_config(overrides={"parallel.cp_size": 2, "parallel.tp_size": 2, "role": "generation"})
     assert load_config(overrides={"parallel.cp_size": 2, "kv.host_blocks": 4}).kv.host_blocks == 4
     with pytest.raises(ConfigError, match="role = 'context' with .*cp_size = 2"):
         load_config(overrides={"parallel.cp_size": 2, "role": "context"})

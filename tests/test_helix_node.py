@@ -1,10 +1,10 @@
 """Helix context parallelism end to end: `greenroom serve --cp-size N` on CPU ranks (gloo).
 
-Greedy tokens at cp 1, 2, 3 (`serve`) and 4 (`launch` over two nodes) equal transformers'
-(so each other's) over decodes that cross many block boundaries (4 tokens per block), with
-requests of different lengths joining mid-run, chunked prefill beside decodes and prefix
-reuse, and no block leaks; a CP rank killed mid-stream fails its requests
-explicitly and the group restarts.
+Greedy tokens at cp 1, 2, 3, cp 2 x tp 2 (`serve`) and cp 4 (`launch` over two nodes) equal
+transformers' (so each other's) over decodes that cross many block boundaries (4 tokens per
+block), with requests of different lengths joining mid-run, chunked prefill beside decodes and
+prefix reuse, and no block leaks; with a host tier each rank offloads and onboards its own
+blocks; a CP rank killed mid-stream fails its requests explicitly and the group restarts.
 """
 
 from __future__ import annotations
@@ -143,10 +143,11 @@ async def joining_mid_run(client: AsyncClient, prompts: list[list[int]]) -> list
     return await asyncio.gather(*(run(i) for i in range(len(prompts))))
 
 
-async def check_node(address: str, cp: int, prompts, expected) -> None:
+async def check_node(address: str, cp: int, prompts, expected, tp: int = 1) -> None:
     async with AsyncClient(address, timeout=120) as client:
         info = await client.server_info()
         assert (f"cp{cp}" in info.device) == (cp > 1) and info.num_blocks == 48 * cp
+        assert (f"tp{tp}" in info.device) == (tp > 1)
         results = await joining_mid_run(client, prompts)
         assert [tokens for tokens, _ in results] == expected
         # the last prompt found the second one's first blocks cached, each on its rank
@@ -155,11 +156,13 @@ async def check_node(address: str, cp: int, prompts, expected) -> None:
         assert stats.kv_free_blocks == stats.kv_total_blocks  # nothing leaked
 
 
-@pytest.mark.parametrize("cp", [1, 2, 3])  # cp 4: the two-node launch below
-async def test_serve_helix_gives_the_transformers_tokens(checkpoint, prompts, expected, cp):
-    proc, address = start_serve(*node_args(checkpoint, cp))
+@pytest.mark.parametrize(
+    ("cp", "tp"), [(1, 1), (2, 1), (3, 1), (2, 2)]
+)  # cp 4: the two-node launch below
+async def test_serve_helix_gives_the_transformers_tokens(checkpoint, prompts, expected, cp, tp):
+    proc, address = start_serve(*node_args(checkpoint, cp), "--tp-size", str(tp))
     try:
-        await check_node(address, cp, prompts, expected)
+        await check_node(address, cp, prompts, expected, tp)
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

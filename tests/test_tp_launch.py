@@ -101,7 +101,7 @@ def test_inconsistent_layouts_are_config_errors() -> None:
             overrides={"parallel.tp_size": 2, "parallel.nnodes": 2, "parallel.node_rank": 2}
         )
     with pytest.raises(ConfigError, match="cp_size"):
-        load_config(overrides={"parallel.cp_size": 2, "parallel.tp_size": 2})
+        load_config(overrides={"parallel.cp_size": 2, "parallel.pp_size": 2})
     with pytest.raises(ConfigError, match="master_port"):
         load_config(overrides={"parallel.tp_size": 2, "parallel.nnodes": 2})
 
@@ -149,7 +149,8 @@ def launch(*args: str, env: dict | None = None, timeout: float = 60) -> tuple[in
         ),
         (("--cp-size", "3"), "cp_size = 3 does not divide num_attention_heads = 4"),
         (("--cp-size", "2", "--nnodes", "3", "--master-port", "29999"), "inconsistent world size"),
-        (("--cp-size", "2", "--tp-size", "2"), "Helix context parallelism runs with tp_size = 1"),
+        (("--cp-size", "2", "--pp-size", "2"), "Helix context parallelism runs with pp_size = 1"),
+        (("--cp-size", "2", "--tp-size", "4"), "cp_size * tp_size = 8 does not divide"),
         (("--cp-size", "2", "--role", "context"), "role = 'context' with"),
     ],
 )

@@ -118,6 +118,31 @@ def test_helix_shard_keeps_every_head_and_splits_the_rest() -> None:
         TPShard.of(arch, 0, 4, helix=True)
 
 
+def test_helix_cp_x_tp_shards_heads_by_tp_then_o_proj_by_the_exchanged_slice() -> None:
+    arch = ArchConfig.from_dict(
+        dict(
+            architectures=["LlamaForCausalLM"],
+            hidden_size=96,
+            intermediate_size=96,
+            num_hidden_layers=1,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            vocab_size=100,
+        )
+    )
+    d = arch.head_dim
+    # cp 2 x tp 2: group rank c * 2 + t
+    shards = [TPShard.of(arch, g, 4, helix=True, helix_tp=2) for g in range(4)]
+    assert [s.q_slice(arch) for s in shards] == [slice(0, 6 * d), slice(6 * d, 12 * d)] * 2
+    assert [(s.num_kv_heads, s.kv_head_start) for s in shards] == [(2, 0), (2, 2)] * 2
+    # the all-to-all over CP hands CP rank c slice c of its TP rank's heads: head slice t*2+c
+    o = [s.o_slice(arch) for s in shards]
+    assert o == [slice(0, 3 * d), slice(6 * d, 9 * d), slice(3 * d, 6 * d), slice(9 * d, 12 * d)]
+    assert [s.intermediate_slice for s in shards] == [slice(24 * g, 24 * g + 24) for g in range(4)]
+    with pytest.raises(CheckpointError, match="cp_size \\* tp_size = 8 does not divide"):
+        TPShard.of(arch, 0, 8, helix=True, helix_tp=2)
+
+
 def test_shard_slices_cover_the_checkpoint() -> None:
     arch = ArchConfig.from_dict(
         {

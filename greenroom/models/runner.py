@@ -63,8 +63,9 @@ class ModelRunner:
     ``arch`` is then the rank's local shape. With ``pp`` (stage index, stage count, optional
     per-stage layer counts), it holds one pipeline stage: its layers, their KV pool, and the
     embedding (first stage) or final norm and LM head (last stage); ``arch`` is the stage's.
-    With ``helix``, ``tp`` is a Helix CP group:
-    the rank keeps every attention head, its pool holds its share of every request's blocks
+    With ``helix`` (True: ``tp`` is the Helix CP group; a TensorParallel: the CP group, and
+    ``tp`` the CP x TP group of ``cp * tp`` ranks, rank ``c * tp + t``): the rank keeps every
+    attention head of its TP slice, its pool holds its share of every request's blocks
     (``num_blocks`` per rank, the KV manager numbers ``cp_size * num_blocks``) and decode runs
     eagerly (no CUDA graphs yet).
     """
@@ -77,15 +78,18 @@ class ModelRunner:
         device: str | torch.device | None = None,
         tp: TensorParallel | None = None,
         pp: tuple[int, int, tuple[int, ...]] = (0, 1, ()),
-        helix: bool = False,
+        helix: bool | TensorParallel = False,
     ) -> None:
         device = resolve_device(device if device is not None else model_cfg.device)
         tp = tp or TensorParallel.single()
-        self._helix = helix
+        cp = tp if helix is True else helix or None
+        self._cp = cp if cp is not None and cp.size > 1 else None
+        helix_tp = tp.size // cp.size if self._cp is not None else 1
+        helix = self._cp is not None
         source = str(model_dir or model_cfg.path or "")
         if is_preset(source):  # random weights of a named shape, made on the device
             arch = ArchConfig.from_dict(preset_config(source), source=source)
-            shard = TPShard.of(arch, tp.rank, tp.size, helix) if tp.size > 1 else None
+            shard = TPShard.of(arch, tp.rank, tp.size, helix, helix_tp) if tp.size > 1 else None
             stage = stage_of(arch.num_layers, *pp)
             dtype = resolve_dtype(model_cfg.dtype, arch, device)
             weights = random_weights(
@@ -95,7 +99,7 @@ class ModelRunner:
             return
         path = Path(model_dir or model_cfg.path or tiny_llama_dir())
         arch = ArchConfig.from_dir(path)
-        shard = TPShard.of(arch, tp.rank, tp.size, helix) if tp.size > 1 else None
+        shard = TPShard.of(arch, tp.rank, tp.size, helix, helix_tp) if tp.size > 1 else None
         stage = stage_of(arch.num_layers, *pp)
         dtype = resolve_dtype(model_cfg.dtype, arch, device)
         weights = load_weights(path, arch, dtype, device, shard, stage)
@@ -113,7 +117,7 @@ class ModelRunner:
     ) -> ModelRunner:
         """A runner over weights already on ``device`` (benchmarks, tests)."""
         runner = cls.__new__(cls)
-        runner._helix = False
+        runner._cp = None
         device = torch.device(device)
         dtype = (weights.embed if weights.embed is not None else weights.lm_head).dtype
         runner._setup(model_cfg, kv_cfg, arch, weights, dtype, device, name)
@@ -133,9 +137,10 @@ class ModelRunner:
     ) -> None:
         self.tp = tp = tp or TensorParallel.single()
         self.stage = stage = stage or PipelineStage.whole(arch.num_layers)
-        helix = getattr(self, "_helix", False) and tp.size > 1
+        cp = getattr(self, "_cp", None)
         if tp.size > 1:
-            arch = TPShard.of(arch, tp.rank, tp.size, helix).local_arch(arch)
+            helix_tp = tp.size // cp.size if cp is not None else 1
+            arch = TPShard.of(arch, tp.rank, tp.size, cp is not None, helix_tp).local_arch(arch)
         if stage.size > 1:
             windows = arch.layer_windows[stage.first_layer : stage.end_layer]
             arch = replace(arch, num_layers=stage.num_layers, layer_windows=windows)
@@ -154,10 +159,10 @@ class ModelRunner:
         self.kv_pool = allocate_kv_pool(self.num_blocks, arch, self.tokens_per_block, dtype, device)
         self.block_bytes = bytes_per_block(arch, self.tokens_per_block, dtype)
         self.helix: HelixRank | None = None
-        if helix:
-            placement = HelixPlacement(tp.size, self.tokens_per_block)
+        if cp is not None:
+            placement = HelixPlacement(cp.size, self.tokens_per_block)
             self.helix = HelixRank(
-                placement, tp.rank, self.num_blocks, tp.group, kv_cfg.host_blocks
+                placement, cp.rank, self.num_blocks, cp.group, kv_cfg.host_blocks
             )
             self.model.helix = self.helix
         self.graphs: DecodeGraphs | None = None

@@ -17,7 +17,7 @@ def check_parallel(cfg: NodeConfig, arch: ArchConfig, gpu_count: int | None = No
         return
     check_tp_size(arch, p.tp_size)
     if p.cp_size > 1:
-        check_cp_size(arch, p.cp_size)
+        check_cp_size(arch, p.cp_size, p.tp_size)
     split_layers(arch.num_layers, p.pp_size, p.pp_layers)
     check_local_gpus(cfg, gpu_count)
 

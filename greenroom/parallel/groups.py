@@ -48,8 +48,13 @@ class RankGroups:
 
     @property
     def model(self) -> TensorParallel:
-        """The group that runs one model replica's layers together (TP, or Helix CP)."""
-        return self.cp if self.layout.cp_size > 1 else self.tp
+        """The group that runs one model replica's layers together: TP, Helix CP, or Helix
+        CP x TP (rank ``cp * tp_size + tp`` of ``cp_size * tp_size``)."""
+        lay, c = self.layout, self.coords
+        if lay.cp_size > 1 and lay.tp_size > 1:
+            rank = c.cp * lay.tp_size + c.tp
+            return TensorParallel(rank, lay.cp_size * lay.tp_size, self.groups[("cp", "tp")])
+        return self.cp if lay.cp_size > 1 else self.tp
 
     def destroy(self) -> None:
         import torch.distributed as dist

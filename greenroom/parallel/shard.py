@@ -8,8 +8,10 @@
   sampling, so the vocabulary need not divide by ``tp_size``.
 
 A Helix context-parallel rank (``helix``) shards the same way over its CP group except that it
-keeps every q, k and v head (it attends all heads over its share of the KV); its o_proj takes
-the head slice the all-to-all hands it (greenroom.models.helix_attention).
+keeps every q, k and v head of its TP slice (all of them without TP: it attends them over its
+share of the KV); its o_proj takes the head slice the all-to-all hands it
+(greenroom.models.helix_attention). With CP x TP the MLP, embedding and LM head split over
+all ``cp * tp`` ranks.
 """
 
 from __future__ import annotations
@@ -29,30 +31,34 @@ class TPShard:
     intermediate_size: int  # local
     vocab_per_rank: int  # padded rows per rank
     vocab_size: int  # the checkpoint's
-    helix: bool = False  # a CP rank: every attention head, o_proj over its head slice
+    helix: bool = False  # a CP rank: its TP slice of the heads, o_proj over its head slice
+    helix_tp: int = 1  # Helix CP x TP: the TP ranks inside each CP rank (group rank = cp * tp + t)
 
     @classmethod
-    def of(cls, arch: ArchConfig, rank: int, size: int, helix: bool = False) -> TPShard:
+    def of(
+        cls, arch: ArchConfig, rank: int, size: int, helix: bool = False, helix_tp: int = 1
+    ) -> TPShard:
+        """``helix``: ``size`` ranks of a Helix group, ``size / helix_tp`` CP ranks of
+        ``helix_tp`` TP ranks each; group rank ``c * helix_tp + t`` is CP rank ``c``, TP rank
+        ``t``."""
         if helix:
-            check_cp_size(arch, size)
+            check_cp_size(arch, size // helix_tp, helix_tp)
+            tp_rank = rank % helix_tp
+            heads, kv, kv_start = _attention_split(arch, tp_rank, helix_tp)
             return cls(
                 rank=rank,
                 size=size,
-                num_heads=arch.num_heads,
-                num_kv_heads=arch.num_kv_heads,
-                kv_head_start=0,
+                num_heads=heads,
+                num_kv_heads=kv,
+                kv_head_start=kv_start,
                 intermediate_size=arch.intermediate_size // size,
                 vocab_per_rank=-(-arch.vocab_size // size),
                 vocab_size=arch.vocab_size,
                 helix=True,
+                helix_tp=helix_tp,
             )
         check_tp_size(arch, size)
-        heads = arch.num_heads // size
-        if arch.num_kv_heads >= size:
-            kv = arch.num_kv_heads // size
-            kv_start = rank * kv
-        else:
-            kv, kv_start = 1, rank // (size // arch.num_kv_heads)
+        heads, kv, kv_start = _attention_split(arch, rank, size)
         return cls(
             rank=rank,
             size=size,
@@ -67,16 +73,24 @@ class TPShard:
     def head_rows(self, arch: ArchConfig, first_head: int, heads: int) -> slice:
         return slice(first_head * arch.head_dim, (first_head + heads) * arch.head_dim)
 
+    @property
+    def tp_rank(self) -> int:
+        """The rank within the heads' TP split (a Helix rank: within its CP rank)."""
+        return self.rank % self.helix_tp if self.helix else self.rank
+
     def q_slice(self, arch: ArchConfig) -> slice:
-        first = 0 if self.helix else self.rank * self.num_heads
-        return self.head_rows(arch, first, self.num_heads)
+        return self.head_rows(arch, self.tp_rank * self.num_heads, self.num_heads)
 
     def o_slice(self, arch: ArchConfig) -> slice:
-        """The o_proj input columns: this rank's q heads (Helix: its slice of all heads)."""
+        """The o_proj input columns: this rank's q heads. A Helix rank: the slice the
+        all-to-all over its CP group hands it, slice ``c`` of its TP rank's heads, so head
+        slice ``t * cp + c`` of all heads."""
         if not self.helix:
             return self.q_slice(arch)
+        cp = self.size // self.helix_tp
         heads = arch.num_heads // self.size
-        return self.head_rows(arch, self.rank * heads, heads)
+        index = self.tp_rank * cp + self.rank // self.helix_tp
+        return self.head_rows(arch, index * heads, heads)
 
     def kv_slice(self, arch: ArchConfig) -> slice:
         return self.head_rows(arch, self.kv_head_start, self.num_kv_heads)
@@ -105,15 +119,27 @@ class TPShard:
         )
 
 
-def check_cp_size(arch: ArchConfig, size: int) -> None:
-    """A CheckpointError naming the numbers when ``arch`` cannot run Helix over ``size`` ranks."""
-    if arch.num_heads % size:
+def _attention_split(arch: ArchConfig, rank: int, size: int) -> tuple[int, int, int]:
+    """(q heads, KV heads, first KV head) of TP rank ``rank`` of ``size``."""
+    heads = arch.num_heads // size
+    if arch.num_kv_heads >= size:
+        kv = arch.num_kv_heads // size
+        return heads, kv, rank * kv
+    return heads, 1, rank // (size // arch.num_kv_heads)
+
+
+def check_cp_size(arch: ArchConfig, size: int, tp_size: int = 1) -> None:
+    """A CheckpointError naming the numbers when ``arch`` cannot run Helix over ``size`` CP
+    ranks (of ``tp_size`` TP ranks each)."""
+    if tp_size > 1:
+        check_tp_size(arch, tp_size)
+    n = size * tp_size
+    what = f"cp_size = {size}" if tp_size == 1 else f"cp_size * tp_size = {n}"
+    if arch.num_heads % n:
+        raise CheckpointError(f"{what} does not divide num_attention_heads = {arch.num_heads}")
+    if arch.intermediate_size % n:
         raise CheckpointError(
-            f"cp_size = {size} does not divide num_attention_heads = {arch.num_heads}"
-        )
-    if arch.intermediate_size % size:
-        raise CheckpointError(
-            f"cp_size = {size} does not divide intermediate_size = {arch.intermediate_size}"
+            f"{what} does not divide intermediate_size = {arch.intermediate_size}"
         )
     if any(arch.window(i) for i in range(arch.num_layers)):
         raise CheckpointError("Helix context parallelism does not support sliding-window layers")

@@ -224,7 +224,13 @@ def _executor(cfg, device, groups, timeout_s: float):
     layout = groups.layout
     pp = (groups.coords.pp, layout.pp_size, tuple(cfg.parallel.pp_layers))
     runner = ModelRunner(
-        cfg.model, cfg.kv, cfg.model.path, device, tp=groups.model, pp=pp, helix=layout.cp_size > 1
+        cfg.model,
+        cfg.kv,
+        cfg.model.path,
+        device,
+        tp=groups.model,
+        pp=pp,
+        helix=groups.cp if layout.cp_size > 1 else False,
     )
     link = None
     if layout.pp_size > 1:
