@@ -510,7 +510,8 @@ async def server_kill(scale: Scale, reference: dict[int, list[int]]) -> Scenario
         address = await asyncio.to_thread(_read_address, proc)
         # a fresh server process on a loaded machine: give its first handshake time
         clients = [
-            AsyncClient(address, timeout=600, connect_timeout=30) for _ in range(scale.clients // 2)
+            AsyncClient(address, timeout=600, connect_timeout=120)
+            for _ in range(scale.clients // 2)
         ]
         for c in clients:
             await c.start()
