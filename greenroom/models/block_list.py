@@ -20,7 +20,10 @@ class BlockList:
         self._n = ids.size
 
     def extend(self, ids: Iterable[int]) -> None:
-        ids = ids if isinstance(ids, np.ndarray) else np.fromiter(ids, dtype=np.int64)
+        if not isinstance(ids, np.ndarray):
+            if not ids:  # most steps add no block
+                return
+            ids = np.asarray(ids, dtype=np.int64)
         end = self._n + ids.size
         if end > self._buf.size:
             grown = np.empty(max(2 * self._buf.size, end), dtype=np.int64)
