@@ -397,3 +397,65 @@ class PipelineSim(Sim):
             if not moved:
                 return
         raise AssertionError("the pipeline did not drain")
+
+
+TWO_FLOWS = ("context", "generation")
+RANDOM_MOVES = ("build", "apply_kv", "run_engine", "apply_step", "submit", "cancel")
+
+
+def run_random_interleaving(
+    sim: Sim, data, num_blocks: int, in_flight: int
+) -> list[tuple[int, int]]:
+    """Drive ``sim``'s two flows through a hypothesis-drawn sequence of submits, cancels,
+    plan builds and engine steps, checking the invariants after each, then run it to the end
+    and check every request's tokens (a cancelled one: a prefix of them). Returns the drawn
+    (prompt, output) lengths; request ``rI`` has the I-th."""
+    from hypothesis import strategies as st
+
+    usable_tokens = (num_blocks - 1) * 4
+    lengths = data.draw(
+        st.lists(st.tuples(st.integers(1, 20), st.integers(1, 16)), min_size=3, max_size=10)
+    )
+    pending = [(f"r{i}", n, m) for i, (n, m) in enumerate(lengths) if n + m <= usable_tokens]
+    cancelled: set[str] = set()
+    ops = data.draw(
+        st.lists(
+            st.tuples(st.sampled_from(RANDOM_MOVES), st.sampled_from(TWO_FLOWS)),
+            min_size=20,
+            max_size=200,
+        )
+    )
+    for move, flow in ops:
+        if move == "submit" and pending:
+            rid, n, m = pending.pop(0)
+            sim.submit(rid, prompt(int(rid[1:]), n), max_tokens=m, ignore_eos=n % 2 == 0)
+        elif move == "cancel" and sim.prompts:
+            rid = data.draw(st.sampled_from(sorted(sim.prompts)))
+            if rid not in sim.final:
+                cancelled.add(rid)
+            sim.cancel([rid])
+        elif move == "build":
+            if sim.core.inflight(flow) < in_flight and sim.core.has_work(flow):
+                sim.build(flow)
+        elif move == "apply_kv":
+            if flow in sim.kv_results:
+                sim.apply_kv(flow)
+        elif move == "run_engine":
+            sim.run_engine(flow)
+        elif move == "apply_step":
+            sim.apply_step(flow)
+        sim.check()
+    for rid, n, m in pending:
+        sim.submit(rid, prompt(int(rid[1:]), n), max_tokens=m, ignore_eos=n % 2 == 0)
+    for flow in TWO_FLOWS:
+        if flow in sim.kv_results:
+            sim.apply_kv(flow)
+    sim.run()
+    for rid in sim.prompts:
+        if rid in cancelled:
+            assert sim.final[rid] == "abort"
+            expected = sim.expected(rid)[0]
+            assert sim.tokens[rid] == expected[: len(sim.tokens[rid])]
+        else:
+            assert (sim.tokens[rid], sim.final[rid]) == sim.expected(rid), rid
+    return lengths

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scheduling_sim import Sim, mixed, prompt, two_flows
+from scheduling_sim import Sim, mixed, prompt, run_random_interleaving, two_flows
 
 from greenroom.actors.scheduling import RequestState
 
@@ -150,9 +150,6 @@ def test_generation_flow_preempts_on_extend_failure_and_outputs_survive():
 
 # ------------------------------------------------------------------ random interleavings
 
-FLOWS = ("context", "generation")
-MOVES = ("build", "apply_kv", "run_engine", "apply_step", "submit", "cancel")
-
 
 @settings(
     max_examples=80,
@@ -178,50 +175,7 @@ def test_random_interleavings_of_the_two_flows(data, num_blocks, cap, ctx, gen, 
         capacity_policy=policy,
         plans_in_flight=in_flight,
     )
-    usable_tokens = (num_blocks - 1) * 4
-    lengths = data.draw(
-        st.lists(st.tuples(st.integers(1, 20), st.integers(1, 16)), min_size=3, max_size=10)
-    )
-    pending = [(f"r{i}", n, m) for i, (n, m) in enumerate(lengths) if n + m <= usable_tokens]
-    cancelled: set[str] = set()
-    ops = data.draw(
-        st.lists(
-            st.tuples(st.sampled_from(MOVES), st.sampled_from(FLOWS)), min_size=20, max_size=200
-        )
-    )
-    for move, flow in ops:
-        if move == "submit" and pending:
-            rid, n, m = pending.pop(0)
-            sim.submit(rid, prompt(int(rid[1:]), n), max_tokens=m, ignore_eos=n % 2 == 0)
-        elif move == "cancel" and sim.prompts:
-            rid = data.draw(st.sampled_from(sorted(sim.prompts)))
-            if rid not in sim.final:
-                cancelled.add(rid)
-            sim.cancel([rid])
-        elif move == "build":
-            if sim.core.inflight(flow) < in_flight and sim.core.has_work(flow):
-                sim.build(flow)
-        elif move == "apply_kv":
-            if flow in sim.kv_results:
-                sim.apply_kv(flow)
-        elif move == "run_engine":
-            sim.run_engine(flow)
-        elif move == "apply_step":
-            sim.apply_step(flow)
-        sim.check()
-    for rid, n, m in pending:
-        sim.submit(rid, prompt(int(rid[1:]), n), max_tokens=m, ignore_eos=n % 2 == 0)
-    for flow in FLOWS:
-        if flow in sim.kv_results:
-            sim.apply_kv(flow)
-    sim.run()
-    for rid in sim.prompts:
-        if rid in cancelled:
-            assert sim.final[rid] == "abort"
-            expected = sim.expected(rid)[0]
-            assert sim.tokens[rid] == expected[: len(sim.tokens[rid])]
-        else:
-            assert (sim.tokens[rid], sim.final[rid]) == sim.expected(rid), rid
+    run_random_interleaving(sim, data, num_blocks, in_flight)
     if policy == "guaranteed_no_evict":
         assert sim.core.stats().get("preemptions", 0) == 0
     sim.drained()
