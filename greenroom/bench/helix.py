@@ -22,12 +22,11 @@ import socket
 import statistics
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 
-from greenroom.bench.helix_step import single_rank_step_ms, step_rank
+from greenroom.bench.helix_step import join_bench_group, single_rank_step_ms, step_rank
 from greenroom.bus.messages import KVAdmit, KVExtend, KVFree, KVStep
 from greenroom.config import KVConfig
 from greenroom.kv import KVCacheManager
@@ -107,18 +106,7 @@ def _rank(rank: int, cp: int, port: int, cfg: dict, out_dir: str) -> None:
     from greenroom.models import helix_attention
 
     cuda = cfg["device"] == "cuda"
-    dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(dev)
-    else:
-        torch.set_num_threads(1)
-    dist.init_process_group(
-        "nccl" if cuda else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=cp,
-        timeout=timedelta(seconds=120),
-    )
+    dev = join_bench_group(rank, cp, port, cfg["device"], timeout_s=120)
     sent: list[int] = []
     real = dist.all_to_all_single
 

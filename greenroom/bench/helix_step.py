@@ -65,22 +65,33 @@ def time_steps(runner, chunks, reps: int, barrier=None) -> float:
     return statistics.median(times[1:]) * 1e3
 
 
-def step_rank(rank: int, cp: int, port: int, cfg: dict, out_dir: str) -> None:
+def join_bench_group(
+    rank: int, world: int, port: int, device: str, timeout_s: float
+) -> torch.device:
+    """Join a benchmark's loopback process group (NCCL on ``cuda``, gloo with one CPU thread
+    otherwise) as ``rank``; returns this rank's device."""
     import torch.distributed as dist
 
-    cuda = cfg["device"] == "cuda"
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    cuda = device == "cuda"
+    dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(dev)
     else:
         torch.set_num_threads(1)
     dist.init_process_group(
         "nccl" if cuda else "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
-        world_size=cp,
-        timeout=timedelta(seconds=300),
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
     )
+    return dev
+
+
+def step_rank(rank: int, cp: int, port: int, cfg: dict, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    device = join_bench_group(rank, cp, port, cfg["device"], timeout_s=300)
     try:
         runner, chunks = _runner(cfg, cp, rank, device, dist.group.WORLD)
         ms = time_steps(runner, chunks, cfg["reps"], dist.barrier)
