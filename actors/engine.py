@@ -49,7 +49,8 @@ class InjectFault(Message):
 
 class InjectTransferFault(Message):
     """Fault injection on KV reads (tests): ``nixl_error`` makes the next read name an address
-    no agent registered; no read starts for the next ``hold_s`` seconds (a slow transfer)."""
+    no agent registered; no read starts for the next ``hold_s`` seconds (a slow transfer);
+    ``hold_s=0`` lifts a hold, starting the reads it held."""
 
     nixl_error: bool = False
     hold_s: float = 0.0

@@ -178,10 +178,6 @@ class Scheduler(Actor):
             return
         self._wake_all()
 
-    async def _refuse(self, req: SubmitRequest, kind: str, message: str) -> None:
-        error = RequestError(request_id=req.request_id, kind=kind, message=message)
-        await self._emit(OutputBatch(errors=[error]))
-
     @handles(CancelRequests)
     async def cancel(self, msg: CancelRequests) -> None:
         await self._emit(self.core.cancel(list(msg.request_ids), msg.reason))

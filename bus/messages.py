@@ -302,11 +302,14 @@ class KVReceive(msgspec.Struct, array_like=True, gc=False, frozen=True, kw_only=
 
 
 class TransferUpdate(msgspec.Struct, array_like=True, gc=False, frozen=True):
-    """A receive settled on the engine: complete | error | cancelled | timed_out."""
+    """A receive's change of state: settled (complete | error | cancelled | timed_out: on the
+    engine, or by its request ending first), or pending: a generation node accepted the
+    request with ``handle``."""
 
     request_id: str
     state: str
     message: str = ""
+    handle: TransferHandle | None = None  # pending only
 
 
 class KVLeaseRelease(Message):
@@ -334,7 +337,7 @@ class KVStep(Message):
     computed: list[KVComputed] = []
     extend: list[KVExtend] = []
     admit: list[KVAdmit] = []
-    transfers: list[TransferUpdate] = []  # receives that settled on the engine
+    transfers: list[TransferUpdate] = []  # receives opened or settled, in the order they were
     # the engine restarted and lost its KV memory: after the frees, forget every cached block
     # no request holds (both tiers), so no admit reuses KV that no longer exists
     drop_cache: bool = False

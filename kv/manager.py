@@ -84,7 +84,12 @@ class KVCacheManager:
 
     def step(self, msg: KVStep) -> KVStepResult:
         for t in msg.transfers:
-            self.transfers.settle_receive(t.request_id, t.state)
+            if t.state == "pending" and t.handle is not None:
+                # no read starts past this: the lease may end any time then
+                deadline = t.handle.lease_deadline - self.transfer_cfg.lease_margin_s
+                self.transfers.expect(t.request_id, t.handle, deadline)
+            else:
+                self.transfers.settle_receive(t.request_id, t.state)
         for f in msg.free:
             self.free(f)
         for c in msg.computed:

@@ -88,10 +88,12 @@ class KVTransferAgent:
         self.layout = kv_layout(model_name, pool)
         self._remotes: set[str] = set()
         self._reads: dict[str, _Read] = {}
-        self._queued: dict[str, tuple[KVReceive, float]] = {}  # reads that start later
+        self._queued: dict[str, tuple[KVReceive, float]] = {}  # reads that start later, by
+        # the time they were handed over
         self._settled: list[TransferUpdate] = []
         # fault injection (tests, chaos runs): the next read names memory no agent registered;
-        # every read starts ``delay_s`` late, and none before ``hold_until``
+        # every read starts ``delay_s`` late, and none before ``hold_until`` (lowering it
+        # releases the reads it held)
         self.fail_next: str | None = None
         self.delay_s = 0.0
         self.hold_until = 0.0
@@ -123,18 +125,20 @@ class KVTransferAgent:
             )
             return
         now = time.time()
-        due = max(now + self.delay_s, self.hold_until)
-        if due > now:
-            self._queued[rid] = (recv, due)
+        if self._due(now) > now:
+            self._queued[rid] = (recv, now)
             return
         self._post_now(recv)
 
+    def _due(self, handed_at: float) -> float:
+        return max(handed_at + self.delay_s, self.hold_until)
+
     def _post_due(self, now: float) -> None:
-        for rid, (recv, due) in list(self._queued.items()):
+        for rid, (recv, handed_at) in list(self._queued.items()):
             if recv.deadline <= now:
                 del self._queued[rid]
                 self._settled.append(TransferUpdate(rid, "timed_out", "the read never started"))
-            elif due <= now:
+            elif self._due(handed_at) <= now:
                 del self._queued[rid]
                 self._post_now(recv)
 
@@ -207,8 +211,11 @@ class KVTransferAgent:
         so the caller may free the blocks it was writing."""
         read = self._reads.get(request_id)
         if read is None:
-            self._queued.pop(request_id, None)
-            self._settled.append(TransferUpdate(request_id, "cancelled", "no read in progress"))
+            # held, not started; or settled already, and then the earlier report stands
+            why = "cancelled before it started" if self._queued.pop(request_id, None) else ""
+            self._settled.append(
+                TransferUpdate(request_id, "cancelled", why or "no read in progress")
+            )
             return
         read.cancelled = True
         self._check(read, time.time())

@@ -4,9 +4,11 @@
 
 Context side, a *lease*: the blocks of a prefilled request stay referenced after its first
 token until the receiver acknowledges (any final state) or the lease runs out; both exits
-release the blocks. Generation side, a *receive*: pending from admission until the read is
-handed to the engine (in_progress); the engine's report settles it. Every session has a
-deadline; none outlives it.
+release the blocks. Generation side, a *receive*: pending from the moment the node accepts the
+request with its handle (``expect``), in_progress once admission gives it blocks and its read
+goes to the engine (``receive``), settled by the engine's report or by the request ending
+first (cancelled). A receive that ended is gone: a later report for it changes nothing, so
+each receive is counted once. Every session has a deadline; none outlives it.
 """
 
 from __future__ import annotations
@@ -97,11 +99,23 @@ class TransferSessions:
 
     # ------------------------------------------------------------------ generation side
 
-    def receive(self, request_id: str, handle: TransferHandle, deadline: float) -> Session:
+    def expect(self, request_id: str, handle: TransferHandle, deadline: float) -> Session:
+        """The node accepted a request with a handle: its receive is pending until admitted."""
         if request_id in self.receives:
             raise ValueError(f"request {request_id!r} already has a receive")
         s = Session(request_id, TransferState.PENDING, deadline, handle=handle)
         self.receives[request_id] = s
+        return s
+
+    def receive(self, request_id: str, handle: TransferHandle, deadline: float) -> Session:
+        """Admission: the pending receive (opened here if it was never expected) gets the
+        read's deadline."""
+        s = self.receives.get(request_id)
+        if s is None:
+            return self.expect(request_id, handle, deadline)
+        if s.state is not TransferState.PENDING:
+            raise ValueError(f"request {request_id!r} already has a read ({s.state.value})")
+        s.handle, s.deadline = handle, deadline
         return s
 
     def started(self, request_id: str) -> None:

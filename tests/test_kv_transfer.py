@@ -174,15 +174,26 @@ def test_nixl_reads_merged_runs_between_two_pools() -> None:
             tp_size=1,
             lease_deadline=time.time() + 5,
         )
-        receiver.start(
-            KVReceive(
-                request_id="r",
+
+        def read(rid: str) -> KVReceive:
+            return KVReceive(
+                request_id=rid,
                 handle=h,
                 remote_blocks=[3, 4, 5, 9],
                 local_blocks=[1, 2, 3, 7],
                 deadline=time.time() + 5,
             )
-        )
+
+        # a held read is cancelled without starting; lifting the hold starts the others
+        receiver.hold_until = time.time() + 60
+        receiver.start(read("held"))
+        receiver.start(read("r"))
+        assert receiver.poll() == [] and receiver.pending == 2
+        receiver.cancel("held")
+        assert receiver.poll() == [
+            TransferUpdate("held", "cancelled", "cancelled before it started")
+        ]
+        receiver.hold_until = 0.0
         receiver.wait(["r"], time.time() + 5)
         assert receiver.poll() == [TransferUpdate("r", "complete")]
         assert torch.equal(dst[1:4], src[3:6]) and torch.equal(dst[7], src[9])

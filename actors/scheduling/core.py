@@ -85,7 +85,8 @@ class SchedulerCore:
         self._orphan_transfers: list[TransferDone] = []  # generation role: receives settled
         self._reading: dict[str, Request] = {}  # generation role: reads on the engine
         self._cancel_reads: list[str] = []  # reads the next plan abandons
-        self._transfer_updates: list[TransferUpdate] = []  # for the KV manager's sessions
+        # receives opened and settled, in order, for the KV manager's sessions
+        self._transfer_updates: list[TransferUpdate] = []
         self._head_rejected: str | None = None  # the queue head the KV manager last turned down
         self._num_active = 0
         self._iteration = 0
@@ -115,7 +116,7 @@ class SchedulerCore:
         return bool(self._free_ready) or self._transfer_work() or bool(self._select(flow))
 
     def _transfer_work(self) -> bool:
-        """Reads to poll, to cancel, or settled reads to report to the KV manager."""
+        """Reads to poll or to cancel, or receives to open or settle in the KV manager."""
         return bool(self._reading or self._cancel_reads or self._transfer_updates)
 
     def stats(self) -> dict:
@@ -151,6 +152,10 @@ class SchedulerCore:
             r.client_id, r.sample_index = req.request_id, i
         for r in samples:
             self._requests[r.request_id] = r
+        if req.kv_handle is not None:  # its receive is pending from now on
+            self._transfer_updates.append(
+                TransferUpdate(req.request_id, "pending", handle=req.kv_handle)
+            )
         first = samples[0]
         self._waiting[first.request_id] = first
         if n > 1:
@@ -419,8 +424,7 @@ class SchedulerCore:
         """An admitted receiver's read goes into the plan; False if it ended meanwhile."""
         r = self._requests.get(rc.request_id)
         if r is None or r.kv_wait is not KVWait.READ:
-            # ended while the KVStep was out: no read starts, the sessions close as cancelled
-            self._transfer_updates.append(TransferUpdate(rc.request_id, "cancelled"))
+            # ended while the KVStep was out: no read starts; ``_end`` closed the receive
             return False
         self._reading[r.request_id] = r
         return True
@@ -680,6 +684,11 @@ class SchedulerCore:
         elif r.kv_wait is KVWait.ADMIT:  # never read: the context node can free its lease
             r.kv_wait = KVWait.NONE
             self._orphan_transfers.append(TransferDone(r.request_id, "cancelled", "request ended"))
+            # the KV manager's pending receive ends here too (after the admission if a KVStep
+            # admitting the request is out: that KVStep's read never starts)
+            self._transfer_updates.append(
+                TransferUpdate(r.request_id, "cancelled", "request ended before its read")
+            )
         self._counters[state.value] += 1
         if r.request_id in self._followers:
             self._release_followers(r)
