@@ -34,6 +34,7 @@ from greenroom.bus.messages import (
     TransferDone,
     TransferHandle,
 )
+from greenroom.bus.security import SocketSecurity
 from greenroom.client import AsyncClient
 from greenroom.logging import get_logger
 
@@ -97,8 +98,9 @@ class Router(Frontend):
         node_timeout_s: float = 5.0,
         request_timeout_s: float = 600.0,
         tokenizer=None,
+        security: SocketSecurity | None = None,
     ) -> None:
-        super().__init__(address, limits, info, tokenizer)
+        super().__init__(address, limits, info, tokenizer, security=security)
         self.context = context
         self.generation = generation
         self.node_timeout_s = node_timeout_s

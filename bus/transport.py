@@ -26,7 +26,7 @@ from typing import Any
 import zmq
 
 from greenroom.bus.codec import OOB_THRESHOLD
-from greenroom.bus.security import SocketSecurity
+from greenroom.bus.security import ClientKeys, SocketSecurity
 
 DEFAULT_HWM = 1024
 SCHEMES = ("inproc://", "ipc://", "tcp://")
@@ -263,8 +263,11 @@ class Transport:
             security.apply_server(sock)
         return self._bind_socket(sock, address, on_frames)
 
-    def connect_dealer(self, address: str, on_frames: OnFrames | None = None) -> Channel:
-        return self.connect(zmq.DEALER, address, on_frames)
+    def connect_dealer(
+        self, address: str, on_frames: OnFrames | None = None, keys: ClientKeys | None = None
+    ) -> Channel:
+        """A DEALER; with ``keys``, a CURVE client of the server whose public key they hold."""
+        return self.connect(zmq.DEALER, address, on_frames, keys)
 
     def bind_pull(self, address: str, on_frames: OnFrames | None = None) -> Channel:
         return self.bind(zmq.PULL, address, on_frames)
@@ -284,8 +287,16 @@ class Transport:
             raise
         return self._track(Channel(sock, self.loop, bound, on_frames, self.hwm))
 
-    def connect(self, kind: int, address: str, on_frames: OnFrames | None = None) -> Channel:
+    def connect(
+        self,
+        kind: int,
+        address: str,
+        on_frames: OnFrames | None = None,
+        keys: ClientKeys | None = None,
+    ) -> Channel:
         sock = self._socket(kind)
+        if keys is not None:
+            keys.apply(sock)
         try:
             sock.connect(check_address(address))
         except BaseException:

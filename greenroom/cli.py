@@ -136,6 +136,14 @@ _NODE_FLAGS: list[tuple[Any, ...]] = [
         "PATH",
     ),
     (
+        "--curve-peer-keys",
+        "security.curve_peer_keys",
+        str,
+        "the other nodes' public keys: a NAME.key, or a directory of HOST_PORT.key / HOST.key "
+        "(rank bus of a multi-node group; a router's context and generation nodes)",
+        "PATH",
+    ),
+    (
         "--cp-size",
         "parallel.cp_size",
         int,
@@ -245,7 +253,7 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--insecure",
         action="store_true",
-        help="serve beyond loopback WITHOUT authentication [security.insecure]",
+        help="bind beyond loopback (client socket, rank bus) WITHOUT authentication [security.insecure]",
     )
     p.add_argument(
         "--no-prefix-reuse",

@@ -14,6 +14,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
@@ -128,6 +129,9 @@ _MONITORED = (
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     | zmq.EVENT_MONITOR_STOPPED
 )
+if TYPE_CHECKING:
+    from greenroom.bus.security import ClientKeys
+
 _MONITOR_IDS = itertools.count()
 
 
@@ -141,7 +145,7 @@ class AsyncClient:
 
     With CURVE (a server bound beyond loopback): `server_key` is the server's public key file
     (`NAME.key`) and `client_key` this client's secret key file (`NAME.key_secret`), both made
-    by `greenroom keys`.
+    by `greenroom keys` (or `keys`, the same already loaded).
     """
 
     def __init__(
@@ -154,6 +158,7 @@ class AsyncClient:
         heartbeat_s: float = HEARTBEAT_S,
         server_key: str | None = None,
         client_key: str | None = None,
+        keys: ClientKeys | None = None,
     ):
         if (server_key is None) != (client_key is None):
             raise ValueError("CURVE needs both server_key and client_key (or neither)")
@@ -162,7 +167,9 @@ class AsyncClient:
         self.connect_timeout = connect_timeout
         self.heartbeat_s = heartbeat_s
         self._keys = None
-        if server_key is not None:
+        if keys is not None:  # already loaded (a router towards its nodes)
+            self._keys = (keys.server_public_key, keys.public_key, keys.secret_key)
+        elif server_key is not None:
             from greenroom.bus.security import load_key_pair, load_public_key
 
             self._keys = (load_public_key(server_key), *load_key_pair(client_key))

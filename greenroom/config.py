@@ -224,16 +224,28 @@ class FrontendConfig(_Section):
 
 
 class SecurityConfig(_Section):
-    """CURVE authentication of the client socket (required beyond loopback)."""
+    """CURVE authentication of every socket bound beyond loopback: the client socket and the
+    node-to-node ones (a group head's rank bus; a router's links to its nodes)."""
 
-    curve_secret_key: str | None = None  # the server's NAME.key_secret from `greenroom keys`
+    # this node's NAME.key_secret from `greenroom keys`: it serves with it and presents it to
+    # the peers it connects to
+    curve_secret_key: str | None = None
     curve_authorized_keys: str | None = None  # a client's NAME.key, or a directory of them
+    # public keys of the other nodes: one NAME.key, or a directory with HOST_PORT.key or
+    # HOST.key per node (the key a node connecting to HOST:PORT expects there); a head's rank
+    # bus lets in every key of it
+    curve_peer_keys: str | None = None
     insecure: bool = False  # allow a non-loopback bind without keys
 
     def __post_init__(self) -> None:
         if (self.curve_secret_key is None) != (self.curve_authorized_keys is None):
             raise ValueError(
                 "curve_secret_key and curve_authorized_keys are invalid: give both or neither"
+            )
+        if self.curve_peer_keys is not None and self.curve_secret_key is None:
+            raise ValueError(
+                "curve_peer_keys is invalid without curve_secret_key: a node presents its own "
+                "key pair to its peers (give --curve-secret-key and --curve-authorized-keys)"
             )
 
 

@@ -25,9 +25,9 @@ from greenroom.actors.frontend import Frontend, FrontendLimits
 from greenroom.actors.kv_manager import KVManager
 from greenroom.actors.scheduler import Drain, Scheduler, SchedulerStatsQuery
 from greenroom.bus.messages import EngineInfo, EngineInfoQuery, KVStats, KVStatsQuery, ServerInfo
-from greenroom.bus.security import SecurityError, SocketSecurity, check_bind, is_loopback
 from greenroom.config import ConfigError, NodeConfig
 from greenroom.logging import configure_logging, get_logger
+from greenroom.node_security import client_socket_security
 from greenroom.startup import StartupError, check_http_port, preflight
 
 log = get_logger(__name__)
@@ -77,7 +77,7 @@ class Node:
             except NixlUnavailable as exc:
                 raise ConfigError(f"role = {cfg.role!r}: {exc}") from None
         cfg = preflight(cfg)
-        security = _client_socket_security(cfg)
+        security = client_socket_security(cfg)
         rt = Runtime()
         holder: dict[str, Node] = {}
 
@@ -261,21 +261,6 @@ def fit_max_model_len(info: EngineInfo) -> EngineInfo:
         num_blocks=info.num_blocks,
     )
     return msgspec.structs.replace(info, max_model_len=usable)
-
-
-def _client_socket_security(cfg: NodeConfig) -> SocketSecurity | None:
-    sec = cfg.security
-    try:
-        check_bind(cfg.host, sec.curve_secret_key is not None, sec.insecure)
-        if sec.curve_secret_key is None:
-            if not is_loopback(cfg.host):
-                log.warning(
-                    "serving beyond loopback WITHOUT authentication (--insecure)", host=cfg.host
-                )
-            return None
-        return SocketSecurity.load(sec.curve_secret_key, sec.curve_authorized_keys)
-    except SecurityError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 def _release_device_caches() -> None:

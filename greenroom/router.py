@@ -6,6 +6,10 @@
 
 Pairing is refused at start, with a message naming the nodes, when a node serves another role
 or when the nodes' KV differs (model, block layout, tokens per block, ``tp_size``).
+
+With ``security.curve_peer_keys`` the router is a CURVE client of every node, presenting its
+own key pair and expecting each node's public key from there; a node serving another key
+fails the handshake, so nothing it sends reaches the router.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from greenroom.actors.router import NodeLink, Router, close_links
 from greenroom.client import AsyncClient, GreenroomError
 from greenroom.config import ConfigError, NodeConfig
 from greenroom.logging import get_logger
+from greenroom.node_security import client_socket_security, peer_client_keys
 
 log = get_logger(__name__)
 
@@ -58,8 +63,9 @@ def check_pairing(context: list[NodeLink], generation: list[NodeLink]) -> None:
             )
 
 
-async def _connect(address: str, role: str, wait_s: float) -> NodeLink:
-    client = AsyncClient(address, timeout=wait_s)
+async def _connect(cfg: NodeConfig, address: str, role: str, wait_s: float) -> NodeLink:
+    keys = peer_client_keys(cfg, address)
+    client = AsyncClient(address, timeout=wait_s, keys=keys)
     client.connect()
     loop = asyncio.get_running_loop()
     end = loop.time() + wait_s
@@ -70,9 +76,13 @@ async def _connect(address: str, role: str, wait_s: float) -> NodeLink:
         except (TimeoutError, GreenroomError) as exc:
             if loop.time() > end:
                 await client.close()
-                raise ConfigError(
-                    f"the {role} node at {address} did not answer within {wait_s:.0f} s"
-                ) from exc
+                why = f"the {role} node at {address} did not answer within {wait_s:.0f} s"
+                if keys is not None:  # a wrong server key looks like silence to the client
+                    why += (
+                        " (with CURVE: does --curve-peer-keys hold this node's public key, and "
+                        "its --curve-authorized-keys the router's?)"
+                    )
+                raise ConfigError(why) from exc
 
 
 @dataclass
@@ -93,6 +103,7 @@ class RouterNode:
         rc = cfg.router
         if not rc.context_nodes or not rc.generation_nodes:
             raise ConfigError("a router needs router.context_nodes and router.generation_nodes")
+        security = client_socket_security(cfg)
         links: list[NodeLink] = []
         try:
             for role, addresses in (
@@ -100,7 +111,7 @@ class RouterNode:
                 ("generation", rc.generation_nodes),
             ):
                 for address in addresses:
-                    links.append(await _connect(address, role, wait_s))
+                    links.append(await _connect(cfg, address, role, wait_s))
             context = [link for link in links if link.role == "context"]
             generation = [link for link in links if link.role == "generation"]
             check_pairing(context, generation)
@@ -127,6 +138,7 @@ class RouterNode:
             node_timeout_s=rc.node_timeout_s,
             request_timeout_s=cfg.scheduler.request_timeout_s,
             tokenizer=tokenizer,
+            security=security,
         )
         rt = Runtime()
         try:

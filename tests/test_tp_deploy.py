@@ -95,11 +95,11 @@ def wait_line(proc: subprocess.Popen, pattern: str, seen: list[str]) -> re.Match
     raise AssertionError(f"exited with {proc.wait()} before {pattern!r}: {''.join(seen)}")
 
 
-async def check_tokens(address: str, again: bool = False) -> None:
+async def check_tokens(address: str, again: bool = False, **client_keys: str) -> None:
     """Concurrent requests (chunked prefill beside decodes) give one rank's tokens; with
     ``again``, a repeat of the longest prompt reuses its cached prefix and still does."""
     expected = single_rank_tokens()
-    async with AsyncClient(address, timeout=60) as client:
+    async with AsyncClient(address, timeout=60, **client_keys) as client:
         info = await client.server_info()
         assert "tp2" in info.device
         sampling = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -111,14 +111,16 @@ async def check_tokens(address: str, again: bool = False) -> None:
             assert repeat.metrics.num_cached_tokens > 0
 
 
-def run_two_nodes(node0: tuple[list[str], dict], node1: tuple[list[str], dict]) -> list[str]:
+def run_two_nodes(
+    node0: tuple[list[str], dict], node1: tuple[list[str], dict], **client_keys: str
+) -> list[str]:
     head = launch(["--port", "0", *node0[0]], node0[1])
     agent = launch(node1[0], node1[1])
     out0: list[str] = []
     out1: list[str] = []
     try:
         address = wait_line(head, r"clients connect to (\S+)", out0).group(1)
-        asyncio.run(check_tokens(address))
+        asyncio.run(check_tokens(address, **client_keys))
         head.send_signal(signal.SIGTERM)
         assert head.wait(timeout=30) == 0
         assert agent.wait(timeout=30) == 0  # the head's shutdown stops the agent
@@ -147,8 +149,28 @@ def test_two_nodes_from_torchrun_env_and_flags() -> None:
     assert "node 1: 1(pp0 cp0 tp1)" in text
 
 
-def test_two_nodes_from_a_slurm_env() -> None:
+def curve_flags(tmp_path: Path) -> tuple[list[list[str]], dict[str, str]]:
+    """Each node's CURVE flags (its own pair, one peers directory holding both nodes' public
+    keys, node 0's as HOST.key) and the client's keys."""
+    from greenroom.bus.security import make_key_pair
+
+    peers = tmp_path / "peers"
+    pairs = {n: make_key_pair(tmp_path / n, n) for n in ("node0", "node1", "client")}
+    peers.mkdir()
+    (peers / "127.0.0.1.key").write_bytes(pairs["node0"][0].read_bytes())
+    (peers / "node1.key").write_bytes(pairs["node1"][0].read_bytes())
+    flags = [
+        ["--curve-secret-key", str(pairs[n][1]), "--curve-authorized-keys", str(pairs["client"][0])]
+        + ["--curve-peer-keys", str(peers)]
+        for n in ("node0", "node1")
+    ]
+    client = {"server_key": str(pairs["node0"][0]), "client_key": str(pairs["client"][1])}
+    return flags, client
+
+
+def test_two_nodes_from_a_slurm_env_with_curve_on_the_rank_bus(tmp_path: Path) -> None:
     port = free_port_pair()
+    flags, client_keys = curve_flags(tmp_path)
     slurm = {
         "SLURM_NTASKS": "2",
         "SLURM_NNODES": "2",
@@ -156,10 +178,10 @@ def test_two_nodes_from_a_slurm_env() -> None:
         "MASTER_PORT": str(port),
     }
     nodes = [
-        ([], slurm | {"SLURM_PROCID": str(n), "SLURM_LOCALID": "0", "SLURM_NODEID": str(n)})
+        (flags[n], slurm | {"SLURM_PROCID": str(n), "SLURM_LOCALID": "0", "SLURM_NODEID": str(n)})
         for n in (0, 1)
     ]
-    text = "".join(run_two_nodes(nodes[0], nodes[1]))
+    text = "".join(run_two_nodes(nodes[0], nodes[1], **client_keys))
     assert "launch (slurm): node 0 of 2, master 127.0.0.1" in text
     assert "launch (slurm): node 1 of 2" in text
 

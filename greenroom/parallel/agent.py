@@ -19,6 +19,7 @@ from greenroom.bus.codec import CodecError, decode, encode
 from greenroom.bus.transport import Transport, new_context
 from greenroom.config import NodeConfig
 from greenroom.logging import get_logger
+from greenroom.node_security import peer_client_keys
 from greenroom.parallel import messages as m
 from greenroom.parallel.group_engine import layout_of
 from greenroom.parallel.hub import PING_S
@@ -39,6 +40,7 @@ async def run_agent(cfg: NodeConfig) -> int:
     p = cfg.parallel
     layout = layout_of(cfg)
     address = f"tcp://{p.master_addr}:{p.master_port + 1}"
+    keys = peer_client_keys(cfg, address)
     ctx = new_context()
     transport = Transport(ctx)
     inbox: asyncio.Queue = asyncio.Queue()
@@ -49,7 +51,8 @@ async def run_agent(cfg: NodeConfig) -> int:
         except CodecError as exc:
             log.warning("dropped undecodable message from the head", error=str(exc))
 
-    channel = transport.connect_dealer(address, on_frames)
+    channel = transport.connect_dealer(address, on_frames, keys)
+    bus_keys = None if keys is None else (keys.server_public_key, keys.public_key, keys.secret_key)
     local = LocalRanks(
         lambda epoch, rank, code: channel.try_send(
             encode(m.RankExited(epoch=epoch, rank=rank, code=code))
@@ -80,6 +83,12 @@ async def run_agent(cfg: NodeConfig) -> int:
                     _say(
                         f"error: cannot reach the head (node 0) at {address} within {wait:g} s: "
                         "is node 0 running, and --master-addr/--master-port right?"
+                        + (
+                            " (with CURVE: does node 0 list this node's public key in "
+                            "--curve-peer-keys, and this node node 0's?)"
+                            if keys is not None
+                            else ""
+                        )
                     )
                 else:
                     _say(f"error: the head at {address} went silent for {wait:g} s; stopping")
@@ -92,6 +101,7 @@ async def run_agent(cfg: NodeConfig) -> int:
                 return EXIT_REFUSED
             if isinstance(msg, m.StartRanks):
                 spec = msgspec.msgpack.decode(msg.worker_spec, type=WorkerSpec)
+                spec = msgspec.structs.replace(spec, bus_keys=bus_keys)
                 local.start(spec, layout.ranks_on_node(p.node_rank))
             elif isinstance(msg, m.StopRanks):
                 if msg.epoch == local.epoch:

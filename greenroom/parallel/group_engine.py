@@ -88,7 +88,12 @@ class RankGroupEngine(Actor):
             sys_path=[x for x in sys.path if x],
         )
         self.local = LocalRanks(self._on_local_exit)
-        self.local.start(spec, self.layout.ranks_on_node(0))
+        own = self.hub.security
+        local_spec = spec
+        if own is not None:  # node 0's workers present node 0's key (the agents: their own)
+            keys = (own.public_key, own.public_key, own.secret_key)
+            local_spec = msgspec.structs.replace(spec, bus_keys=keys)
+        self.local.start(local_spec, self.layout.ranks_on_node(0))
         self.hub.send_agents(
             m.StartRanks(epoch=self.epoch, worker_spec=msgspec.msgpack.encode(spec))
         )

@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 from greenroom.actors import ActorRef, Supervisor
+from greenroom.bus.security import SocketSecurity, is_loopback
 from greenroom.config import NodeConfig
 from greenroom.logging import get_logger
+from greenroom.node_security import peer_socket_security
 from greenroom.parallel.group_engine import RankGroupEngine, layout_of
 from greenroom.parallel.hub import RankHub
 from greenroom.startup import StartupError
@@ -29,7 +31,16 @@ def rank_bus_address(cfg: NodeConfig, ipc_address: str) -> tuple[str, str]:
     p = cfg.parallel
     if p.nnodes == 1:
         return ipc_address, ipc_address
-    return f"tcp://*:{p.master_port + 1}", f"tcp://{p.master_addr}:{p.master_port + 1}"
+    host = p.master_addr if is_loopback(p.master_addr) else "*"
+    return f"tcp://{host}:{p.master_port + 1}", f"tcp://{p.master_addr}:{p.master_port + 1}"
+
+
+def rank_bus_security(cfg: NodeConfig, bind: str) -> SocketSecurity | None:
+    """CURVE for a rank bus other nodes reach over TCP (none for one node's ipc socket)."""
+    if not bind.startswith("tcp://"):
+        return None
+    host = bind.removeprefix("tcp://").rpartition(":")[0]
+    return peer_socket_security(cfg, host, "the rank bus (parallel.master_port + 1)")
 
 
 async def start_rank_group(
@@ -41,6 +52,8 @@ async def start_rank_group(
 
     p = cfg.parallel
     layout = layout_of(cfg)
+    bind, address = rank_bus_address(cfg, sup.rt.ipc_address("rank-bus"))
+    security = rank_bus_security(cfg, bind)
     try:
         store = dist.TCPStore(
             p.master_addr,
@@ -56,9 +69,8 @@ async def start_rank_group(
             "--master-addr not an address of this machine?"
         ) from None
     resources.append(_Store(store))
-    bind, address = rank_bus_address(cfg, sup.rt.ipc_address("rank-bus"))
     try:
-        hub = RankHub(sup.rt.transport(), layout, bind, address)
+        hub = RankHub(sup.rt.transport(), layout, bind, address, security)
     except Exception as exc:
         raise StartupError(f"cannot bind the rank bus at {bind}: {exc}") from None
     resources.append(hub)

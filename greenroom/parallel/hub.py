@@ -5,6 +5,9 @@ connected): it registers node agents (refusing a node rank given twice or a layo
 disagrees with the head's), pings them every second and drops one it has not heard from for
 ``AGENT_SILENCE_S``, and routes every rank message to the current group incarnation
 (``listener``). Workers are addressed by their identity ``rank-<global rank>``.
+
+With ``security`` (CURVE, the peer domain), an agent or worker whose public key is not listed
+is refused during the handshake: nothing it sends reaches the hub.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from greenroom.bus.codec import CodecError, decode, encode
+from greenroom.bus.security import SocketSecurity, ZapHandler
 from greenroom.bus.transport import Transport
 from greenroom.logging import get_logger
 from greenroom.parallel import messages as m
@@ -31,12 +35,24 @@ Listener = Callable[[Any], None]
 
 class RankHub:
     def __init__(
-        self, transport: Transport, layout: RankLayout, bind: str, address: str | None = None
+        self,
+        transport: Transport,
+        layout: RankLayout,
+        bind: str,
+        address: str | None = None,
+        security: SocketSecurity | None = None,
     ) -> None:
         """Bind ``bind``; ``address`` is where workers and agents connect (default: the
         bound address)."""
         self.layout = layout
-        self.channel = transport.bind_router(bind, self._on_frames)
+        self.security = security
+        self._zap = ZapHandler(transport.ctx, security) if security is not None else None
+        try:
+            self.channel = transport.bind_router(bind, self._on_frames, security=security)
+        except BaseException:
+            if self._zap is not None:
+                self._zap.stop()
+            raise
         self.address = address or self.channel.address
         self.listener: Listener | None = None
         self.agents: dict[int, bytes] = {}  # node rank -> identity
@@ -150,3 +166,6 @@ class RankHub:
         self.listener = None
         if not self.channel.closed:
             self.channel.close()
+        if self._zap is not None:
+            self._zap.stop()
+            self._zap = None

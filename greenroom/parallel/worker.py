@@ -45,6 +45,9 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     config: dict  # NodeConfig as builtins
     timeout_s: float
     sys_path: list[str] = []
+    # CURVE towards the rank bus: (the head's public key, this node's public, secret key);
+    # each node sets its own before starting its workers, so no secret leaves its node
+    bus_keys: tuple[bytes, bytes, bytes] | None = None
 
 
 def _lifeline() -> None:
@@ -95,6 +98,10 @@ def run(spec: WorkerSpec) -> int:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 1000)
     sock.setsockopt(zmq.IDENTITY, f"rank-{spec.rank}".encode())
+    if spec.bus_keys is not None:
+        from greenroom.bus.security import apply_client_keys
+
+        apply_client_keys(sock, *spec.bus_keys)
     sock.connect(spec.bus_address)
 
     def send(msg) -> None:
