@@ -68,11 +68,13 @@ class Frontend(Actor):
         max_message_bytes: int = 0,
         heartbeat_s: float = 0.0,
         security: SocketSecurity | None = None,
+        insecure: bool = False,
     ):
         super().__init__()
         self.max_message_bytes = max_message_bytes
         self.heartbeat_s = heartbeat_s
         self.security = security
+        self.insecure = insecure  # bind beyond loopback without keys (security.insecure)
         self._zap: ZapHandler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # request ids are scoped per client: the bus id of (client, id) is unique to this
@@ -119,6 +121,7 @@ class Frontend(Actor):
             max_message_bytes=self.max_message_bytes,
             heartbeat_s=self.heartbeat_s,
             security=self.security,
+            insecure=self.insecure,
         )
         self.bound_address = self._channel.address
 

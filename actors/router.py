@@ -99,8 +99,9 @@ class Router(Frontend):
         request_timeout_s: float = 600.0,
         tokenizer=None,
         security: SocketSecurity | None = None,
+        insecure: bool = False,
     ) -> None:
-        super().__init__(address, limits, info, tokenizer, security=security)
+        super().__init__(address, limits, info, tokenizer, security=security, insecure=insecure)
         self.context = context
         self.generation = generation
         self.node_timeout_s = node_timeout_s

@@ -26,7 +26,7 @@ from typing import Any
 import zmq
 
 from greenroom.bus.codec import OOB_THRESHOLD
-from greenroom.bus.security import ClientKeys, SocketSecurity
+from greenroom.bus.security import ClientKeys, SecurityError, SocketSecurity, is_loopback
 
 DEFAULT_HWM = 1024
 SCHEMES = ("inproc://", "ipc://", "tcp://")
@@ -43,6 +43,19 @@ def check_address(address: str) -> str:
     if not address.startswith(SCHEMES):
         raise ValueError(f"unsupported address {address!r}; use inproc://, ipc:// or tcp://")
     return address
+
+
+def check_plain_bind(address: str) -> None:
+    """Refuse an unauthenticated TCP bind beyond loopback (SecurityError): every node socket
+    other machines can reach takes CURVE keys, or an explicit insecure."""
+    if not address.startswith("tcp://"):
+        return
+    host = address.removeprefix("tcp://").rpartition(":")[0]
+    if not is_loopback(host):
+        raise SecurityError(
+            f"refusing to bind {address} without CURVE keys: it is reachable beyond this "
+            "machine (give keys, see `greenroom keys`, or --insecure)"
+        )
 
 
 def new_context(io_threads: int = 1) -> zmq.Context:
@@ -242,13 +255,17 @@ class Transport:
         max_message_bytes: int = 0,
         heartbeat_s: float = 0.0,
         security: SocketSecurity | None = None,
+        insecure: bool = False,
     ) -> Channel:
         """A ROUTER: received frames start with the sender's identity; reply with it first.
 
         ``max_message_bytes`` > 0: a peer sending a bigger message is disconnected before the
         message is buffered. ``heartbeat_s`` > 0: ZMTP pings every that many seconds; a peer
         silent for three intervals is disconnected. ``security``: CURVE, clients authorized
-        by the context's ZAP handler."""
+        by the context's ZAP handler; without it a TCP bind beyond loopback is refused unless
+        ``insecure``."""
+        if security is None and not insecure:
+            check_plain_bind(address)
         sock = self._socket(zmq.ROUTER)
         if max_message_bytes > 0:
             sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
@@ -275,7 +292,12 @@ class Transport:
     def connect_push(self, address: str) -> Channel:
         return self.connect(zmq.PUSH, address)
 
-    def bind(self, kind: int, address: str, on_frames: OnFrames | None = None) -> Channel:
+    def bind(
+        self, kind: int, address: str, on_frames: OnFrames | None = None, insecure: bool = False
+    ) -> Channel:
+        """A plain socket: a TCP bind beyond loopback is refused unless ``insecure``."""
+        if not insecure:
+            check_plain_bind(address)
         return self._bind_socket(self._socket(kind), address, on_frames)
 
     def _bind_socket(self, sock: zmq.Socket, address: str, on_frames: OnFrames | None) -> Channel:

@@ -140,6 +140,7 @@ class Node:
                 max_message_bytes=cfg.frontend.max_message_bytes,
                 heartbeat_s=cfg.frontend.heartbeat_s,
                 security=security,
+                insecure=cfg.security.insecure,
             )
             fe_ref = await rt.spawn(lambda: frontend, name="frontend", host="loop")
             sched = await rt.spawn(

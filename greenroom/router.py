@@ -139,6 +139,7 @@ class RouterNode:
             request_timeout_s=cfg.scheduler.request_timeout_s,
             tokenizer=tokenizer,
             security=security,
+            insecure=cfg.security.insecure,
         )
         rt = Runtime()
         try:

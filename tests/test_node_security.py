@@ -218,3 +218,20 @@ async def test_a_router_serves_through_nodes_it_lists_and_refuses_others(tmp_pat
     finally:
         await ctx.stop()
         await gen.stop()
+
+
+async def test_the_transport_refuses_a_plain_bind_beyond_loopback() -> None:
+    from greenroom.bus.security import SecurityError
+
+    ctx = new_context()
+    transport = Transport(ctx)
+    try:
+        for address in ("tcp://0.0.0.0:0", "tcp://*:0", "tcp://10.1.2.3:5555"):
+            with pytest.raises(SecurityError, match="without CURVE keys"):
+                transport.bind_router(address)
+            with pytest.raises(SecurityError, match="without CURVE keys"):
+                transport.bind(zmq.PUB, address)
+        assert transport.bind_router("tcp://127.0.0.1:0").address.startswith("tcp://127.0.0.1:")
+    finally:
+        transport.close()
+        ctx.term()

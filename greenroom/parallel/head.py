@@ -70,7 +70,7 @@ async def start_rank_group(
         ) from None
     resources.append(_Store(store))
     try:
-        hub = RankHub(sup.rt.transport(), layout, bind, address, security)
+        hub = RankHub(sup.rt.transport(), layout, bind, address, security, cfg.security.insecure)
     except Exception as exc:
         raise StartupError(f"cannot bind the rank bus at {bind}: {exc}") from None
     resources.append(hub)

@@ -41,6 +41,7 @@ class RankHub:
         bind: str,
         address: str | None = None,
         security: SocketSecurity | None = None,
+        insecure: bool = False,
     ) -> None:
         """Bind ``bind``; ``address`` is where workers and agents connect (default: the
         bound address)."""
@@ -48,7 +49,9 @@ class RankHub:
         self.security = security
         self._zap = ZapHandler(transport.ctx, security) if security is not None else None
         try:
-            self.channel = transport.bind_router(bind, self._on_frames, security=security)
+            self.channel = transport.bind_router(
+                bind, self._on_frames, security=security, insecure=insecure
+            )
         except BaseException:
             if self._zap is not None:
                 self._zap.stop()
