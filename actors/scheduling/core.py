@@ -16,29 +16,27 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter, OrderedDict, deque
 
-import msgspec
-
-from greenroom.actors.scheduling.budget import FlowBudget, IterationBudget, check_flows
+from greenroom.actors.scheduling.admission_routing import flow_room, routed_admissions
+from greenroom.actors.scheduling.budget import FlowBudget, check_flows
 from greenroom.actors.scheduling.flight import Draft, IssuedPlan, PlanEntry
-from greenroom.actors.scheduling.outputs import ERROR_KINDS, OutputCollector
-from greenroom.actors.scheduling.planner import admit_for, extend_for, select_work
+from greenroom.actors.scheduling.head_rejection import HeadRejection
+from greenroom.actors.scheduling.outputs import ERROR_KINDS, OutputCollector, Undelivered
+from greenroom.actors.scheduling.plan_steps import fill_plan, sampled_inputs
+from greenroom.actors.scheduling.planner import Selection, admit_for, extend_for, select_work
+from greenroom.actors.scheduling.receives import KVReceives
 from greenroom.actors.scheduling.request import FreeState, KVWait, Request, RequestState
-from greenroom.actors.scheduling.routing import FlowRoom, PromptRouting, Waiting, route_prompts
+from greenroom.actors.scheduling.routing import PromptRouting
+from greenroom.actors.scheduling.samples import SampleGroups
 from greenroom.bus.messages import (
     KVComputed,
     KVReceive,
     KVStep,
     KVStepResult,
     OutputBatch,
-    RequestError,
     SequenceStep,
     StepPlan,
     StepResult,
     SubmitRequest,
-    TransferDone,
-    TransferHandle,
-    TransferUpdate,
-    sample_request_id,
 )
 from greenroom.config import SchedulerConfig
 
@@ -78,21 +76,17 @@ class SchedulerCore:
         self._finished_ids: dict[str, list[str]] = {f: [] for f in self.flows}
         self._drafts: dict[str, Draft] = {}
         self._inflight: dict[str, deque[IssuedPlan]] = {f: deque() for f in self.flows}
-        self._orphan_errors: list[RequestError] = []
-        self._groups: dict[str, list[Request]] = {}  # client id -> its samples (n > 1)
-        self._followers: dict[str, list[Request]] = {}  # first sample's id -> samples held back
-        self._orphan_handles: list[TransferHandle] = []  # context role: leases to hand out
-        self._orphan_transfers: list[TransferDone] = []  # generation role: receives settled
-        self._reading: dict[str, Request] = {}  # generation role: reads on the engine
-        self._cancel_reads: list[str] = []  # reads the next plan abandons
-        # receives opened and settled, in order, for the KV manager's sessions
-        self._transfer_updates: list[TransferUpdate] = []
-        self._head_rejected: str | None = None  # the queue head the KV manager last turned down
+        self._undelivered = Undelivered()
+        self._samples = SampleGroups()
+        self._counters: Counter[str] = Counter()
+        self._receives = KVReceives(
+            self._settle, self._fail, self._counters, self._undelivered.transfers
+        )
+        self._head = HeadRejection()
         self._num_active = 0
         self._iteration = 0
         self._drop_cache = False  # the next KVStep tells the KV manager to forget cached KV
         self._admit_seq = 0
-        self._counters: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ queries
 
@@ -113,11 +107,7 @@ class SchedulerCore:
         """Whether ``build_kv_step(flow)`` would return a step now."""
         if flow in self._drafts:
             return False
-        return bool(self._free_ready) or self._transfer_work() or bool(self._select(flow))
-
-    def _transfer_work(self) -> bool:
-        """Reads to poll or to cancel, or receives to open or settle in the KV manager."""
-        return bool(self._reading or self._cancel_reads or self._transfer_updates)
+        return bool(self._free_ready) or self._receives.has_work() or bool(self._select(flow))
 
     def stats(self) -> dict:
         running = Counter(r.flow for r in self._running.values())
@@ -126,7 +116,7 @@ class SchedulerCore:
             "active": self._num_active,
             "running": dict(running),
             "inflight": {f: len(q) for f, q in self._inflight.items()},
-            "waiting_for_kv": len(self._reading),
+            "waiting_for_kv": self._receives.num_reading,
             **self._counters,
         }
 
@@ -142,61 +132,26 @@ class SchedulerCore:
         A request with ``n > 1`` becomes n samples; all but the first wait until the first's
         prompt is scheduled, so that they are admitted onto its cached prompt blocks.
         """
-        n = req.sampling.n
-        if req.request_id in self._requests or req.request_id in self._groups:
+        if req.request_id in self._requests or req.request_id in self._samples:
             raise ValueError(f"request {req.request_id!r} is already in the scheduler")
-        samples = [Request(self._sample_of(req, i), self.max_model_len) for i in range(n)]
-        for i, r in enumerate(samples):
+        samples = self._samples.split(req, self.max_model_len)
+        for r in samples:
             if r.request_id in self._requests:
                 raise ValueError(f"request {r.request_id!r} is already in the scheduler")
-            r.client_id, r.sample_index = req.request_id, i
         for r in samples:
             self._requests[r.request_id] = r
-        if req.kv_handle is not None:  # its receive is pending from now on
-            self._transfer_updates.append(
-                TransferUpdate(req.request_id, "pending", handle=req.kv_handle)
-            )
-        first = samples[0]
-        self._waiting[first.request_id] = first
-        if n > 1:
-            self._groups[req.request_id] = samples
-            self._followers[first.request_id] = samples[1:]
+        if req.kv_handle is not None:
+            self._receives.pending(req.request_id, req.kv_handle)
+        self._waiting[samples[0].request_id] = samples[0]
+        self._samples.add(samples)
         self._counters["submitted"] += 1
-
-    @staticmethod
-    def _sample_of(req: SubmitRequest, index: int) -> SubmitRequest:
-        """Sample ``index`` of an n-sample request: its own id and seed (seed + index)."""
-        n = req.sampling.n
-        if n == 1:
-            return req
-        seed = req.sampling.seed
-        sampling = msgspec.structs.replace(
-            req.sampling, n=1, seed=None if seed is None else (seed + index) % (1 << 63)
-        )
-        return msgspec.structs.replace(
-            req, request_id=sample_request_id(req.request_id, index, n), sampling=sampling
-        )
-
-    def _release_followers(self, first: Request) -> None:
-        """The first sample's prompt is scheduled (or it ended): queue the others next."""
-        for r in reversed(self._followers.pop(first.request_id, [])):
-            if not r.state.terminal:
-                self._waiting[r.request_id] = r
-                self._waiting.move_to_end(r.request_id, last=False)
-
-    def _members(self, request_id: str) -> list[Request]:
-        group = self._groups.get(request_id)
-        if group is not None:
-            return group
-        r = self._requests.get(request_id)
-        return [r] if r is not None else []
 
     def cancel(self, request_ids: list[str], reason: str = "abort") -> OutputBatch:
         """End requests (every sample of an n > 1 request named by the client's id):
         ``abort`` gives a final delta, ``stop`` (a stop string the frontend matched) finishes
         the request with one, any other reason gives a RequestError."""
         out = self._collector()
-        for r in [r for rid in request_ids for r in self._members(rid)]:
+        for r in [r for rid in request_ids for r in self._samples.members(rid, self._requests)]:
             if r.state.terminal:
                 continue
             if reason == "stop":
@@ -222,7 +177,7 @@ class SchedulerCore:
 
     def take_output(self) -> OutputBatch | None:
         """Errors decided outside a step result (a prompt that can never fit), if any."""
-        if not (self._orphan_errors or self._orphan_handles or self._orphan_transfers):
+        if not self._undelivered:
             return None
         return self._collector().batch()
 
@@ -234,7 +189,7 @@ class SchedulerCore:
             raise RuntimeError(f"flow {flow!r} already has a KVStep awaiting its result")
         sel = self._select(flow)
         frees = list(self._free_ready.values())
-        if not sel and not frees and not self._transfer_work():
+        if not sel and not frees and not self._receives.has_work():
             return None
         self._free_ready.clear()
         self._iteration += 1
@@ -244,10 +199,9 @@ class SchedulerCore:
             computed=self._computed(),
             extend=[e for r, n in sel.steps if (e := extend_for(r, n, self.tokens_per_block))],
             admit=[admit_for(r, self.cfg.capacity_policy) for r in sel.admits],
-            transfers=self._transfer_updates,
+            transfers=self._receives.take_updates(),
             drop_cache=self._drop_cache,
         )
-        self._transfer_updates = []
         self._drop_cache = False
         for r in frees:
             r.free_state = FreeState.SENT
@@ -271,20 +225,20 @@ class SchedulerCore:
             if r is not None and r.free_state is FreeState.NONE:
                 r.block_ids.extend(blocks)
         newly = self._admit(flow, draft, result)
-        self._orphan_handles.extend(result.handles)
-        receives = [rc for rc in result.receives if self._start_read(rc)]
+        self._undelivered.handles.extend(result.handles)
+        receives = [rc for rc in result.receives if self._receives.start(rc, self._requests)]
         if any(rid in stepping and stepping[rid].live for rid in result.failed_extend):
             self._preempt_newest()
-        entries = self._fill(flow, draft, newly, set(result.failed_extend))
+        entries = fill_plan(self.flows[flow], draft, newly, set(result.failed_extend))
         for r in draft.held():
             r.holds -= 1
         for e in entries:
             e.request.holds += 1
         for r in draft.held():
             self._settle(r)
-        cancels, self._cancel_reads = self._cancel_reads, []
+        cancels = self._receives.take_cancels()
         if not entries and not result.copies and not receives and not cancels:
-            if not self._reading:
+            if not self._receives.num_reading:
                 return None
             # async receives: an empty plan lets the engine check its reads
         return self._issue(flow, result, entries, receives, cancels)
@@ -294,7 +248,7 @@ class SchedulerCore:
         plan = self._take_inflight(flow, result.iteration)
         out = self._collector()
         for u in result.transfers:
-            self._read_settled(u, out)
+            self._receives.settled(u, out)
         sampled = {s.request_id: s for s in result.sampled}
         handoffs = {h.request_id: h.event_id for h in result.handoffs}
         for e in plan.entries:
@@ -361,7 +315,7 @@ class SchedulerCore:
         for r in self._running.values():
             if flow in r.known_by:
                 victims[r.request_id] = r
-        self._drop_reads(out, message)
+        self._receives.drop(out, message)
         for r in victims.values():
             r.known_by.discard(flow)
             if r.live:
@@ -392,7 +346,7 @@ class SchedulerCore:
                     e.request.in_flight -= 1
             self._inflight[flow] = deque()
             self._finished_ids[flow] = []
-        self._drop_reads(out, message)
+        self._receives.drop(out, message)
         for r in list(self._requests.values()):
             r.known_by.clear()
             if not r.state.terminal:
@@ -403,116 +357,35 @@ class SchedulerCore:
     # ------------------------------------------------------------------ internals
 
     def _collector(self) -> OutputCollector:
-        out = OutputCollector()
-        out.errors.extend(self._orphan_errors)
-        out.handles.extend(self._orphan_handles)
-        out.transfers.extend(self._orphan_transfers)
-        self._orphan_errors, self._orphan_handles, self._orphan_transfers = [], [], []
-        return out
+        return self._undelivered.deliver(OutputCollector())
 
     def _finish(self, out: OutputCollector) -> OutputBatch:
         """The batch, with what was decided on the way (e.g. receives ended unread)."""
-        out.errors.extend(self._orphan_errors)
-        out.handles.extend(self._orphan_handles)
-        out.transfers.extend(self._orphan_transfers)
-        self._orphan_errors, self._orphan_handles, self._orphan_transfers = [], [], []
-        return out.batch()
+        return self._undelivered.deliver(out).batch()
 
-    # ------------------------------------------------------------------ KV receives
-
-    def _start_read(self, rc: KVReceive) -> bool:
-        """An admitted receiver's read goes into the plan; False if it ended meanwhile."""
-        r = self._requests.get(rc.request_id)
-        if r is None or r.kv_wait is not KVWait.READ:
-            # ended while the KVStep was out: no read starts; ``_end`` closed the receive
-            return False
-        self._reading[r.request_id] = r
-        return True
-
-    def _read_settled(self, u: TransferUpdate, out: OutputCollector) -> None:
-        """The engine's report on a read: decode, fail, or free what a cancel kept."""
-        self._transfer_updates.append(u)
-        r = self._reading.pop(u.request_id, None)
-        if r is None:
-            return
-        out.transfers.append(TransferDone(u.request_id, u.state, u.message))
-        if r.kv_wait is KVWait.CANCEL:
-            r.kv_wait = KVWait.NONE
-            self._settle(r)
-        elif u.state == "complete" and r.live:
-            r.kv_received()
-            self._counters["kv_received"] += 1
-        else:
-            r.kv_wait = KVWait.NONE
-            self._counters[f"kv_{u.state}"] += 1
-            if r.live:
-                detail = f": {u.message}" if u.message else ""
-                self._fail(r, out, f"KV transfer {u.state}{detail}")
-            self._settle(r)
-
-    def _drop_reads(self, out: OutputCollector, message: str) -> None:
-        """The engine (and its NIXL agent) is gone: its reads ended with it."""
-        for rid, r in list(self._reading.items()):
-            del self._reading[rid]
-            r.kv_wait = KVWait.NONE
-            self._transfer_updates.append(TransferUpdate(rid, "error", message))
-            out.transfers.append(TransferDone(rid, "error", message))
-            self._settle(r)
-        self._cancel_reads = []
-
-    def _select(self, flow: str):
+    def _select(self, flow: str) -> Selection:
         fb = self.flows[flow]
         room = 0
         if fb.admits:
             # both flows admit under adaptive routing: the other's pending admissions count
             pending = sum(len(d.admits) for f, d in self._drafts.items() if f != flow)
             room = self.cfg.max_num_active_requests - self._num_active - pending
-        if self._waiting and next(iter(self._waiting)) == self._head_rejected:
-            # alone, so that later candidates' prefix claims cannot crowd it out again
-            room = min(room, 1)
+        room = self._head.admit_room(self._waiting, room)
         running = self._running.values()
         if self.pipelined:  # a request in a micro-batch in flight waits for its result
             running = [r for r in running if r.in_flight == 0]
-        waiting = self._routed(flow, room) if self.routing is not None else self._waiting.values()
+        waiting = self._waiting.values()
+        if self.routing is not None:
+            waiting = routed_admissions(
+                flow,
+                waiting,
+                {r.request_id for d in self._drafts.values() for r in d.admits},
+                room,
+                self.routing,
+                flow_room(self.flows["context"], self._running.values()),
+                flow_room(self.flows["generation"], self._running.values()),
+            )
         return select_work(fb, running, waiting, room)
-
-    def _routed(self, flow: str, room: int) -> list[Request]:
-        """Adaptive routing: the admission candidates ``route_prompts`` sends to ``flow``, given
-        what each flow's next plan has room for after its decodes and continuing chunks."""
-        admitting = {r.request_id for d in self._drafts.values() for r in d.admits}
-        candidates: list[Request] = []
-        for r in self._waiting.values():
-            if len(candidates) >= room:
-                break
-            if r.request_id in admitting:
-                continue  # the other flow's KVStep is admitting it
-            candidates.append(r)
-            if r.has_blocks:
-                break  # select_work keeps FCFS behind a preempted request not yet freed
-        if not candidates:
-            return []
-        routed = route_prompts(
-            "adaptive",
-            [Waiting(r.request_id, len(r.prompt)) for r in candidates],
-            self.routing.threshold_tokens,
-            self._room("context"),
-            self._room("generation"),
-        )
-        mine = set(routed.context if flow == "context" else routed.generation)
-        return [r for r in candidates if r.request_id in mine]
-
-    def _room(self, flow: str) -> FlowRoom:
-        """What the next plan of ``flow`` leaves for new prompts after its running requests."""
-        fb = self.flows[flow]
-        tokens, seqs = fb.max_num_tokens, fb.max_batch_size
-        for r in self._running.values():
-            if r.flow != flow:
-                continue
-            if fb.decodes and r.can_decode():
-                tokens, seqs = tokens - 1, seqs - 1
-            elif r.state is RequestState.PREFILL and r.prompt_left > 0 and not r.waiting_for_kv:
-                tokens, seqs = tokens - r.prompt_left, seqs - 1
-        return FlowRoom(max(0, tokens), max(0, seqs))
 
     def _computed(self) -> list[KVComputed]:
         """Prompt tokens covered by issued plans, for requests where that grew since last time.
@@ -547,36 +420,14 @@ class SchedulerCore:
             self._counters["admitted"] += 1
             if flow == "generation":  # adaptive routing: a short prompt rides in decode steps
                 self._counters["prompts_in_generation"] += 1
-        head = draft.admits[0] if draft.admits else None
-        if head is None or head.request_id not in result.rejected:
-            self._head_rejected = None
-        elif len(draft.admits) > 1 or head.state.terminal or not self._pool_was_empty(result):
-            self._head_rejected = head.request_id  # retry it alone
-        else:
-            # asked alone while nothing held a block: nothing will ever make room for it
-            self._head_rejected = None
+        never_fits = self._head.judge(draft.admits, result, self._num_active)
+        if never_fits is not None:
             out = OutputCollector()
-            self._fail(head, out, f"{len(head.prompt)} tokens do not fit in the KV cache")
-            self._orphan_errors.extend(out.errors)
+            self._fail(
+                never_fits, out, f"{len(never_fits.prompt)} tokens do not fit in the KV cache"
+            )
+            self._undelivered.errors.extend(out.errors)
         return newly
-
-    def _fill(
-        self, flow: str, draft: Draft, newly: list[Request], failed: set[str]
-    ) -> list[PlanEntry]:
-        """The plan's steps: the draft's steps still valid, then first chunks of admissions."""
-        budget = IterationBudget(self.flows[flow])
-        entries = []
-        for r, epoch, n in draft.steps:
-            if r.epoch != epoch or not r.live or r.flow != flow or r.request_id in failed:
-                continue
-            entries.append(PlanEntry(r, epoch, budget.take(n), False))
-        for r in newly:
-            if not r.live or r.waiting_for_kv:
-                continue  # preempted right away by this step's failed extends, or no KV yet
-            n = budget.take(r.prompt_left)
-            if n > 0:
-                entries.append(PlanEntry(r, r.epoch, n, False))
-        return entries
 
     def _issue(
         self,
@@ -597,7 +448,7 @@ class SchedulerCore:
                         r.request_id,
                         e.num_tokens,
                         extended.get(r.request_id, []),
-                        self._sampled_inputs(r, e.num_tokens),
+                        sampled_inputs(r, e.num_tokens) if self.pipelined else [],
                     )
                 )
             else:
@@ -606,8 +457,8 @@ class SchedulerCore:
                 steps.append(SequenceStep(r.request_id, e.num_tokens))
             prefill = r.state is RequestState.PREFILL
             e.samples = r.schedule(e.num_tokens)
-            if e.samples and r.request_id in self._followers:
-                self._release_followers(r)
+            if e.samples:
+                self._samples.release(r, self._waiting)
             self._counters["prefill_tokens" if prefill else "decode_tokens"] += e.num_tokens
         fb = self.flows[flow]
         num_tokens = sum(s.num_tokens for s in steps)
@@ -629,17 +480,6 @@ class SchedulerCore:
         self._inflight[flow].append(IssuedPlan(flow, result.iteration, entries))
         self._counters["plans"] += 1
         return plan
-
-    def _sampled_inputs(self, r: Request, num_tokens: int) -> list[int]:
-        """Pipelined: the step's input tokens that were sampled (not in the prompt), which the
-        stages that do not sample have never seen."""
-        if not self.pipelined:
-            return []
-        start = max(r.num_scheduled, len(r.prompt))
-        end = r.num_scheduled + num_tokens
-        if end <= start:
-            return []
-        return r.sequence()[start:end]
 
     def _preempt_newest(self) -> None:
         """Extends failed: preempt the newest running request, unless blocks are on their way
@@ -678,39 +518,14 @@ class SchedulerCore:
             self._finished_ids[f].append(r.request_id)
         r.known_by.clear()
         r.release_blocks(with_output=state is not RequestState.FAILED)
-        if r.kv_wait is KVWait.READ:  # keep the blocks until the engine drops the read
-            r.kv_wait = KVWait.CANCEL
-            self._cancel_reads.append(r.request_id)
-        elif r.kv_wait is KVWait.ADMIT:  # never read: the context node can free its lease
-            r.kv_wait = KVWait.NONE
-            self._orphan_transfers.append(TransferDone(r.request_id, "cancelled", "request ended"))
-            # the KV manager's pending receive ends here too (after the admission if a KVStep
-            # admitting the request is out: that KVStep's read never starts)
-            self._transfer_updates.append(
-                TransferUpdate(r.request_id, "cancelled", "request ended before its read")
-            )
+        self._receives.request_ended(r)
         self._counters[state.value] += 1
-        if r.request_id in self._followers:
-            self._release_followers(r)
-        group = self._groups.get(r.client_id)
-        if group is not None and all(m.state.terminal for m in group):
-            del self._groups[r.client_id]
+        self._samples.ended(r, self._waiting)
         self._settle(r)
 
     def _fail(self, r: Request, out: OutputCollector, message: str) -> None:
         self._end(r, RequestState.FAILED, None)
         out.error(r, "failed", message)
-
-    def _pool_was_empty(self, result: KVStepResult) -> bool:
-        """Whether no request held a block when the KV manager ran this step. Judged from the
-        KV manager's own counts, not from this core's view: with two flows (or several plans
-        in flight) a free or an admission may be applied here before or after the KVStep that
-        rejected a request, while the KV manager ran them in the order they were sent."""
-        return (
-            self._num_active == 0
-            if not result.total_blocks
-            else (result.free_blocks >= result.total_blocks)
-        )
 
     def _freed(self, r: Request) -> None:
         """The KVStep carrying this request's free came back."""

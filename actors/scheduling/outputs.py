@@ -58,3 +58,28 @@ class OutputCollector:
         return OutputBatch(
             deltas=self.deltas, errors=self.errors, handles=self.handles, transfers=self.transfers
         )
+
+
+class Undelivered:
+    """Outputs decided outside a call that returns a batch (a prompt that can never fit, a
+    lease to hand out, a receive ended unread): the next batch carries them."""
+
+    __slots__ = ("errors", "handles", "transfers")
+
+    def __init__(self) -> None:
+        self.errors: list[RequestError] = []
+        self.handles: list[TransferHandle] = []
+        self.transfers: list[TransferDone] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.errors or self.handles or self.transfers)
+
+    def deliver(self, out: OutputCollector) -> OutputCollector:
+        """Move everything held into ``out``; the lists stay the same objects, emptied."""
+        out.errors.extend(self.errors)
+        out.handles.extend(self.handles)
+        out.transfers.extend(self.transfers)
+        self.errors.clear()
+        self.handles.clear()
+        self.transfers.clear()
+        return out

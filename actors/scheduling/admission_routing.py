@@ -1,0 +1,57 @@
+"""Adaptive routing inside the scheduler: which waiting requests each SM-disaggregation flow
+may admit, given the room each flow's next plan leaves after its running requests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from greenroom.actors.scheduling.budget import FlowBudget
+from greenroom.actors.scheduling.request import Request, RequestState
+from greenroom.actors.scheduling.routing import FlowRoom, PromptRouting, Waiting, route_prompts
+
+
+def flow_room(budget: FlowBudget, running: Iterable[Request]) -> FlowRoom:
+    """What the next plan of ``budget``'s flow leaves for new prompts after its running
+    requests (decodes and continuing chunks)."""
+    tokens, seqs = budget.max_num_tokens, budget.max_batch_size
+    for r in running:
+        if r.flow != budget.name:
+            continue
+        if budget.decodes and r.can_decode():
+            tokens, seqs = tokens - 1, seqs - 1
+        elif r.state is RequestState.PREFILL and r.prompt_left > 0 and not r.waiting_for_kv:
+            tokens, seqs = tokens - r.prompt_left, seqs - 1
+    return FlowRoom(max(0, tokens), max(0, seqs))
+
+
+def routed_admissions(
+    flow: str,
+    waiting: Iterable[Request],
+    admitting: set[str],
+    room: int,
+    routing: PromptRouting,
+    context: FlowRoom,
+    generation: FlowRoom,
+) -> list[Request]:
+    """The admission candidates ``route_prompts`` sends to ``flow``: at most ``room`` from the
+    head of ``waiting``, skipping those the other flow's KVStep is ``admitting``."""
+    candidates: list[Request] = []
+    for r in waiting:
+        if len(candidates) >= room:
+            break
+        if r.request_id in admitting:
+            continue
+        candidates.append(r)
+        if r.has_blocks:
+            break  # select_work keeps FCFS behind a preempted request not yet freed
+    if not candidates:
+        return []
+    routed = route_prompts(
+        "adaptive",
+        [Waiting(r.request_id, len(r.prompt)) for r in candidates],
+        routing.threshold_tokens,
+        context,
+        generation,
+    )
+    mine = set(routed.context if flow == "context" else routed.generation)
+    return [r for r in candidates if r.request_id in mine]
