@@ -362,7 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Write NAME.key (public: give it to the other side) and NAME.key_secret "
         "(secret: keep it) into DIR. A server serves with --curve-secret-key "
         "DIR/server.key_secret --curve-authorized-keys CLIENT_KEYS; a client passes "
-        "server_key=server.key and client_key=NAME.key_secret.",
+        "server_key=server.key and client_key=NAME.key_secret. Nodes talking to each other "
+        "(a multi-machine launch, a router and its nodes) each take their own pair and "
+        "--curve-peer-keys: the other nodes' NAME.key files (a directory of HOST_PORT.key or "
+        "HOST.key).",
     )
     keys.add_argument("--dir", default="keys", help="where the key files go (default: keys)")
     keys.add_argument("--name", default="server", help="file name stem (default: server)")
