@@ -3,11 +3,25 @@ may admit, given the room each flow's next plan leaves after its running request
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 from greenroom.actors.scheduling.budget import FlowBudget
 from greenroom.actors.scheduling.request import Request, RequestState
 from greenroom.actors.scheduling.routing import FlowRoom, PromptRouting, Waiting, route_prompts
+
+
+def routed_flows(
+    flows: dict[str, FlowBudget], routing: PromptRouting | None
+) -> tuple[dict[str, FlowBudget], PromptRouting | None]:
+    """The flows and the routing a core runs: under ``adaptive`` (two flows only) each
+    admission goes to the flow ``route_prompts`` picks, so the generation flow takes prompts."""
+    if routing is None or not routing.adaptive:
+        return flows, None
+    if "generation" not in flows:
+        raise ValueError("adaptive prompt routing needs the context and generation flows")
+    gen = dataclasses.replace(flows["generation"], takes_prompts=True)
+    return {**flows, "generation": gen}, routing
 
 
 def flow_room(budget: FlowBudget, running: Iterable[Request]) -> FlowRoom:

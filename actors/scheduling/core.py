@@ -1,4 +1,4 @@
-"""The scheduler's core: request state and plan building, with no I/O.
+"""The scheduler's core: request state across plan flows, with no I/O.
 
 The scheduler actor drives it per flow: ``build_kv_step`` -> (KV manager) ->
 ``apply_kv_result`` -> StepPlan -> (engine) -> ``apply_step_result`` -> OutputBatch.
@@ -13,27 +13,26 @@ applied in any order.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter, OrderedDict, deque
 
-from greenroom.actors.scheduling.admission_routing import flow_room, routed_admissions
+from greenroom.actors.scheduling.admission_routing import routed_flows
 from greenroom.actors.scheduling.budget import FlowBudget, check_flows
-from greenroom.actors.scheduling.flight import Draft, IssuedPlan, PlanEntry
+from greenroom.actors.scheduling.flight import Draft, IssuedPlan, PlanEntry, take_issued
 from greenroom.actors.scheduling.head_rejection import HeadRejection
 from greenroom.actors.scheduling.outputs import ERROR_KINDS, OutputCollector, Undelivered
-from greenroom.actors.scheduling.plan_steps import fill_plan, sampled_inputs
-from greenroom.actors.scheduling.planner import Selection, admit_for, extend_for, select_work
+from greenroom.actors.scheduling.plan_steps import count_plan, fill_plan, sequence_step
+from greenroom.actors.scheduling.planner import admit_for, extend_for
 from greenroom.actors.scheduling.receives import KVReceives
 from greenroom.actors.scheduling.request import FreeState, KVWait, Request, RequestState
 from greenroom.actors.scheduling.routing import PromptRouting
 from greenroom.actors.scheduling.samples import SampleGroups
+from greenroom.actors.scheduling.selection import FlowSelector
 from greenroom.bus.messages import (
     KVComputed,
     KVReceive,
     KVStep,
     KVStepResult,
     OutputBatch,
-    SequenceStep,
     StepPlan,
     StepResult,
     SubmitRequest,
@@ -61,13 +60,7 @@ class SchedulerCore:
         self.tokens_per_block = tokens_per_block
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.flows = check_flows(flows)
-        self.routing = routing if routing is not None and routing.adaptive else None
-        if self.routing is not None and "generation" in self.flows:
-            gen = self.flows["generation"]
-            self.flows["generation"] = dataclasses.replace(gen, takes_prompts=True)
-        elif self.routing is not None:
-            raise ValueError("adaptive prompt routing needs the context and generation flows")
+        self.flows, self.routing = routed_flows(check_flows(flows), routing)
         self._requests: dict[str, Request] = {}  # every request not yet gone (blocks included)
         self._waiting: OrderedDict[str, Request] = OrderedDict()
         self._running: dict[str, Request] = {}  # admission order: the last is the newest
@@ -83,6 +76,15 @@ class SchedulerCore:
             self._settle, self._fail, self._counters, self._undelivered.transfers
         )
         self._head = HeadRejection()
+        queues = (self._waiting, self._running, self._drafts)
+        self._selector = FlowSelector(
+            self.flows,
+            sched_cfg.max_num_active_requests,
+            pipelined,
+            self.routing,
+            queues,
+            self._head,
+        )
         self._num_active = 0
         self._iteration = 0
         self._drop_cache = False  # the next KVStep tells the KV manager to forget cached KV
@@ -107,7 +109,11 @@ class SchedulerCore:
         """Whether ``build_kv_step(flow)`` would return a step now."""
         if flow in self._drafts:
             return False
-        return bool(self._free_ready) or self._receives.has_work() or bool(self._select(flow))
+        return (
+            bool(self._free_ready)
+            or self._receives.has_work()
+            or bool(self._selector.select(flow, self._num_active))
+        )
 
     def stats(self) -> dict:
         running = Counter(r.flow for r in self._running.values())
@@ -187,7 +193,7 @@ class SchedulerCore:
         """The KV changes one iteration of ``flow`` needs; None when there is nothing to do."""
         if flow in self._drafts:
             raise RuntimeError(f"flow {flow!r} already has a KVStep awaiting its result")
-        sel = self._select(flow)
+        sel = self._selector.select(flow, self._num_active)
         frees = list(self._free_ready.values())
         if not sel and not frees and not self._receives.has_work():
             return None
@@ -206,8 +212,7 @@ class SchedulerCore:
         for r in frees:
             r.free_state = FreeState.SENT
         draft = Draft(flow, step, [(r, r.epoch, n) for r, n in sel.steps], sel.admits, frees)
-        for r in draft.held():
-            r.holds += 1
+        draft.hold(+1)
         self._drafts[flow] = draft
         return step
 
@@ -230,8 +235,7 @@ class SchedulerCore:
         if any(rid in stepping and stepping[rid].live for rid in result.failed_extend):
             self._preempt_newest()
         entries = fill_plan(self.flows[flow], draft, newly, set(result.failed_extend))
-        for r in draft.held():
-            r.holds -= 1
+        draft.hold(-1)
         for e in entries:
             e.request.holds += 1
         for r in draft.held():
@@ -245,7 +249,9 @@ class SchedulerCore:
 
     def apply_step_result(self, flow: str, result: StepResult) -> OutputBatch:
         """Take the engine's sampled tokens: stream them, stop requests, hand off to generation."""
-        plan = self._take_inflight(flow, result.iteration)
+        plan = take_issued(self._inflight[flow], result.iteration, self.pipelined)
+        if plan is None:
+            raise ValueError(f"flow {flow!r}: no plan of iteration {result.iteration} in flight")
         out = self._collector()
         for u in result.transfers:
             self._receives.settled(u, out)
@@ -253,7 +259,7 @@ class SchedulerCore:
         handoffs = {h.request_id: h.event_id for h in result.handoffs}
         for e in plan.entries:
             r = e.request
-            if r.epoch != e.epoch or not r.live:
+            if not e.current or not r.live:
                 continue  # finished, cancelled or preempted since the plan was built
             if result.error is not None:
                 self._fail(r, out, f"engine error: {result.error}")
@@ -279,23 +285,10 @@ class SchedulerCore:
             out.token(r, s.token_id, s.logprobs)
             if reason is None and flow == "context":
                 self._handoff(r, handoffs.get(r.request_id, 0))
+        plan.release()
         for e in plan.entries:
-            e.request.holds -= 1
-            e.request.in_flight -= 1
             self._settle(e.request)
         return self._finish(out)
-
-    def _take_inflight(self, flow: str, iteration: int) -> IssuedPlan:
-        """The issued plan a result answers: the oldest, or (pipelined) any in flight."""
-        queue = self._inflight[flow]
-        if queue and queue[0].iteration == iteration:
-            return queue.popleft()
-        if self.pipelined:
-            for i, plan in enumerate(queue):
-                if plan.iteration == iteration:
-                    del queue[i]
-                    return plan
-        raise ValueError(f"flow {flow!r}: no plan of iteration {iteration} in flight")
 
     # ------------------------------------------------------------------ failures
 
@@ -307,11 +300,8 @@ class SchedulerCore:
         self._finished_ids[flow] = []  # a restarted engine knows nothing
         victims: dict[str, Request] = {}
         for p in plans:
-            for e in p.entries:
-                e.request.holds -= 1
-                e.request.in_flight -= 1
-                if e.request.epoch == e.epoch:
-                    victims[e.request.request_id] = e.request
+            p.release()
+            victims.update((e.request.request_id, e.request) for e in p.entries if e.current)
         for r in self._running.values():
             if flow in r.known_by:
                 victims[r.request_id] = r
@@ -334,16 +324,13 @@ class SchedulerCore:
         KVSteps and in-flight plans are forgotten."""
         out = self._collector()
         for draft in self._drafts.values():
-            for r in draft.held():
-                r.holds -= 1
+            draft.hold(-1)
             for r in draft.frees:
                 self._freed(r)
         self._drafts.clear()
         for flow in self.flows:
             for p in self._inflight[flow]:
-                for e in p.entries:
-                    e.request.holds -= 1
-                    e.request.in_flight -= 1
+                p.release()
             self._inflight[flow] = deque()
             self._finished_ids[flow] = []
         self._receives.drop(out, message)
@@ -362,30 +349,6 @@ class SchedulerCore:
     def _finish(self, out: OutputCollector) -> OutputBatch:
         """The batch, with what was decided on the way (e.g. receives ended unread)."""
         return self._undelivered.deliver(out).batch()
-
-    def _select(self, flow: str) -> Selection:
-        fb = self.flows[flow]
-        room = 0
-        if fb.admits:
-            # both flows admit under adaptive routing: the other's pending admissions count
-            pending = sum(len(d.admits) for f, d in self._drafts.items() if f != flow)
-            room = self.cfg.max_num_active_requests - self._num_active - pending
-        room = self._head.admit_room(self._waiting, room)
-        running = self._running.values()
-        if self.pipelined:  # a request in a micro-batch in flight waits for its result
-            running = [r for r in running if r.in_flight == 0]
-        waiting = self._waiting.values()
-        if self.routing is not None:
-            waiting = routed_admissions(
-                flow,
-                waiting,
-                {r.request_id for d in self._drafts.values() for r in d.admits},
-                room,
-                self.routing,
-                flow_room(self.flows["context"], self._running.values()),
-                flow_room(self.flows["generation"], self._running.values()),
-            )
-        return select_work(fb, running, waiting, room)
 
     def _computed(self) -> list[KVComputed]:
         """Prompt tokens covered by issued plans, for requests where that grew since last time.
@@ -442,30 +405,17 @@ class SchedulerCore:
         for e in entries:
             r = e.request
             r.in_flight += 1
-            if flow in r.known_by:
-                steps.append(
-                    SequenceStep(
-                        r.request_id,
-                        e.num_tokens,
-                        extended.get(r.request_id, []),
-                        sampled_inputs(r, e.num_tokens) if self.pipelined else [],
-                    )
-                )
-            else:
-                new.append(r.new_sequence())  # carries every block, this iteration's too
-                r.known_by.add(flow)
-                steps.append(SequenceStep(r.request_id, e.num_tokens))
+            blocks = extended.get(r.request_id, [])
+            step, seq = sequence_step(r, flow, e.num_tokens, blocks, self.pipelined)
+            steps.append(step)
+            if seq is not None:
+                new.append(seq)
             prefill = r.state is RequestState.PREFILL
             e.samples = r.schedule(e.num_tokens)
             if e.samples:
                 self._samples.release(r, self._waiting)
             self._counters["prefill_tokens" if prefill else "decode_tokens"] += e.num_tokens
-        fb = self.flows[flow]
-        num_tokens = sum(s.num_tokens for s in steps)
-        self._counters["max_plan_tokens"] = max(self._counters["max_plan_tokens"], num_tokens)
-        self._counters["plans_over_budget"] += num_tokens > fb.max_num_tokens
-        assert num_tokens <= fb.max_num_tokens, (num_tokens, fb)
-        assert len(steps) <= fb.max_batch_size, (len(steps), fb)
+        count_plan(self.flows[flow], steps, self._counters)
         plan = StepPlan(
             iteration=result.iteration,
             new=new,
@@ -478,7 +428,6 @@ class SchedulerCore:
         )
         self._finished_ids[flow] = []
         self._inflight[flow].append(IssuedPlan(flow, result.iteration, entries))
-        self._counters["plans"] += 1
         return plan
 
     def _preempt_newest(self) -> None:

@@ -6,6 +6,7 @@ blocks are freed only after the last message that may touch them has come back.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from greenroom.actors.scheduling.request import Request
@@ -30,6 +31,11 @@ class Draft:
     def held(self) -> list[Request]:
         return [r for r, _, _ in self.steps] + self.admits
 
+    def hold(self, delta: int) -> None:
+        """Take (+1) or drop (-1) the draft's hold on the requests it steps or admits."""
+        for r in self.held():
+            r.holds += delta
+
 
 @dataclass(slots=True)
 class PlanEntry:
@@ -37,6 +43,11 @@ class PlanEntry:
     epoch: int
     num_tokens: int
     samples: bool
+
+    @property
+    def current(self) -> bool:
+        """Whether the request is still in the epoch the plan scheduled (not preempted since)."""
+        return self.request.epoch == self.epoch
 
 
 @dataclass(slots=True)
@@ -46,3 +57,21 @@ class IssuedPlan:
     flow: str
     iteration: int
     entries: list[PlanEntry]
+
+    def release(self) -> None:
+        """Its result came back (or never will): the plan no longer holds its requests."""
+        for e in self.entries:
+            e.request.holds -= 1
+            e.request.in_flight -= 1
+
+
+def take_issued(queue: deque[IssuedPlan], iteration: int, pipelined: bool) -> IssuedPlan | None:
+    """The issued plan a result answers: the oldest, or (pipelined) any in flight."""
+    if queue and queue[0].iteration == iteration:
+        return queue.popleft()
+    if pipelined:
+        for i, plan in enumerate(queue):
+            if plan.iteration == iteration:
+                del queue[i]
+                return plan
+    return None
