@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from test_tp_deploy import free_port_pair, wait_line
-from tiny_checkpoints import random_prompts, save_checkpoint
+from tiny_checkpoints import random_prompts, save_checkpoint, transformers_greedy
 
 from greenroom.bus.messages import SamplingParams
 from greenroom.client import AsyncClient, RequestFailed
@@ -62,20 +61,7 @@ def expected(checkpoint, prompts) -> list[list[int]]:
 
 
 def greedy(checkpoint, prompts: list[list[int]]) -> list[list[int]]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            gen = model.generate(
-                torch.tensor([p]),
-                max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                pad_token_id=0,
-                eos_token_id=None,
-            )
-            out.append(gen[0, len(p) :].tolist())
-    return out
+    return transformers_greedy(checkpoint, prompts, NEW_TOKENS)
 
 
 def start_serve(*args: str) -> tuple[subprocess.Popen, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_checkpoints import save_checkpoint
+from tiny_checkpoints import save_checkpoint, transformers_greedy
 from tp_ranks import NEW_TOKENS, make_runner, request_prompts, serve_greedy, serve_on_ranks
 
 from greenroom.models import CheckpointError
@@ -53,23 +53,7 @@ def checkpoints(tmp_path_factory) -> list[Path]:
 
 @torch.no_grad()
 def hf_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    out = model.generate(
-        torch.tensor([prompts[0]]), max_new_tokens=1, do_sample=False, pad_token_id=0
-    )
-    del out
-    results = []
-    for p in prompts:
-        gen = model.generate(
-            torch.tensor([p]),
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-        )
-        results.append(gen[0, len(p) :].tolist())
-    return results
+    return transformers_greedy(model_dir, prompts, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -43,22 +43,10 @@ class TPShard:
         ``t``."""
         if helix:
             check_cp_size(arch, size // helix_tp, helix_tp)
-            tp_rank = rank % helix_tp
-            heads, kv, kv_start = _attention_split(arch, tp_rank, helix_tp)
-            return cls(
-                rank=rank,
-                size=size,
-                num_heads=heads,
-                num_kv_heads=kv,
-                kv_head_start=kv_start,
-                intermediate_size=arch.intermediate_size // size,
-                vocab_per_rank=-(-arch.vocab_size // size),
-                vocab_size=arch.vocab_size,
-                helix=True,
-                helix_tp=helix_tp,
-            )
-        check_tp_size(arch, size)
-        heads, kv, kv_start = _attention_split(arch, rank, size)
+            heads, kv, kv_start = _attention_split(arch, rank % helix_tp, helix_tp)
+        else:
+            check_tp_size(arch, size)
+            heads, kv, kv_start = _attention_split(arch, rank, size)
         return cls(
             rank=rank,
             size=size,
@@ -68,6 +56,8 @@ class TPShard:
             intermediate_size=arch.intermediate_size // size,
             vocab_per_rank=-(-arch.vocab_size // size),
             vocab_size=arch.vocab_size,
+            helix=helix,
+            helix_tp=helix_tp if helix else 1,
         )
 
     def head_rows(self, arch: ArchConfig, first_head: int, heads: int) -> slice:
