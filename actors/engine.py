@@ -208,7 +208,7 @@ class Engine(Actor):
 
     @handles(EngineProfileQuery)
     def profile_query(self, msg: EngineProfileQuery) -> EngineProfile:
-        steps = [list(row) for row in self.profile.trace] if msg.steps else []
+        steps = [r.as_row() for r in self.profile.steps] if msg.steps else []
         out = EngineProfile(**self.profile.summary(), steps=steps)
         if msg.reset:
             self.profile.reset()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import msgspec
 
@@ -79,19 +80,33 @@ def allocator_counters() -> dict[str, int]:
     return out
 
 
+class StepRecord(NamedTuple):
+    end_s: float
+    wall_ms: float
+    gap_ms: float
+    gpu_ms: float | None
+    rows: int
+    tokens: int
+    decode_only: bool
+    phases: dict[str, float]
+
+    def as_row(self) -> list[float]:
+        """Its values in ``STEP_FIELDS`` order (gpu_ms -1 when not timed)."""
+        ph = self.phases
+        return [
+            self.end_s, self.wall_ms, self.gap_ms, -1.0 if self.gpu_ms is None else self.gpu_ms,
+            self.rows, self.tokens, float(self.decode_only), ph.get("prepare_ms", 0.0),
+            ph.get("forward_launch_ms", 0.0), ph.get("token_wait_ms", 0.0),
+        ]  # fmt: skip
+
+
 @dataclass
 class StepProfile:
     max_steps: int = 100_000
-    decode: list[tuple[float, float, float | None, int, dict[str, float]]] = field(
-        default_factory=list
-    )
-    other: list[tuple[float, float, float | None, int, dict[str, float]]] = field(
-        default_factory=list
-    )
+    steps: list[StepRecord] = field(default_factory=list)
     _last_end: float | None = None
     _overlapped: bool = False
     _counters: dict[str, int] = field(default_factory=allocator_counters)
-    trace: list[list[float]] = field(default_factory=list)  # STEP_FIELDS rows
 
     def begin(self) -> tuple[float, float]:
         """(start time, gap since the previous step's end in ms)."""
@@ -112,16 +127,13 @@ class StepProfile:
         now = time.perf_counter()
         if not self._overlapped:
             self._last_end = now
-        rows = self.decode if decode_only else self.other
-        if len(rows) < self.max_steps:
-            rows.append(((now - start) * 1e3, gap_ms, gpu_ms, batch, phases or {}))
-        if len(self.trace) < self.max_steps:
-            ph = phases or {}
-            self.trace.append([
-                now, (now - start) * 1e3, gap_ms, -1.0 if gpu_ms is None else gpu_ms, batch,
-                tokens, float(decode_only), ph.get("prepare_ms", 0.0),
-                ph.get("forward_launch_ms", 0.0), ph.get("token_wait_ms", 0.0),
-            ])  # fmt: skip
+        if len(self.steps) < self.max_steps:
+            self.steps.append(
+                StepRecord(
+                    now, (now - start) * 1e3, gap_ms, gpu_ms, batch, tokens, decode_only,
+                    phases or {},
+                )
+            )  # fmt: skip
 
     def mark_idle(self) -> None:
         """Overlapped steps: the engine waits for a plan from now (a step's ``end`` comes
@@ -130,32 +142,30 @@ class StepProfile:
         self._last_end = time.perf_counter()
 
     def reset(self) -> None:
-        self.decode.clear()
-        self.other.clear()
+        self.steps.clear()
         self._last_end = None
         self._counters = allocator_counters()
-        self.trace.clear()
 
     def summary(self) -> dict:
         now = allocator_counters()
         allocator = {k: v - self._counters.get(k, 0) for k, v in now.items()}
         return {
-            "decode": _summarize(self.decode),
-            "other": _summarize(self.other),
+            "decode": _summarize([r for r in self.steps if r.decode_only]),
+            "other": _summarize([r for r in self.steps if not r.decode_only]),
             "allocator": allocator,
         }
 
 
-def _summarize(rows: list[tuple[float, float, float | None, int, dict[str, float]]]) -> dict:
+def _summarize(rows: list[StepRecord]) -> dict:
     if not rows:
         return {"steps": 0}
-    walls = [r[0] for r in rows]
+    walls = [r.wall_ms for r in rows]
     # the first step after a pause waits for work, not for the scheduler: only gaps < 50 ms
-    gaps = [r[1] for r in rows if r[1] < 50.0]
-    gpus = [r[2] for r in rows if r[2] is not None]
+    gaps = [r.gap_ms for r in rows if r.gap_ms < 50.0]
+    gpus = [r.gpu_ms for r in rows if r.gpu_ms is not None]
     out = {
         "steps": len(rows),
-        "batch_mean": round(statistics.fmean(r[3] for r in rows), 1),
+        "batch_mean": round(statistics.fmean(r.rows for r in rows), 1),
         "wall_ms_mean": round(statistics.fmean(walls), 3),
         "wall_ms_p50": round(statistics.median(walls), 3),
         "wall_s_total": round(sum(walls) / 1e3, 3),
@@ -167,7 +177,7 @@ def _summarize(rows: list[tuple[float, float, float | None, int, dict[str, float
         out["forward_gpu_s_total"] = round(sum(gpus) / 1e3, 3)
         out["host_ms_mean"] = round(out["wall_ms_mean"] - out["forward_gpu_ms_mean"], 3)
     # the step's timeline on the host (PlanExecutor's StepTiming): mean ms per phase
-    phases = [r[4] for r in rows if r[4]]
+    phases = [r.phases for r in rows if r.phases]
     for key in phases[0] if phases else ():
         out[f"{key.removesuffix('_ms')}_ms_mean"] = round(
             statistics.fmean(p[key] for p in phases), 3
@@ -175,4 +185,4 @@ def _summarize(rows: list[tuple[float, float, float | None, int, dict[str, float
     return out
 
 
-__all__ = ["EngineProfile", "EngineProfileQuery", "StepProfile", "allocator_counters"]
+__all__ = ["EngineProfile", "EngineProfileQuery", "StepProfile", "StepRecord", "allocator_counters"]
