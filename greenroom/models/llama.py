@@ -125,7 +125,7 @@ class LlamaModel:
                 q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale,
                 window=window,
             )  # fmt: skip
-        d = batch.decode_rows if batch.attention_tiles is None else 0
+        d = batch.decode_rows  # 0 in graph-captured batches (their tiles cover every row)
         if d and batch.chunk_rows is not None:
             decode = ops.paged_decode_attention(
                 q[:d], k_cache, v_cache, batch.block_tables[:d], batch.context_lens[:d],
