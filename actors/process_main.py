@@ -11,6 +11,7 @@ import msgspec
 from greenroom.actors.cell import State
 from greenroom.actors.loop_thread import new_event_loop
 from greenroom.actors.process_host import REF_ARG, ProcessSpec, decode_arg, import_path
+from greenroom.heap import freeze_startup_heap
 from greenroom.logging import configure_logging, get_logger
 
 log = get_logger(__name__)
@@ -43,6 +44,8 @@ async def _serve(spec: ProcessSpec, status_fd: int) -> int:
         await rt.shutdown(timeout=2.0)
         return 3
     os.write(status_fd, b"ok")
+    # what start-up left alive (torch, the model, its graphs) is never walked by a collection
+    freeze_startup_heap("actor process ready")
     cell = rt.cell(spec.name)
     # Lifeline: EOF on stdin (parent asked us to stop, or died) stops the actor.
     loop.add_reader(0, _on_lifeline, loop, cell)

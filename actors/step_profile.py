@@ -19,6 +19,7 @@ from typing import NamedTuple
 import msgspec
 
 from greenroom.bus.messages import Message
+from greenroom.heap import gc_pauses
 
 
 class EngineProfileQuery(Message):
@@ -40,6 +41,9 @@ class EngineProfile(Message):
     # mallocs, frees and out-of-memory retries synchronize the device, so any during serving
     # stall the overlapped steps
     allocator: dict[str, int] = msgspec.field(default_factory=dict)
+    # the engine process's garbage collections since the last reset (``greenroom.heap``):
+    # each pauses every thread of the process, the engine's host work included
+    gc: dict[str, float] = msgspec.field(default_factory=dict)
     # one row per step when asked (``STEP_FIELDS``; gpu_ms -1 when not timed)
     steps: list[list[float]] = msgspec.field(default_factory=list)
 
@@ -48,6 +52,7 @@ class EngineProfile(Message):
             "decode": dict(self.decode),
             "other": dict(self.other),
             "allocator": dict(self.allocator),
+            "gc": dict(self.gc),
         }
 
 
@@ -107,6 +112,10 @@ class StepProfile:
     _last_end: float | None = None
     _overlapped: bool = False
     _counters: dict[str, int] = field(default_factory=allocator_counters)
+    _since: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        gc_pauses()  # collections are timed from the engine's start
 
     def begin(self) -> tuple[float, float]:
         """(start time, gap since the previous step's end in ms)."""
@@ -145,6 +154,7 @@ class StepProfile:
         self.steps.clear()
         self._last_end = None
         self._counters = allocator_counters()
+        self._since = time.perf_counter()
 
     def summary(self) -> dict:
         now = allocator_counters()
@@ -153,6 +163,7 @@ class StepProfile:
             "decode": _summarize([r for r in self.steps if r.decode_only]),
             "other": _summarize([r for r in self.steps if not r.decode_only]),
             "allocator": allocator,
+            "gc": gc_pauses().summary(self._since),
         }
 
 

@@ -26,6 +26,7 @@ from greenroom.actors.kv_manager import KVManager
 from greenroom.actors.scheduler import Drain, Scheduler, SchedulerStatsQuery
 from greenroom.bus.messages import EngineInfo, EngineInfoQuery, KVStats, KVStatsQuery, ServerInfo
 from greenroom.config import ConfigError, NodeConfig
+from greenroom.heap import freeze_startup_heap, thaw_heap
 from greenroom.logging import configure_logging, get_logger
 from greenroom.node_security import client_socket_security
 from greenroom.startup import StartupError, check_http_port, preflight
@@ -60,6 +61,7 @@ class Node:
     failure: str | None = None  # why the node stopped itself (restart limit), if it did
     _stop_task: asyncio.Task | None = None
     _summary_task: asyncio.Task | None = None
+    _frozen: bool = False  # start-up objects frozen (greenroom.heap) until the node stops
 
     @property
     def address(self) -> str:
@@ -161,6 +163,8 @@ class Node:
         )
         node.resources = resources
         holder["node"] = node
+        freeze_startup_heap("node ready")  # thawed in _shutdown
+        node._frozen = True
         if cfg.log_stats_interval_s > 0:
             node._summary_task = asyncio.get_running_loop().create_task(
                 node._log_summaries(cfg.log_stats_interval_s)
@@ -241,6 +245,9 @@ class Node:
             await asyncio.sleep(0.05)  # let the frontend flush the errors to clients
         _close_all(self.resources)  # other nodes' agents hear "shutdown" before the sockets close
         await self.runtime.shutdown(timeout=timeout)
+        if self._frozen:
+            self._frozen = False
+            thaw_heap()
         _release_device_caches()
 
 

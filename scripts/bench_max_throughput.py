@@ -227,8 +227,10 @@ async def run_set(
     client, engine, requests: list[TraceRequest], roofline, args, address: str
 ) -> dict:
     from greenroom.actors.step_profile import EngineProfileQuery
+    from greenroom.heap import gc_pauses
 
     await engine.ask(EngineProfileQuery(reset=True, gpu_timing=args.gpu_timing), timeout=30)
+    pauses, since = gc_pauses(), time.perf_counter()
     if args.client == "process":
         measured = await replay_in_process(address, requests, seed=len(requests))
     else:
@@ -253,6 +255,9 @@ async def run_set(
         "engine_profile": profile,
         # forwards' device time over the run's wall time (--gpu-timing)
         "gpu_busy_fraction": busy,
+        # collections in this process (frontend, scheduler, KV manager; the engine's own
+        # process reports its in engine_profile.gc)
+        "node_gc": pauses.summary(since),
         "steps": answer.steps,
     }
 

@@ -97,6 +97,14 @@ def parse_args() -> argparse.Namespace:
         "--transformers-timeout", type=float, default=180.0, help="(c) seconds before giving up"
     )
     p.add_argument("--no-transformers", action="store_true", help="skip transformers in (c)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="node config override, e.g. --set scheduler.plans_in_flight=3 (repeatable)",
+    )
     return p.parse_args()
 
 
@@ -134,7 +142,11 @@ def settings(args: argparse.Namespace) -> dict:
     }
     s = cpu if quick else gpu
     given = {k: getattr(args, k) for k in s if getattr(args, k, None) is not None}
-    return {**s, **given, "quick": quick}
+    return {**s, **given, "quick": quick, "overrides": list(args.overrides)}
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def progress(phase: str, data) -> None:
@@ -163,6 +175,8 @@ def trace_requests(path: str, s: dict, n: int, vocab: int, seed: int = 0):
 
 
 def node_config(s: dict, engine_host: str):
+    from greenroom.config import parse_override
+
     return load_config(
         overrides={
             "port": 0,
@@ -173,6 +187,7 @@ def node_config(s: dict, engine_host: str):
             "model.max_model_len": s["max_model_len"],
             "model.cuda_graph_max_batch_size": 256,
             "kv.tokens_per_block": TOKENS_PER_BLOCK,
+            **dict(parse_override(o) for o in s.get("overrides", ())),
         }
     )
 
@@ -245,8 +260,10 @@ async def serve_phase(s: dict, args, works, prompt_sets, peer_requests) -> dict:
                 out["sweep"] = await load_sweep(client, sets, loads)
                 out["sweep_s"] = time.perf_counter() - t
                 progress("sweep", out["sweep"])
-            out["peer"] = await offline_throughput(client, peer_requests)
-            progress("greenroom peer set", out["peer"])
+            out["peer"] = None
+            if peer_requests:
+                out["peer"] = await offline_throughput(client, peer_requests)
+                progress("greenroom peer set", out["peer"])
     finally:
         await node.stop()
     return out
@@ -328,7 +345,7 @@ def main() -> None:
     # (c) transformers on the same weights and request subset
     peer_requests = trace_requests(args.peer_trace, s, s["peer_requests"], arch.vocab_size)
     hf: dict = {"skipped": True}
-    if not args.no_transformers:
+    if not args.no_transformers and peer_requests:
         from greenroom.bench.transformers_peer import generate_continuous, hf_llama
 
         t = time.perf_counter()
@@ -432,8 +449,8 @@ def main() -> None:
         "peer": {
             "trace": Path(args.peer_trace).name,
             "subset": f"first {len(peer_requests)} rows, all sent at once",
-            "mean_prompt_tokens": sum(r.prompt_length for r in peer_requests) / len(peer_requests),
-            "mean_output_tokens": sum(r.max_tokens for r in peer_requests) / len(peer_requests),
+            "mean_prompt_tokens": mean([r.prompt_length for r in peer_requests]),
+            "mean_output_tokens": mean([r.max_tokens for r in peer_requests]),
             "greenroom": served["peer"],
             "transformers": hf,
             "ratio": peer_ratio,
