@@ -45,6 +45,7 @@ async def start_serve_stop(sm: bool, device: str = "cpu") -> tuple[Node, list[we
             engine = node.runtime.cell(name).actor
             refs += [weakref.ref(engine.executor), weakref.ref(engine.executor.runner)]
             refs.append(weakref.ref(engine.executor.runner.kv_pool))
+        assert gc.get_freeze_count() > 0, "a running node keeps its start-up heap frozen"
     finally:
         await node.stop()
     return node, refs
