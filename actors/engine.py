@@ -7,14 +7,23 @@ With SM-level disaggregation two engines share one runner (weights + KV pool) in
 each on the CUDA stream of its own SM partition. The context engine records a CUDA event after
 each plan and names it in the result's handoffs; the generation engine makes its stream wait on
 that event before the first plan that reads the handed-off request's KV.
+
+Overlapped steps: a mixed engine, and an SM-disaggregation generation engine, launch each plan
+behind the one still on the device and read that one's tokens after, so the GPU goes from one
+forward to the next. The generation engine launches each plan on the stream its placement
+picks (the partition's or the whole GPU's); a switch orders the new stream after the old, so a
+plan that reads the previous one's tokens on the device never overtakes it. The context engine
+and engines that move KV between nodes run plain steps: their handoff events and KV transfers
+are taken between steps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -134,8 +143,8 @@ class Engine(Actor):
         self._isolation: StepIsolation | None = None
         self._failing_steps = 0
         self.profile = StepProfile()
-        # Overlapped steps (one engine on the default stream): the plan launched last, its
-        # deferred reply and profile marks; it is finished when the next plan has been
+        # Overlapped steps (a mixed engine, an SM generation engine): the plan launched last,
+        # its deferred reply and profile marks; it is finished when the next plan has been
         # launched behind it, or when its tokens are ready and no plan came.
         self.overlap = False
         self._inflight: InflightStep | None = None
@@ -163,9 +172,8 @@ class Engine(Actor):
             self.transfer.delay_s = self.cfg.kv_transfer.read_delay_s
         self.overlap = (
             self.cfg.model.overlap_steps
-            and self.role == "mixed"
-            and self.stream is None
-            and self.placement is None
+            # the context engine records its handoff events after each result: plain steps
+            and self.role in ("mixed", "generation")
             and self.transfer is None  # KV sent or received between steps: plain steps
             and hasattr(self.executor, "launch")
         )
@@ -237,19 +245,19 @@ class Engine(Actor):
         if self.transfer is not None:
             self._start_reads(plan)
         if self.overlap:
-            return self._step_overlapped(plan)
+            stream = self._pick_stream()
+            with self._on_stream(plan, stream):
+                return self._step_overlapped(plan)
         start, gap_ms = self.profile.begin()
         marks = self.activity is not None and bool(plan.steps)
         if marks:
             self.activity.begin()
         try:
-            if self.placement is not None:
-                stream, self.executor.graph_kind = self.placement.pick()
-                result = self._execute_on_stream(plan, stream)
-            elif self.stream is None:
+            stream = self._pick_stream()
+            if stream is None:
                 result = self._execute(plan)
             else:
-                result = self._execute_on_stream(plan, self.stream)
+                result = self._execute_on_stream(plan, stream)
         except Exception as exc:  # a failure every request of the plan shares: crash
             self.crash(exc)
         finally:
@@ -274,6 +282,31 @@ class Engine(Actor):
                 failed=result.failed,
             )
         return result
+
+    def _pick_stream(self) -> Any:
+        """The stream of the next step (None: the current one). The placement's pick also
+        sets the graphs the executor replays; a launched step keeps the kind it was launched
+        with (the forward is queued during ``launch``)."""
+        if self.placement is not None:
+            stream, self.executor.graph_kind = self.placement.pick()
+            return stream
+        return self.stream
+
+    @contextlib.contextmanager
+    def _on_stream(self, plan: StepPlan, stream: Any) -> Iterator[None]:
+        """Queue the step's work on ``stream``, after the handoff events of the plan's new
+        sequences (their KV was written on the context engine's stream)."""
+        if stream is None:
+            yield
+            return
+        import torch
+
+        with torch.cuda.stream(stream):
+            if self.handoffs is not None:
+                for seq in plan.new:
+                    if seq.handoff_event_id:
+                        self.handoffs.wait(seq.handoff_event_id, stream)
+            yield
 
     def _execute(self, plan: StepPlan) -> StepResult:
         """Run a plan; requests whose step fails alone fail alone (``result.failed``). Steps
@@ -329,7 +362,9 @@ class Engine(Actor):
 
     def _step_overlapped(self, plan: StepPlan) -> None:
         """Launch ``plan`` behind the one in flight, then finish that one: the GPU goes from
-        one forward to the next while the host reads tokens and sends results."""
+        one forward to the next while the host reads tokens and sends results. Runs inside
+        the step's stream (``_on_stream``): the launch, its token read-back event and the
+        plain fallbacks all queue there."""
         isolation = self._step_isolation()
         if isolation.strip(plan)[1]:  # it steps requests failed meanwhile: run it plainly
             self._settle_inflight()
@@ -351,6 +386,7 @@ class Engine(Actor):
         self._settle_inflight()
         inflight = InflightStep(launched, reply, start, gap_ms)
         self._inflight = inflight
+        self.profile.overlapped_steps += bool(plan.steps)
         if self._waiter is None:
             asyncio.get_running_loop().call_soon(self._settle_if_idle, inflight)
         else:
@@ -399,13 +435,7 @@ class Engine(Actor):
         )
 
     def _execute_on_stream(self, plan: StepPlan, stream) -> StepResult:
-        import torch
-
-        with torch.cuda.stream(stream):
-            if self.handoffs is not None:
-                for seq in plan.new:
-                    if seq.handoff_event_id:
-                        self.handoffs.wait(seq.handoff_event_id, stream)
+        with self._on_stream(plan, stream):
             return self._execute(plan)
 
 

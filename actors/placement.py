@@ -4,9 +4,11 @@ The partitions keep prefill off the SMs that decode uses, but a decode step on t
 partition alone is slower than on every SM (measured on an H200, 8B shape: 6.2 vs 5.4 ms at
 batch 12, 8.1 vs 6.1 ms at batch 50), and on a trace of short prompts the context engine is
 idle most of the time. So while no context plan runs, the generation engine replays decode
-graphs captured on a whole-GPU stream; while one runs, it replays those captured on its
-partition's stream, and the two engines' kernels never share an SM. A context plan that
-starts during a whole-GPU decode step waits at most that step for SMs of its partition.
+and mixed-step graphs captured on a whole-GPU stream; while one runs, it replays those
+captured on its partition's stream, and the two engines' kernels never share an SM. The
+generation engine runs overlapped steps (each plan launched behind the one still on the GPU),
+so a context plan that starts while whole-GPU steps are queued waits at most for those two
+steps for SMs of its partition.
 
 The context engine marks its plans in a :class:`ContextActivity`; the generation engine asks
 a :class:`GenerationPlacement` before each step. Both engines live in one process, each on
@@ -41,11 +43,13 @@ class ContextActivity:
 
 
 class GenerationPlacement:
-    """Picks the generation engine's stream and decode graphs for its next step.
+    """Picks the generation engine's stream and graphs for its next step.
 
     ``whole_stream`` None (or no whole-GPU graphs) keeps every step on the partition. A switch
     between the two streams orders the new one after the old (``wait_stream``), so a step
-    never overtakes the previous one's KV writes.
+    never overtakes the previous one's KV writes, nor (overlapped steps) the previous one's
+    sampled tokens that it reads on the device: ``pick`` runs after the previous step was
+    queued, so the wait covers all of it, its token read-back included.
     """
 
     def __init__(self, partition_stream: Any, whole_stream: Any, activity: ContextActivity) -> None:

@@ -5,6 +5,11 @@ each on its own thread with its own executor (sequence state), and on a GPU each
 of a disjoint SM partition (green contexts). Sharing in-process needs no CUDA IPC: the two
 threads launch onto their own streams and the runtime's only cross-stream ordering is the
 handoff event. On a CPU the same two-engine protocol runs on two threads without streams.
+
+The generation engine runs overlapped steps, as a mixed engine does (``model.overlap_steps``):
+it launches each plan behind the one still on the GPU, on the stream its placement picks, and
+reads that one's tokens after. The context engine runs plain steps: it records the handoff
+event of a plan after the plan's result.
 """
 
 from __future__ import annotations
@@ -100,9 +105,10 @@ async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> tuple[dict[str, 
 
     runner = ModelRunner(cfg.model, cfg.kv, cfg.model.path)
     ctx_stream, gen_stream, gen_sms = _partition_streams(cfg, runner)
-    # Decode graphs are captured once, here, on the generation partition's stream (a graph keeps
-    # the SM partition it was captured on); a restarted generation engine replays the same
-    # graphs. The context engine never touches them: it replays prefill graphs captured on its
+    # Decode and mixed-step graphs are captured once, here, on the generation partition's
+    # stream (a graph keeps the SM partition it was captured on), and again on a whole-GPU
+    # stream when the generation engine may take the whole GPU; a restarted generation engine
+    # replays the same graphs. The context engine never touches them: it replays prefill graphs captured on its
     # own stream (batches past their sizes, and all of them with context_cuda_graphs off, run
     # eagerly there).
     # Launch shapes (split-K attention, matmul kernels) are fixed at capture.
@@ -146,11 +152,18 @@ async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> tuple[dict[str, 
 
 
 def _whole_gpu_decode_graphs(runner):
-    """A high-priority stream on every SM and the decode graphs captured on it (launches
-    sized for the whole device), or None when the runner captures no graphs."""
+    """A high-priority stream on every SM and the decode and mixed-step graphs captured on it
+    (launches sized for the whole device), or None when the runner captures no graphs."""
     import torch
 
     stream = torch.cuda.Stream(runner.device, priority=-1)
+    before = torch.cuda.memory_reserved(runner.device)
     sizes = runner.capture_cuda_graphs(stream=stream, whole_gpu=True)
-    log.info("whole-GPU decode graphs captured", batch_sizes=len(sizes))
+    mixed = runner.whole_mixed_graphs
+    log.info(
+        "whole-GPU decode graphs captured",
+        batch_sizes=len(sizes),
+        mixed_token_sizes=mixed.token_sizes if mixed is not None else [],
+        reserved_gib=round((torch.cuda.memory_reserved(runner.device) - before) / 2**30, 2),
+    )
     return stream if sizes else None

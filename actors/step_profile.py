@@ -46,6 +46,9 @@ class EngineProfile(Message):
     gc: dict[str, float] = msgspec.field(default_factory=dict)
     # one row per step when asked (``STEP_FIELDS``; gpu_ms -1 when not timed)
     steps: list[list[float]] = msgspec.field(default_factory=list)
+    # steps launched behind the one in flight (the engine runs overlapped steps); 0 for an
+    # engine on plain steps
+    overlapped_steps: int = 0
 
     def to_dict(self) -> dict:
         return {
@@ -53,6 +56,7 @@ class EngineProfile(Message):
             "other": dict(self.other),
             "allocator": dict(self.allocator),
             "gc": dict(self.gc),
+            "overlapped_steps": self.overlapped_steps,
         }
 
 
@@ -109,6 +113,7 @@ class StepRecord(NamedTuple):
 class StepProfile:
     max_steps: int = 100_000
     steps: list[StepRecord] = field(default_factory=list)
+    overlapped_steps: int = 0  # plans launched without waiting for the previous one's tokens
     _last_end: float | None = None
     _overlapped: bool = False
     _counters: dict[str, int] = field(default_factory=allocator_counters)
@@ -152,6 +157,7 @@ class StepProfile:
 
     def reset(self) -> None:
         self.steps.clear()
+        self.overlapped_steps = 0
         self._last_end = None
         self._counters = allocator_counters()
         self._since = time.perf_counter()
@@ -164,6 +170,7 @@ class StepProfile:
             "other": _summarize([r for r in self.steps if not r.decode_only]),
             "allocator": allocator,
             "gc": gc_pauses().summary(self._since),
+            "overlapped_steps": self.overlapped_steps,
         }
 
 

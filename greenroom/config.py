@@ -52,7 +52,8 @@ class ModelConfig(_Section):
     # graphs (Python would launch a few hundred kernels per step); 0: such steps run eagerly
     cuda_graph_max_mixed_tokens: NonNegInt = 512
     # launch each plan behind the one still on the GPU and read that one's tokens after, so
-    # the GPU goes from forward to forward (mixed mode; SM-disaggregated engines run plain)
+    # the GPU goes from forward to forward (mixed mode and the SM-disaggregation generation
+    # engine; the context engine, and nodes moving KV between them, run plain steps)
     overlap_steps: bool = True
 
 

@@ -3,6 +3,9 @@ engine runs a plan, the whole GPU while it idles (CPU: stand-in streams and exec
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 import pytest
 
 from greenroom.actors.engine import Engine
@@ -113,3 +116,144 @@ def test_generation_engine_follows_the_placement(cfg, monkeypatch) -> None:
     engine.step(plan)
     assert [s.name for s in streams] == ["whole", "part", "whole"]
     assert engine.executor.graph_kind == WHOLE_GPU
+
+
+# ------------------------------------------------------------------ overlapped steps
+
+
+class LoggedStream(FakeStream):
+    """A stand-in stream whose waits go to a shared log."""
+
+    def __init__(self, name: str, log: list) -> None:
+        super().__init__(name)
+        self.log = log
+
+    def wait_stream(self, other: FakeStream) -> None:
+        super().wait_stream(other)
+        self.log.append(("wait", self.name, other.name))
+
+
+class LaunchingExecutor:
+    """Launches and finishes plans as ``PlanExecutor`` does, logging each on the stream that
+    was current (``torch.cuda.stream`` stands in) and the graph kind it was launched with."""
+
+    def __init__(self, log: list, current: list) -> None:
+        self.log, self.current = log, current
+        self.graph_kind = "decode"
+        self.time_forwards = False
+        self.forward_events = None
+        self.sequences: dict = {}
+
+    def _stream(self) -> str | None:
+        return self.current[-1].name if self.current else None
+
+    def launch(self, plan: StepPlan):
+        if plan.iteration < 0:
+            raise RuntimeError("fault in the forward")
+        self.log.append(("launch", plan.iteration, self._stream(), self.graph_kind))
+        return SimpleNamespace(plan=plan, forward_events=None, wait=lambda: None)
+
+    def finish(self, launched) -> StepResult:
+        self.log.append(("finish", launched.plan.iteration))
+        return StepResult(iteration=launched.plan.iteration, flow=launched.plan.flow)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        self.log.append(("execute", plan.iteration, self._stream(), self.graph_kind))
+        if plan.steps and plan.iteration < 0:
+            raise RuntimeError("fault in the forward")
+        return StepResult(iteration=plan.iteration, flow=plan.flow)
+
+
+@pytest.fixture
+def overlapped_generation(cfg, monkeypatch):
+    """A generation engine on overlapped steps over stand-in streams: (engine, activity, log,
+    replies). ``torch.cuda.stream(s)`` makes ``s`` current for the executor to log."""
+    import contextlib
+
+    import torch
+
+    log: list = []
+    current: list = []
+
+    @contextlib.contextmanager
+    def stream_context(stream):
+        current.append(stream)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "stream", stream_context)
+    activity = ContextActivity()
+    part, whole = LoggedStream("part", log), LoggedStream("whole", log)
+    engine = Engine(cfg, "generation", placement=GenerationPlacement(part, whole, activity))
+    engine.executor = LaunchingExecutor(log, current)
+    engine.overlap = True  # what on_start decides for this role
+    replies: list[asyncio.Future] = []
+
+    def take_reply() -> asyncio.Future:
+        replies.append(asyncio.get_running_loop().create_future())
+        return replies[-1]
+
+    def crash(exc: BaseException | None = None) -> None:
+        raise exc if exc is not None else RuntimeError("crash")
+
+    monkeypatch.setattr(engine, "take_reply", take_reply)
+    monkeypatch.setattr(engine, "crash", crash)
+    return engine, activity, log, replies
+
+
+def _plan(iteration: int) -> StepPlan:
+    return StepPlan(iteration=iteration, steps=[SequenceStep("a", 1)], flow="generation")
+
+
+async def test_overlapped_steps_launch_on_the_picked_stream_after_the_switch(
+    overlapped_generation,
+) -> None:
+    """Two steps in flight across a stream switch: each launch runs on the stream the
+    placement picked, with the graph kind picked for it, and a switched-to stream waits on the
+    previous one before the launch that reads the previous step's tokens."""
+    engine, activity, log, replies = overlapped_generation
+    assert engine.step(_plan(1)) is None  # launched; its reply waits
+    activity.begin()
+    assert engine.step(_plan(2)) is None  # launched behind 1 (not finished yet), then 1
+    activity.end()
+    assert engine.step(_plan(3)) is None
+    assert log == [
+        ("launch", 1, "whole", WHOLE_GPU),
+        ("wait", "part", "whole"),
+        ("launch", 2, "part", PARTITION),
+        ("finish", 1),
+        ("wait", "whole", "part"),
+        ("launch", 3, "whole", WHOLE_GPU),
+        ("finish", 2),
+    ]
+    await asyncio.sleep(0)  # no plan came behind 3: it is finished on its own
+    assert log[-1] == ("finish", 3)
+    assert [r.result().iteration for r in replies] == [1, 2, 3]
+    assert engine.profile.overlapped_steps == 3
+    assert engine.placement.steps == {PARTITION: 1, WHOLE_GPU: 2}
+
+
+async def test_overlapped_fallbacks_run_on_the_picked_stream(overlapped_generation) -> None:
+    """A launch that fails settles the step in flight, then the isolation re-runs the plan
+    on the same stream (a failure of the whole plan crashes the engine)."""
+    engine, activity, log, replies = overlapped_generation
+    engine.step(_plan(1))
+    activity.begin()
+    result = engine.step(_plan(-1))  # fails at launch; its one request fails alone
+    assert result.failed and "a" in result.failed
+    assert log[:4] == [
+        ("launch", 1, "whole", WHOLE_GPU),
+        ("wait", "part", "whole"),
+        ("finish", 1),  # results stay in plan order
+        ("execute", -1, "part", PARTITION),  # the plan-level part, on the partition
+    ]
+    assert all(e[2] == "part" for e in log[3:] if e[0] == "execute")
+    assert replies[0].result().iteration == 1
+    # a plan stepping the failed request: run plainly, on the stream picked for it
+    activity.end()
+    result = engine.step(_plan(4))
+    assert result.failed == {"a": "this request failed in an earlier step"}
+    assert log[-1] == ("execute", 4, "whole", WHOLE_GPU)
+    assert ("wait", "whole", "part") in log

@@ -157,27 +157,78 @@ def test_a_mixed_step_with_decode_rows_first_pads_to_the_eager_result(runner):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+class Recorder:
+    """Stands in for a set of mixed-step graphs: runs any batch, counts its runs."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.ran = 0
+
+    def can_run(self, batch) -> bool:
+        return True
+
+    def run(self, batch):
+        self.ran += 1
+        return torch.zeros(batch.num_requests, self.vocab_size)
+
+
 def test_mixed_graphs_run_mixed_steps_of_the_decode_engines_only(runner, monkeypatch):
-    class Recorder:
-        def __init__(self) -> None:
-            self.ran = 0
-
-        def can_run(self, batch) -> bool:
-            return True
-
-        def run(self, batch):
-            self.ran += 1
-            return torch.zeros(batch.num_requests, runner.vocab_size)
-
-    recorder = Recorder()
-    monkeypatch.setattr(runner, "mixed_graphs", recorder)
+    """Each decode graph kind replays the mixed graphs captured on its own stream: the
+    partition's for ``decode``, the whole GPU's for ``decode_whole``."""
+    part, whole = Recorder(runner.vocab_size), Recorder(runner.vocab_size)
+    monkeypatch.setattr(runner, "mixed_graphs", part)
+    monkeypatch.setattr(runner, "whole_mixed_graphs", whole)
     _prime(runner)
     mixed = runner.build_batch(_chunks())
     runner.forward(mixed, graphs="none")  # eager on request
     runner.forward(mixed, graphs="prefill")  # the context engine's graphs only
-    assert recorder.ran == 0
+    assert (part.ran, whole.ran) == (0, 0)
     runner.forward(mixed, graphs="decode")
+    assert (part.ran, whole.ran) == (1, 0)
     runner.forward(mixed, graphs="decode_whole")
-    assert recorder.ran == 2
+    assert (part.ran, whole.ran) == (1, 1)
     runner.forward(runner.build_batch(_chunks()[2:]), graphs="decode")  # decode-only: not mixed
-    assert recorder.ran == 2
+    runner.forward(runner.build_batch(_chunks()[2:]), graphs="decode_whole")
+    assert (part.ran, whole.ran) == (1, 1)
+    # no whole-GPU mixed graphs: a mixed step there runs eagerly, never on the partition's
+    monkeypatch.setattr(runner, "whole_mixed_graphs", None)
+    out = runner.forward(mixed, graphs="decode_whole")
+    assert (part.ran, whole.ran) == (1, 1) and out.shape == (3, runner.vocab_size)
+
+
+@pytest.mark.parametrize("max_mixed_tokens", [512, 0])
+def test_whole_gpu_capture_adds_mixed_graphs_on_its_stream(monkeypatch, max_mixed_tokens):
+    """``capture_cuda_graphs(whole_gpu=True)`` captures a second mixed set on the whole-GPU
+    stream (the partition's set stays as it was), under the same token knob."""
+    import greenroom.models.runner as runner_mod
+
+    captured: list[tuple[str, object]] = []
+
+    class FakeDecode:
+        def __init__(self, model, kv_pool, max_blocks, sizes, stream) -> None:
+            captured.append(("decode", stream))
+            self.batch_sizes = sizes
+
+    class FakeMixed:
+        def __init__(self, model, kv_pool, max_blocks, sizes, max_requests, stream) -> None:
+            captured.append(("mixed", stream))
+            self.token_sizes, self.max_requests = sizes, max_requests
+
+    monkeypatch.setattr(runner_mod, "DecodeGraphs", FakeDecode)
+    monkeypatch.setattr(runner_mod, "PrefillGraphs", FakeMixed)
+    cfg = ModelConfig(cuda_graph_max_batch_size=16, cuda_graph_max_mixed_tokens=max_mixed_tokens)
+    r = ModelRunner(cfg, KVConfig(tokens_per_block=BS, num_blocks=8), None, "cpu")
+    r.device = torch.device("cuda")  # the capture path, with stand-in graphs
+    part, whole = object(), object()
+    assert r.capture_cuda_graphs(stream=part) == [1, 2, 4, 8, 16]
+    partition_mixed = r.mixed_graphs
+    assert r.capture_cuda_graphs(stream=whole, whole_gpu=True) == [1, 2, 4, 8, 16]
+    assert r.mixed_graphs is partition_mixed
+    if not max_mixed_tokens:
+        assert captured == [("decode", part), ("decode", whole)]
+        assert r.mixed_graphs is None and r.whole_mixed_graphs is None
+        return
+    assert captured == [("decode", part), ("mixed", part), ("decode", whole), ("mixed", whole)]
+    assert r.whole_mixed_graphs is not r.mixed_graphs
+    assert r.whole_mixed_graphs.token_sizes == default_token_sizes(max_mixed_tokens)
+    assert r.whole_mixed_graphs.max_requests == 16

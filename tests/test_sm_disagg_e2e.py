@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from greenroom.actors.engine import InjectFault
+from greenroom.actors.step_profile import EngineProfileQuery
 from greenroom.bus.messages import SamplingParams
 from greenroom.client import AsyncClient, RequestFailed
 from greenroom.config import load_config
@@ -135,6 +136,53 @@ async def test_adaptive_routing_keeps_greedy_outputs_under_concurrent_load(
         await node.stop()
 
 
+@pytest.mark.parametrize("policy", ["fixed", "adaptive"])
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "plain"])
+async def test_generation_engine_overlaps_steps_without_changing_tokens(
+    mixed_outputs, policy: str, overlap: bool
+) -> None:
+    """The generation engine launches each plan behind the one in flight (``overlap_steps``,
+    the default) and streams what plain steps and mixed mode stream, short and long prompts
+    interleaved; the context engine always runs plain steps."""
+    requests = workload()
+    node = await Node.start(
+        node_config(
+            sm=True,
+            **{
+                "sm_disagg.policy": policy,
+                "sm_disagg.compute_bound_tokens": 40,
+                "model.overlap_steps": overlap,
+            },
+        )
+    )
+    try:
+        engines = {r: node.runtime.cell(f"{r}-engine").actor for r in ("context", "generation")}
+        assert engines["generation"].overlap is overlap
+        assert engines["context"].overlap is False
+        results = await run_all(node, requests)
+        for i, deltas in enumerate(results):
+            assert sum(deltas, []) == mixed_outputs[i], f"request {i}"
+        profiles = {
+            role: (await node.refs[role].ask(EngineProfileQuery(), timeout=10)).to_dict()
+            for role in engines
+        }
+        assert profiles["context"]["overlapped_steps"] == 0
+        assert profiles["context"]["other"]["steps"] >= 1
+        generation = profiles["generation"]
+        steps = generation["decode"]["steps"] + generation["other"]["steps"]
+        assert steps >= max(m for _, m in requests) - 1
+        if overlap:  # every generation plan with steps was launched behind the last
+            assert generation["overlapped_steps"] == steps
+        else:
+            assert generation["overlapped_steps"] == 0
+        if policy == "adaptive":
+            assert (await node.scheduler_stats())["prompts_in_generation"] >= 1
+        await node.wait_blocks_free()
+        assert (await node.scheduler_stats())["active"] == 0
+    finally:
+        await node.stop()
+
+
 async def test_first_token_survives_the_handoff(mixed_outputs) -> None:
     """The generation engine decodes from the token the context engine sampled: with two output
     tokens, the second is right only if the first reached the generation engine intact."""
@@ -160,21 +208,22 @@ async def _mixed_prefixes(requests: list[tuple[list[int], int]]) -> list[list[in
 
 
 class FlowGate:
-    """Holds the plans of one flow inside the engine (its thread blocks) until opened."""
+    """Holds the plans of one flow inside the engine (its thread blocks) until opened. It
+    gates ``launch``, which plain steps (``execute``) and overlapped steps both go through."""
 
     def __init__(self, monkeypatch, flow: str) -> None:
         self.flow = flow
         self.open = threading.Event()
         self.entered = threading.Event()
-        execute = PlanExecutor.execute
+        launch = PlanExecutor.launch
 
         def gated(executor, plan):
             if plan.flow == self.flow and plan.steps and not self.open.is_set():
                 self.entered.set()
                 self.open.wait(timeout=20)
-            return execute(executor, plan)
+            return launch(executor, plan)
 
-        monkeypatch.setattr(PlanExecutor, "execute", gated)
+        monkeypatch.setattr(PlanExecutor, "launch", gated)
 
     async def wait_entered(self, timeout: float = 10.0) -> None:
         loop = asyncio.get_running_loop()

@@ -33,8 +33,8 @@ from greenroom.parallel.stages import PipelineStage, stage_of
 log = get_logger(__name__)
 
 # decode: graphs captured by capture_cuda_graphs (on the generation partition under SM
-# disaggregation); decode_whole: a second decode set on a whole-GPU stream (SM disaggregation,
-# while the context engine idles); prefill: the context engine's prefill graphs
+# disaggregation); decode_whole: a second decode and mixed-step set on a whole-GPU stream (SM
+# disaggregation, while the context engine idles); prefill: the context engine's prefill graphs
 GraphKind = Literal["decode", "decode_whole", "prefill", "none"]
 
 
@@ -169,8 +169,10 @@ class ModelRunner:
         self.whole_graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         # small mixed steps (prompt chunks beside decode rows) of the engine that replays
-        # ``graphs``, captured on its stream with them
+        # ``graphs``, captured on its stream with them; ``whole_mixed_graphs``: the same on
+        # the whole-GPU stream, with ``whole_graphs``
         self.mixed_graphs: PrefillGraphs | None = None
+        self.whole_mixed_graphs: PrefillGraphs | None = None
 
     def _agree_num_blocks(self, num_blocks: int) -> int:
         """Every rank of a TP group and every pipeline stage must number the same blocks (the
@@ -192,10 +194,15 @@ class ModelRunner:
         batch_sizes: list[int] | None = None,
         whole_gpu: bool = False,
     ) -> list[int]:
-        """Capture decode graphs on ``stream``; returns the batch sizes captured (none on CPU
-        or with ``model.cuda_graphs = false``). ``whole_gpu``: the second set, replayed as
-        ``graphs="decode_whole"`` (SM disaggregation's generation engine, while the context
-        engine idles)."""
+        """Capture decode graphs, and mixed-step graphs up to
+        ``model.cuda_graph_max_mixed_tokens``, on ``stream``; returns the decode batch sizes
+        captured (none on CPU or with ``model.cuda_graphs = false``). ``whole_gpu``: the second
+        set, replayed as ``graphs="decode_whole"`` (SM disaggregation's generation engine,
+        while the context engine idles): a graph keeps the SM partition of the stream it was
+        captured on, so a mixed step on the whole GPU needs graphs captured there too. Each
+        set has its own memory pool; mixed graphs keep ``[min(max mixed tokens, max batch),
+        vocab]`` float32 logits per token size (about 0.5 GiB for a 128k vocabulary at the
+        defaults)."""
         if (
             self.device.type != "cuda"
             or not self.model_cfg.cuda_graphs
@@ -207,16 +214,17 @@ class ModelRunner:
         graphs = DecodeGraphs(self.model, self.kv_pool, self.max_blocks_per_seq, sizes, stream)
         if whole_gpu:
             self.whole_graphs = graphs
+            self.whole_mixed_graphs = self._capture_mixed_graphs(stream)
         else:
             self.graphs = graphs
-            self._capture_mixed_graphs(stream)
+            self.mixed_graphs = self._capture_mixed_graphs(stream)
         return graphs.batch_sizes
 
-    def _capture_mixed_graphs(self, stream: torch.cuda.Stream | None) -> None:
+    def _capture_mixed_graphs(self, stream: torch.cuda.Stream | None) -> PrefillGraphs | None:
         max_tokens = self.model_cfg.cuda_graph_max_mixed_tokens
         if not max_tokens:
-            return
-        self.mixed_graphs = PrefillGraphs(
+            return None
+        return PrefillGraphs(
             self.model,
             self.kv_pool,
             self.max_blocks_per_seq,
@@ -280,16 +288,14 @@ class ModelRunner:
         with the forward, else None)."""
         if self.stage.size > 1:
             return self.model.forward(batch, self.kv_pool, inputs), None  # type: ignore[return-value]
-        decode = self.whole_graphs if graphs == "decode_whole" else self.graphs
-        if graphs in ("decode", "decode_whole") and decode is not None and decode.can_run(batch):
-            return decode.run_greedy(batch)
-        if (
-            graphs in ("decode", "decode_whole")
-            and not batch.decode_only
-            and self.mixed_graphs is not None
-            and self.mixed_graphs.can_run(batch)
-        ):
-            return self.mixed_graphs.run(batch), None
+        if graphs in ("decode", "decode_whole"):
+            whole = graphs == "decode_whole"
+            decode = self.whole_graphs if whole else self.graphs
+            if decode is not None and decode.can_run(batch):
+                return decode.run_greedy(batch)
+            mixed = self.whole_mixed_graphs if whole else self.mixed_graphs
+            if not batch.decode_only and mixed is not None and mixed.can_run(batch):
+                return mixed.run(batch), None
         if (
             graphs == "prefill"
             and self.prefill_graphs is not None
