@@ -104,6 +104,9 @@ async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> tuple[dict[str, 
     from greenroom.models.runner import ModelRunner
 
     runner = ModelRunner(cfg.model, cfg.kv, cfg.model.path)
+    # Nano-batches stay off here: their side stream would run outside the generation
+    # partition, and two engines would share it.
+    runner.model.nano = None
     ctx_stream, gen_stream, gen_sms = _partition_streams(cfg, runner)
     # Decode and mixed-step graphs are captured once, here, on the generation partition's
     # stream (a graph keeps the SM partition it was captured on), and again on a whole-GPU

@@ -55,6 +55,11 @@ class ModelConfig(_Section):
     # the GPU goes from forward to forward (mixed mode and the SM-disaggregation generation
     # engine; the context engine, and nodes moving KV between them, run plain steps)
     overlap_steps: bool = True
+    # decode-only steps of at least nano_batch_min_rows rows run as two nano-batches on two
+    # streams, one half's attention beside the other half's matmuls (one rank serving the
+    # whole model; off under tensor, pipeline and Helix parallelism and SM disaggregation)
+    decode_nano_batches: bool = False
+    nano_batch_min_rows: Annotated[int, msgspec.Meta(ge=2)] = 256
 
 
 class KVConfig(_Section):

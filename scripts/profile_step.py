@@ -4,8 +4,11 @@ against the same work split into its parts, and the kernels it spends that time 
 GPU: a Llama-3.1-8B-shaped model with random bf16 weights. Shapes (``--shapes``, each
 ``PROMPTS x PROMPT_LEN + DECODE_ROWS @ CONTEXT``) are timed eagerly (CUDA-event median), mixed
 ones also with their decode rows through the prefill kernel (``decode_rows = 0``), and decode-only
-ones also through CUDA graphs. ``--quick``: a tiny shape on CPU. Prints one JSON object as its
-last line; with ``--kernels`` a per-kernel table for each shape on stderr too.
+ones also through CUDA graphs. With ``--nano-batches`` decode-only shapes are timed a second
+time split into two overlapped nano-batches (greenroom.models.nano_batches), eagerly and through
+graphs captured with the split, with the ratio to the plain step and the largest logit
+difference. ``--quick``: a tiny shape on CPU (the split runs eagerly there). Prints one JSON
+object as its last line; with ``--kernels`` a per-kernel table for each shape on stderr too.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from greenroom.bench.step_breakdown import blocks_needed, kernel_table, step_bat
 from greenroom.bench.timing import median_seconds
 from greenroom.config import KVConfig, ModelConfig
 from greenroom.models.arch import ArchConfig
+from greenroom.models.cuda_graphs import DecodeGraphs
 from greenroom.models.loader import random_weights
+from greenroom.models.nano_batches import NanoBatches
 from greenroom.models.presets import preset_config
 from greenroom.models.runner import ModelRunner
 
@@ -53,6 +58,26 @@ def host_launch_ms(fn, reps: int = 3) -> float:
     return statistics.median(times)
 
 
+def time_nano_batches(runner, batch, nano, nano_graphs, plain: dict, timed) -> dict:
+    """The decode step split into nano-batches: eager and graph times, their ratios to the
+    plain step's, and the largest logit difference from the plain eager forward."""
+    want = runner.forward(batch, graphs="none").clone()  # rewrites the same KV each call
+    runner.model.nano = nano
+    try:
+        row = {"nano_eager_ms": timed(partial(runner.forward, batch, graphs="none"))}
+        got = [runner.forward(batch, graphs="none")]
+        if nano_graphs is not None and nano_graphs.can_run(batch):
+            row["nano_graph_ms"] = timed(partial(nano_graphs.run, batch))
+            got.append(nano_graphs.run(batch))
+    finally:
+        runner.model.nano = None
+    row["nano_logits_max_abs_diff"] = max(float((g - want).abs().max()) for g in got)
+    row["nano_over_plain_eager"] = row["nano_eager_ms"] / plain["eager_ms"]
+    if "nano_graph_ms" in row and "graph_ms" in plain:
+        row["nano_over_plain_graph"] = row["nano_graph_ms"] / plain["graph_ms"]
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -67,6 +92,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument(
         "--kernels", action="store_true", help="per-kernel device time of each shape (stderr)"
+    )
+    p.add_argument(
+        "--nano-batches",
+        action="store_true",
+        help="decode-only shapes also split into two overlapped nano-batches (A/B in one run)",
     )
     args = p.parse_args()
     quick = args.quick or not torch.cuda.is_available()
@@ -92,10 +122,18 @@ def main() -> None:
         device,
         model,
     )
+    nano = NanoBatches(min_rows=2) if args.nano_batches else None  # every decode shape splits
+    nano_graphs = None
     if device.type == "cuda":
         decode_sizes = sorted({s[2] for s in shapes if s[0] == 0 and s[2] > 0})
         if decode_sizes:
             runner.capture_cuda_graphs(batch_sizes=decode_sizes)
+            if nano is not None:
+                runner.model.nano = nano
+                nano_graphs = DecodeGraphs(
+                    runner.model, runner.kv_pool, runner.max_blocks_per_seq, decode_sizes
+                )
+                runner.model.nano = None
     kv_per_token = runner.block_bytes // tpb
     out = []
     for prompts, plen, drows, ctx in shapes:
@@ -116,6 +154,14 @@ def main() -> None:
             batch.decode_rows = saved
         if batch.decode_only and runner.graphs is not None and runner.graphs.can_run(batch):
             row["graph_ms"] = timed(partial(runner.forward, batch))
+        if nano is not None and nano.splits(batch):
+            row.update(time_nano_batches(runner, batch, nano, nano_graphs, row, timed))
+            if args.kernels and device.type == "cuda":
+                runner.model.nano = nano
+                row["nano_kernels"] = kernel_table(partial(runner.forward, batch, graphs="none"))
+                runner.model.nano = None
+                print(json.dumps({"shape": row["shape"], "nano_kernels": row["nano_kernels"]}),
+                      file=sys.stderr)  # fmt: skip
         flops = prompts * prefill_flops(arch, plen) if prompts else 0.0
         kv_bytes = drows * ctx * kv_per_token
         row["prefill_matmul_floor_ms"] = flops / ceilings.matmul_flops_per_s * 1e3

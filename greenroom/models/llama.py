@@ -3,7 +3,10 @@
 Read top to bottom: embed, then per layer RMSNorm -> fused QKV (optional bias) -> per-head
 q/k RMSNorm (Qwen3) -> RoPE -> KV write -> paged attention (over the layer's sliding window,
 if it has one) -> O projection -> RMSNorm (+residual) -> SwiGLU; final norm; the LM head runs
-only on the rows whose logits are asked for.
+only on the rows whose logits are asked for. Each layer is three pieces, ``pre`` (up to and
+including the KV write), ``attend`` and ``post`` (O projection and MLP): the plain loop runs
+them in turn; a large decode-only batch may run them as two nano-batches on two streams
+(greenroom.models.nano_batches), one half's attention beside the other's matmuls.
 
 Tensor parallel (``tp``, see greenroom.parallel.shard): ``arch`` is the rank's local shape
 (its heads, its intermediate slice); the O projection and the down projection are
@@ -32,6 +35,7 @@ from greenroom.models.batch import ForwardBatch
 from greenroom.models.helix_attention import helix_decode_attention, helix_prefill_attention
 from greenroom.models.helix_batch import HelixRank
 from greenroom.models.loader import ModelWeights
+from greenroom.models.nano_batches import NanoBatches, run_nano_batches
 from greenroom.models.rope import cos_sin_cache
 from greenroom.parallel.comm import TensorParallel
 from greenroom.parallel.stages import PipelineStage
@@ -50,6 +54,9 @@ class LlamaModel:
         stage: PipelineStage | None = None,
     ) -> None:
         self.helix: HelixRank | None = None  # set by the runner on a Helix CP rank
+        # decode steps as two overlapped nano-batches (greenroom.models.nano_batches); set by
+        # the runner where it applies (one rank, the whole model)
+        self.nano: NanoBatches | None = None
         self.arch = arch
         self.weights = weights
         self.tp = tp or TensorParallel.single()
@@ -75,36 +82,66 @@ class LlamaModel:
     ) -> torch.Tensor | StageActivations:
         """This stage's layers: from the embedding (first stage) or ``inputs``; the final-norm
         hidden states on the last stage, else the (hidden, residual) for the next."""
-        arch, w = self.arch, self.weights
-        n = batch.num_tokens
-        if inputs is None:
-            h, residual = self._embed(batch.input_ids), None
+        if inputs is None and self.nano is not None and self.nano.splits(batch):
+            h, residual = run_nano_batches(self, batch, kv_pool, self.nano.streams(kv_pool.device))
         else:
-            h, residual = inputs
-        for index, layer in enumerate(w.layers):
-            x, residual = ops.fused_add_rms_norm(h, residual, layer.input_norm, arch.rms_norm_eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split([arch.q_size, arch.kv_size, arch.kv_size], dim=-1)
-            q = q.view(n, arch.num_heads, arch.head_dim)
-            k = k.view(n, arch.num_kv_heads, arch.head_dim)
-            v = v.view(n, arch.num_kv_heads, arch.head_dim)
-            if layer.q_norm is not None:
-                q = ops.rms_norm(q, layer.q_norm, arch.rms_norm_eps)
-                k = ops.rms_norm(k, layer.k_norm, arch.rms_norm_eps)
-            q, k = ops.apply_rotary(q, k, batch.positions, self.cos_sin)
-            attn = self._attention(
-                q, k, v, kv_pool[:, index, 0], kv_pool[:, index, 1], batch, arch.window(index)
-            )
-            h = self.tp.all_reduce(F.linear(attn.reshape(n, -1), layer.o, layer.o_bias))
-            x, residual = ops.fused_add_rms_norm(h, residual, layer.post_norm, arch.rms_norm_eps)
-            act = ops.silu_and_mul(F.linear(x, layer.gate_up))
-            h = self.tp.all_reduce(F.linear(act, layer.down))
+            h, residual = (self.embed(batch.input_ids), None) if inputs is None else inputs
+            for index in range(self.num_layers):
+                q, residual = self.pre(index, h, residual, batch, kv_pool)
+                attn = self.attend(index, q, batch, kv_pool)
+                h, residual = self.post(index, attn, residual)
         if not self.stage.is_last:
             return h, residual
-        out, _ = ops.fused_add_rms_norm(h, residual, w.norm, arch.rms_norm_eps)
+        out, _ = ops.fused_add_rms_norm(h, residual, self.weights.norm, self.arch.rms_norm_eps)
         return out
 
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_layers(self) -> int:
+        return len(self.weights.layers)
+
+    def pre(
+        self,
+        index: int,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+        kv_pool: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index`` up to attention: add + RMSNorm, QKV, q/k norms, rotary, KV write;
+        returns (q, residual)."""
+        arch, layer, n = self.arch, self.weights.layers[index], h.shape[0]
+        x, residual = ops.fused_add_rms_norm(h, residual, layer.input_norm, arch.rms_norm_eps)
+        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        q, k, v = qkv.split([arch.q_size, arch.kv_size, arch.kv_size], dim=-1)
+        q = q.view(n, arch.num_heads, arch.head_dim)
+        k = k.view(n, arch.num_kv_heads, arch.head_dim)
+        v = v.view(n, arch.num_kv_heads, arch.head_dim)
+        if layer.q_norm is not None:
+            q = ops.rms_norm(q, layer.q_norm, arch.rms_norm_eps)
+            k = ops.rms_norm(k, layer.k_norm, arch.rms_norm_eps)
+        q, k = ops.apply_rotary(q, k, batch.positions, self.cos_sin)
+        ops.write_kv_cache(k, v, kv_pool[:, index, 0], kv_pool[:, index, 1], self._slots(batch))
+        return q, residual
+
+    def attend(
+        self, index: int, q: torch.Tensor, batch: ForwardBatch, kv_pool: torch.Tensor
+    ) -> torch.Tensor:
+        """Layer ``index``'s paged attention of ``q`` over the KV pool (written by ``pre``)."""
+        k_cache, v_cache = kv_pool[:, index, 0], kv_pool[:, index, 1]
+        return self._attention(q, k_cache, v_cache, batch, self.arch.window(index))
+
+    def post(
+        self, index: int, attn: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index`` after attention: O projection, add + RMSNorm, SwiGLU MLP; returns
+        (hidden, residual)."""
+        arch, layer = self.arch, self.weights.layers[index]
+        h = self.tp.all_reduce(F.linear(attn.reshape(attn.shape[0], -1), layer.o, layer.o_bias))
+        x, residual = ops.fused_add_rms_norm(h, residual, layer.post_norm, arch.rms_norm_eps)
+        act = ops.silu_and_mul(F.linear(x, layer.gate_up))
+        return self.tp.all_reduce(F.linear(act, layer.down)), residual
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return F.embedding(ids, self.weights.embed)
         local = ids - self.vocab_start
@@ -113,13 +150,10 @@ class LlamaModel:
         h = F.embedding(local.masked_fill(outside, 0), self.weights.embed)
         return self.tp.all_reduce(h.masked_fill(outside.unsqueeze(-1), 0.0))
 
-    def _attention(
-        self, q, k, v, k_cache, v_cache, batch: ForwardBatch, window: int = 0
-    ) -> torch.Tensor:
+    def _attention(self, q, k_cache, v_cache, batch: ForwardBatch, window: int = 0) -> torch.Tensor:
         """``window``: the layer's sliding window (0: full attention)."""
         if self.helix is not None:
-            return self._helix_attention(q, k, v, k_cache, v_cache, batch)
-        ops.write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
+            return self._helix_attention(q, k_cache, v_cache, batch)
         if batch.decode_only:
             return ops.paged_decode_attention(
                 q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale,
@@ -150,11 +184,17 @@ class LlamaModel:
             window=window,
         )
 
-    def _helix_attention(self, q, k, v, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
-        view, helix = batch.helix, self.helix
-        if view is None or batch.host_lens is None:
+    def _slots(self, batch: ForwardBatch) -> torch.Tensor:
+        """The KV slots the batch's new tokens go to (a Helix rank's: its own)."""
+        if self.helix is None:
+            return batch.slot_mapping
+        if batch.helix is None or batch.host_lens is None:
             raise ValueError("a Helix rank needs batches built with their Helix view")
-        ops.write_kv_cache(k, v, k_cache, v_cache, view.slot_mapping)
+        return batch.helix.slot_mapping
+
+    def _helix_attention(self, q, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
+        view, helix = batch.helix, self.helix
+        assert view is not None and batch.host_lens is not None  # checked by _slots
         if batch.decode_only:
             return helix_decode_attention(
                 q, k_cache, v_cache, view.block_tables, view.shard_lens, self.scale, helix.group

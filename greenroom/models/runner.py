@@ -19,6 +19,7 @@ from greenroom.models.kv_pool import allocate_kv_pool, bytes_per_block, plan_num
 from greenroom.models.llama import LlamaModel, StageActivations
 from greenroom.models.loader import ModelWeights, load_weights, random_weights
 from greenroom.models.max_len import decide_max_model_len
+from greenroom.models.nano_batches import NanoBatches
 from greenroom.models.prefill_graphs import (
     DEFAULT_MAX_REQUESTS,
     PrefillGraphs,
@@ -165,6 +166,7 @@ class ModelRunner:
                 placement, cp.rank, self.num_blocks, cp.group, kv_cfg.host_blocks
             )
             self.model.helix = self.helix
+        self._enable_nano_batches(cp is not None)
         self.graphs: DecodeGraphs | None = None
         self.whole_graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
@@ -173,6 +175,18 @@ class ModelRunner:
         # the whole-GPU stream, with ``whole_graphs``
         self.mixed_graphs: PrefillGraphs | None = None
         self.whole_mixed_graphs: PrefillGraphs | None = None
+
+    def _enable_nano_batches(self, helix: bool) -> None:
+        """Decode steps as nano-batches (``model.decode_nano_batches``) on one rank serving the
+        whole model; a layer's all-reduce or a stage's send would need both halves."""
+        if not self.model_cfg.decode_nano_batches:
+            return
+        if self.tp.size > 1 or self.stage.size > 1 or helix:
+            log.warning(
+                "model.decode_nano_batches is ignored under tensor, pipeline or Helix parallelism"
+            )
+            return
+        self.model.nano = NanoBatches(self.model_cfg.nano_batch_min_rows)
 
     def _agree_num_blocks(self, num_blocks: int) -> int:
         """Every rank of a TP group and every pipeline stage must number the same blocks (the
