@@ -28,7 +28,7 @@ from greenroom.bench.step_breakdown import blocks_needed, kernel_table, step_bat
 from greenroom.bench.timing import median_seconds
 from greenroom.config import KVConfig, ModelConfig
 from greenroom.models.arch import ArchConfig
-from greenroom.models.cuda_graphs import DecodeGraphs
+from greenroom.models.cuda_graphs import DecodeGraphs, partition_sizing
 from greenroom.models.loader import random_weights
 from greenroom.models.nano_batches import NanoBatches
 from greenroom.models.presets import preset_config
@@ -98,6 +98,13 @@ def main() -> None:
         action="store_true",
         help="decode-only shapes also split into two overlapped nano-batches (A/B in one run)",
     )
+    p.add_argument(
+        "--nano-blas-sms",
+        type=int,
+        default=None,
+        help="capture the nano-batch graphs with matmuls sized for this many SMs (cuBLASLt "
+        "SM target), leaving the rest to the other half's attention",
+    )
     args = p.parse_args()
     quick = args.quick or not torch.cuda.is_available()
     device = torch.device("cpu" if quick else "cuda")
@@ -130,9 +137,10 @@ def main() -> None:
             runner.capture_cuda_graphs(batch_sizes=decode_sizes)
             if nano is not None:
                 runner.model.nano = nano
-                nano_graphs = DecodeGraphs(
-                    runner.model, runner.kv_pool, runner.max_blocks_per_seq, decode_sizes
-                )
+                with partition_sizing(args.nano_blas_sms):
+                    nano_graphs = DecodeGraphs(
+                        runner.model, runner.kv_pool, runner.max_blocks_per_seq, decode_sizes
+                    )
                 runner.model.nano = None
     kv_per_token = runner.block_bytes // tpb
     out = []
@@ -183,6 +191,7 @@ def main() -> None:
                 "model": model,
                 "ceilings": ceilings.to_dict(),
                 "rows": rows,
+                "nano_blas_sms": args.nano_blas_sms,
                 "shapes": out,
             }
         )

@@ -300,5 +300,6 @@ def test_decode_graphs_with_nano_batches_match_the_plain_path(dtype: str, tmp_pa
         torch.cuda.synchronize()
         torch.testing.assert_close(eager, plain, atol=tol, rtol=tol)
         torch.testing.assert_close(graph, plain, atol=tol, rtol=tol)
-        torch.testing.assert_close(graph_pool, runner.kv_pool, atol=tol, rtol=tol)
+        # the graph's padded rows write into the null block (0), which no row reads
+        torch.testing.assert_close(graph_pool[1:], runner.kv_pool[1:], atol=tol, rtol=tol)
         torch.testing.assert_close(eager_pool, runner.kv_pool, atol=tol, rtol=tol)
