@@ -60,6 +60,9 @@ class ModelConfig(_Section):
     # whole model; off under tensor, pipeline and Helix parallelism and SM disaggregation)
     decode_nano_batches: bool = False
     nano_batch_min_rows: Annotated[int, msgspec.Meta(ge=2)] = 256
+    # the nano-batches' attention kernels on a stream of their own, below the matmuls' streams
+    # in priority (greenroom/models/nano_batches.py), instead of on each half's stream
+    nano_batch_attention_stream: bool = False
 
 
 class KVConfig(_Section):

@@ -4,10 +4,11 @@ against the same work split into its parts, and the kernels it spends that time 
 GPU: a Llama-3.1-8B-shaped model with random bf16 weights. Shapes (``--shapes``, each
 ``PROMPTS x PROMPT_LEN + DECODE_ROWS @ CONTEXT``) are timed eagerly (CUDA-event median), mixed
 ones also with their decode rows through the prefill kernel (``decode_rows = 0``), and decode-only
-ones also through CUDA graphs. With ``--nano-batches`` decode-only shapes are timed a second
-time split into two overlapped nano-batches (greenroom.models.nano_batches), eagerly and through
-graphs captured with the split, with the ratio to the plain step and the largest logit
-difference. ``--quick``: a tiny shape on CPU (the split runs eagerly there). Prints one JSON
+ones also through CUDA graphs. With ``--nano-batches`` decode-only shapes are also timed split
+into two overlapped nano-batches (greenroom.models.nano_batches), eagerly and through graphs
+captured with the split, with the ratio to the plain step and the largest logit difference:
+``nano_*`` keys for the two-stream schedule, ``nano_attn_stream_*`` for the one with the
+attention on a stream of its own. ``--quick``: a tiny shape on CPU (the split runs eagerly there). Prints one JSON
 object as its last line; with ``--kernels`` a per-kernel table for each shape on stderr too.
 """
 
@@ -58,23 +59,24 @@ def host_launch_ms(fn, reps: int = 3) -> float:
     return statistics.median(times)
 
 
-def time_nano_batches(runner, batch, nano, nano_graphs, plain: dict, timed) -> dict:
+def time_nano_batches(runner, batch, nano, graphs, plain: dict, timed, name: str) -> dict:
     """The decode step split into nano-batches: eager and graph times, their ratios to the
-    plain step's, and the largest logit difference from the plain eager forward."""
+    plain step's, and the largest logit difference from the plain eager forward; keys start
+    with ``name``."""
     want = runner.forward(batch, graphs="none").clone()  # rewrites the same KV each call
     runner.model.nano = nano
     try:
-        row = {"nano_eager_ms": timed(partial(runner.forward, batch, graphs="none"))}
+        row = {f"{name}_eager_ms": timed(partial(runner.forward, batch, graphs="none"))}
         got = [runner.forward(batch, graphs="none")]
-        if nano_graphs is not None and nano_graphs.can_run(batch):
-            row["nano_graph_ms"] = timed(partial(nano_graphs.run, batch))
-            got.append(nano_graphs.run(batch))
+        if graphs is not None and graphs.can_run(batch):
+            row[f"{name}_graph_ms"] = timed(partial(graphs.run, batch))
+            got.append(graphs.run(batch))
     finally:
         runner.model.nano = None
-    row["nano_logits_max_abs_diff"] = max(float((g - want).abs().max()) for g in got)
-    row["nano_over_plain_eager"] = row["nano_eager_ms"] / plain["eager_ms"]
-    if "nano_graph_ms" in row and "graph_ms" in plain:
-        row["nano_over_plain_graph"] = row["nano_graph_ms"] / plain["graph_ms"]
+    row[f"{name}_logits_max_abs_diff"] = max(float((g - want).abs().max()) for g in got)
+    row[f"{name}_over_plain_eager"] = row[f"{name}_eager_ms"] / plain["eager_ms"]
+    if f"{name}_graph_ms" in row and "graph_ms" in plain:
+        row[f"{name}_over_plain_graph"] = row[f"{name}_graph_ms"] / plain["graph_ms"]
     return row
 
 
@@ -129,16 +131,17 @@ def main() -> None:
         device,
         model,
     )
-    nano = NanoBatches(min_rows=2) if args.nano_batches else None  # every decode shape splits
-    nano_graphs = None
+    # every decode shape splits: on two streams, and with the attention on a third
+    schedules = {"nano": NanoBatches(2), "nano_attn_stream": NanoBatches(2, attention_stream=True)}
+    nano_graphs: dict[str, DecodeGraphs] = {}
     if device.type == "cuda":
         decode_sizes = sorted({s[2] for s in shapes if s[0] == 0 and s[2] > 0})
         if decode_sizes:
             runner.capture_cuda_graphs(batch_sizes=decode_sizes)
-            if nano is not None:
+            for name, nano in schedules.items() if args.nano_batches else ():
                 runner.model.nano = nano
                 with partition_sizing(args.nano_blas_sms):
-                    nano_graphs = DecodeGraphs(
+                    nano_graphs[name] = DecodeGraphs(
                         runner.model, runner.kv_pool, runner.max_blocks_per_seq, decode_sizes
                     )
                 runner.model.nano = None
@@ -162,13 +165,16 @@ def main() -> None:
             batch.decode_rows = saved
         if batch.decode_only and runner.graphs is not None and runner.graphs.can_run(batch):
             row["graph_ms"] = timed(partial(runner.forward, batch))
-        if nano is not None and nano.splits(batch):
-            row.update(time_nano_batches(runner, batch, nano, nano_graphs, row, timed))
+        for name, nano in schedules.items() if args.nano_batches else ():
+            if not nano.splits(batch):
+                continue
+            graphs = nano_graphs.get(name)
+            row.update(time_nano_batches(runner, batch, nano, graphs, row, timed, name))
             if args.kernels and device.type == "cuda":
                 runner.model.nano = nano
-                row["nano_kernels"] = kernel_table(partial(runner.forward, batch, graphs="none"))
+                row[f"{name}_kernels"] = kernel_table(partial(runner.forward, batch, graphs="none"))
                 runner.model.nano = None
-                print(json.dumps({"shape": row["shape"], "nano_kernels": row["nano_kernels"]}),
+                print(json.dumps({"shape": row["shape"], name: row[f"{name}_kernels"]}),
                       file=sys.stderr)  # fmt: skip
         flops = prompts * prefill_flops(arch, plen) if prompts else 0.0
         kv_bytes = drows * ctx * kv_per_token

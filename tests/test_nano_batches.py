@@ -17,6 +17,7 @@ from greenroom.config import KVConfig, ModelConfig, load_config
 from greenroom.models import ForwardBatch, ModelRunner, SequenceChunk
 from greenroom.models import llama as llama_module
 from greenroom.models.nano_batches import (
+    ATTENTION,
     NanoBatches,
     run_nano_batches,
     split_decode_batch,
@@ -26,6 +27,7 @@ from greenroom.models.nano_batches import (
 transformers = pytest.importorskip("transformers")
 
 TPB = 4
+MAIN = 0  # the caller's stream in FakeStreams
 
 
 def cpu_runner(**model) -> ModelRunner:
@@ -74,8 +76,11 @@ def test_split_decode_batch_takes_views_of_each_rows_arrays() -> None:
         split_decode_batch(prefill, 1)
 
 
+@pytest.mark.parametrize("attention_stream", [False, True])
 @pytest.mark.parametrize("rows", [3, 9, 19])
-def test_nano_batches_give_the_plain_forwards_logits_and_kv(rows: int, monkeypatch) -> None:
+def test_nano_batches_give_the_plain_forwards_logits_and_kv(
+    rows: int, attention_stream: bool, monkeypatch
+) -> None:
     runner = cpu_runner()
     batch = decode_batch(runner, rows, seed=rows)
     pool = runner.kv_pool.clone()
@@ -89,7 +94,7 @@ def test_nano_batches_give_the_plain_forwards_logits_and_kv(rows: int, monkeypat
         return run_nano_batches(*args)
 
     monkeypatch.setattr(llama_module, "run_nano_batches", counted)
-    runner.model.nano = NanoBatches(min_rows=2)
+    runner.model.nano = NanoBatches(min_rows=2, attention_stream=attention_stream)
     split = runner.model.forward(batch, runner.kv_pool)
     assert calls == [rows], "the nano-batch schedule did not run"
     assert not torch.equal(plain_pool, pool)  # the step wrote its KV
@@ -100,7 +105,9 @@ def test_nano_batches_give_the_plain_forwards_logits_and_kv(rows: int, monkeypat
 
 def test_only_large_decode_only_batches_split(monkeypatch) -> None:
     runner = cpu_runner(decode_nano_batches=True, nano_batch_min_rows=8)
-    assert runner.model.nano is not None and runner.model.nano.min_rows == 8
+    assert runner.model.nano == NanoBatches(8, attention_stream=False)
+    on_own = cpu_runner(decode_nano_batches=True, nano_batch_attention_stream=True)
+    assert on_own.model.nano == NanoBatches(256, attention_stream=True)
     assert cpu_runner().model.nano is None  # off by default
     calls = []
     monkeypatch.setattr(llama_module, "run_nano_batches", lambda *a: calls.append(a))
@@ -113,9 +120,10 @@ def test_only_large_decode_only_batches_split(monkeypatch) -> None:
 class FakeStreams:
     """Streams that log each op with the stream it went to, and the edges between them."""
 
-    def __init__(self) -> None:
+    def __init__(self, attention_stream: bool) -> None:
+        self.attention_stream = attention_stream
         self.ops: list[tuple[int, str]] = []  # (stream, op) in issue order
-        self.half = 0
+        self.half = MAIN
 
     def log(self, op: str) -> None:
         self.ops.append((self.half, op))
@@ -124,10 +132,15 @@ class FakeStreams:
         self.log("fork")
 
     @contextlib.contextmanager
-    def on(self, half: int):
-        self.half = half
+    def on(self, role: int):
+        """Two streams: A on the caller's; else A, B on their own, the attention on the
+        caller's."""
+        if self.attention_stream:
+            self.half = MAIN if role == ATTENTION else role + 1
+        else:
+            self.half = MAIN if role == 0 else 1
         yield
-        self.half = 0
+        self.half = MAIN
 
     def record(self) -> int:
         self.log("record")
@@ -165,21 +178,23 @@ class FakeLayers:
 
 def happens_before(ops: list[tuple[int, str]]) -> list[set[int]]:
     """For each op, the ops that must finish before it: program order on its stream, the fork
-    (stream 1 starts behind stream 0's earlier ops), event waits, and the join."""
+    (a side stream starts behind the caller's earlier ops), event waits, and the join (behind
+    every side stream's ops)."""
     before: list[set[int]] = []
-    last = {0: None, 1: None}
+    last: dict[int, int] = {}
     fork_at = None
     for i, (stream, op) in enumerate(ops):
         deps: set[int] = set()
-        if last[stream] is not None:
+        if stream in last:
             deps |= before[last[stream]] | {last[stream]}
-        if stream == 1 and last[1] is None and fork_at is not None:
+        elif stream != MAIN and fork_at is not None:
             deps |= before[fork_at] | {fork_at}
         if op.startswith("wait "):
             event = int(op.split()[1])
             deps |= before[event] | {event}
-        if op == "join" and last[1] is not None:
-            deps |= before[last[1]] | {last[1]}
+        if op == "join":
+            for side, j in last.items():
+                deps |= before[j] | {j} if side != MAIN else set()
         if op == "fork":
             fork_at = i
         before.append(deps)
@@ -187,17 +202,31 @@ def happens_before(ops: list[tuple[int, str]]) -> list[set[int]]:
     return before
 
 
-def test_schedule_alternates_attention_and_leaves_matmuls_free_to_overlap() -> None:
-    streams = FakeStreams()
+@pytest.mark.parametrize("attention_stream", [False, True])
+def test_schedule_alternates_attention_and_leaves_matmuls_free_to_overlap(
+    attention_stream: bool,
+) -> None:
+    streams = FakeStreams(attention_stream)
     layers = FakeLayers(streams, num_layers=3)
     runner = cpu_runner()
     h, residual = run_nano_batches(layers, decode_batch(runner, 20, seed=3), None, streams)
     assert h.shape == residual.shape == (20, 1)
     ops = streams.ops
     before = happens_before(ops)
-    at = {(stream, op): i for i, (stream, op) in enumerate(ops) if not op.startswith("wait")}
-    assert ops[0] == (0, "fork") and ops[-1] == (0, "join")
-    assert {s for s, op in ops if op.startswith(("pre", "attend", "post", "embed"))} == {0, 1}
+    assert ops[0] == (MAIN, "fork") and ops[-1] == (MAIN, "join")
+    halves = (1, 2) if attention_stream else (MAIN, 1)  # each half's stream
+    assert {s for s, op in ops if op.startswith(("pre", "post", "embed"))} == set(halves)
+    at = {
+        (halves.index(s), op): i for i, (s, op) in enumerate(ops) if op.startswith(("pre", "post"))
+    }
+    for h in (0, 1):
+        for i in range(3):
+            at[(h, f"attend {i}")] = attend_index(ops, h, i)
+            assert ops[at[(h, f"attend {i}")]][0] == (MAIN if attention_stream else halves[h])
+    for h in (0, 1):  # a half's own layer: pre, then its attention, then post
+        for i in range(3):
+            assert at[(h, f"pre {i}")] in before[at[(h, f"attend {i}")]]
+            assert at[(h, f"attend {i}")] in before[at[(h, f"post {i}")]]
     order = [(half, i) for i in range(3) for half in (0, 1)]  # A0, B0, A1, B1, A2, B2
     for (half, i), (other, j) in zip(order, order[1:], strict=False):
         cur, nxt = at[(half, f"attend {i}")], at[(other, f"attend {j}")]
@@ -210,7 +239,15 @@ def test_schedule_alternates_attention_and_leaves_matmuls_free_to_overlap() -> N
         assert at[(half, f"post {i}")] not in before[nxt]
         assert cur not in before[at[(other, f"pre {j}")]]
     join = len(ops) - 1
-    assert all(i in before[join] for i, (s, _) in enumerate(ops) if s == 1)
+    assert all(i in before[join] for i, (s, _) in enumerate(ops) if s != MAIN)
+
+
+def attend_index(ops: list[tuple[int, str]], half: int, layer: int) -> int:
+    """Where half ``half``'s attention of ``layer`` is in ``ops`` (attention ops are issued A
+    then B within each layer, whatever stream they go to)."""
+    found = [i for i, (_, op) in enumerate(ops) if op == f"attend {layer}"]
+    assert len(found) == 2
+    return found[half]
 
 
 DIMS = dict(
@@ -260,8 +297,11 @@ async def test_node_with_nano_batches_gives_the_greedy_tokens(tmp_path: Path) ->
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attention_stream", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decode_graphs_with_nano_batches_match_the_plain_path(dtype: str, tmp_path) -> None:
+def test_decode_graphs_with_nano_batches_match_the_plain_path(
+    dtype: str, attention_stream: bool, tmp_path
+) -> None:
     config = transformers.LlamaConfig(
         **{**DIMS, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 3}
     )
@@ -271,6 +311,7 @@ def test_decode_graphs_with_nano_batches_match_the_plain_path(dtype: str, tmp_pa
         cuda_graph_max_batch_size=32,
         decode_nano_batches=True,
         nano_batch_min_rows=20,
+        nano_batch_attention_stream=attention_stream,
     )
     runner = ModelRunner(cfg, KVConfig(tokens_per_block=16, num_blocks=600), model_dir, "cuda")
     assert runner.model.nano is not None

@@ -39,6 +39,8 @@ def test_profile_step_quick_times_each_shape() -> None:
     assert "nano_eager_ms" not in mixed  # only decode-only steps split
     assert decode["nano_eager_ms"] > 0 and decode["nano_over_plain_eager"] > 0
     assert decode["nano_logits_max_abs_diff"] < 1e-4
+    assert decode["nano_attn_stream_eager_ms"] > 0
+    assert decode["nano_attn_stream_logits_max_abs_diff"] < 1e-4
 
 
 def test_profile_step_rejects_a_malformed_shape() -> None:

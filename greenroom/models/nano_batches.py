@@ -17,6 +17,17 @@ back before the final norm. Eagerly this is plain two-stream work; under CUDA gr
 fork brings the side stream into the capture and the events become graph edges. On the CPU
 there are no streams: the halves run in turn.
 
+With ``attention_stream`` the attention kernels of both halves go to a third stream instead,
+the caller's, in issue order (A, B, A, B: one stream alternates them), and each half's other
+work to a side stream of higher priority:
+
+    stream A (high): pre(A, i); record q(A, i); ...; wait attn(A, i); post(A, i)
+    stream B (high): pre(B, i); record q(B, i); ...; wait attn(B, i); post(B, i)
+    attention (low): wait q(A, i); attend(A, i); record; wait q(B, i); attend(B, i); record
+
+The block scheduler hands SMs freed by a long attention kernel to the matmuls waiting on a
+higher-priority stream first, so they need not wait for the attention's last wave.
+
 Each half embeds its own rows on its own stream, so no tensor allocated on one stream is read
 by the other before the join (the caching allocator could hand its memory to the first stream
 again while the second still reads it).
@@ -65,11 +76,14 @@ class LayerSteps(Protocol):
 class Streams(Protocol):
     """Where each half's work goes and the events between them."""
 
+    attention_stream: bool  # the attention kernels on a stream of their own (ATTENTION)
+
     def fork(self) -> None:
-        """Start the side stream behind everything queued on the caller's."""
+        """Start the side streams behind everything queued on the caller's."""
 
     def on(self, half: int) -> contextlib.AbstractContextManager[Any]:
-        """Queue the work in this block on half ``half``'s stream (0: the caller's)."""
+        """Queue the work in this block on half ``half``'s stream, or on the attention
+        stream (``ATTENTION``)."""
 
     def record(self) -> Any:
         """An event marking the work queued so far on the current half's stream."""
@@ -78,11 +92,14 @@ class Streams(Protocol):
         """Make later work on the current half's stream wait for ``event``."""
 
     def join(self) -> None:
-        """Make the caller's stream wait for everything queued on the side stream."""
+        """Make the caller's stream wait for everything queued on the side streams."""
 
 
 class HostStreams:
     """No streams (CPU): work runs as it is issued, in issue order."""
+
+    def __init__(self, attention_stream: bool = False) -> None:
+        self.attention_stream = attention_stream
 
     def fork(self) -> None:
         pass
@@ -100,20 +117,35 @@ class HostStreams:
         pass
 
 
-class CudaStreams:
-    """Half A on the stream current at ``fork``, half B on ``side``."""
+ATTENTION = 2  # Streams.on: the attention stream (with ``attention_stream``)
 
-    def __init__(self, side: torch.cuda.Stream) -> None:
-        self.side = side
+
+class CudaStreams:
+    """Two streams: half A on the stream current at ``fork``, half B on ``sides[0]``. With
+    ``attention_stream``: A and B on ``sides``, the attention on the caller's stream."""
+
+    def __init__(self, sides: tuple[torch.cuda.Stream, torch.cuda.Stream], attention_stream: bool):
+        self.sides = sides
+        self.attention_stream = attention_stream
         self.main: torch.cuda.Stream | None = None
 
+    def _stream(self, role: int) -> torch.cuda.Stream:
+        assert self.main is not None, "fork first"
+        if self.attention_stream:
+            return self.main if role == ATTENTION else self.sides[role]
+        return self.main if role == 0 else self.sides[0]
+
+    def _used_sides(self) -> tuple[torch.cuda.Stream, ...]:
+        return self.sides if self.attention_stream else self.sides[:1]
+
     def fork(self) -> None:
-        self.main = torch.cuda.current_stream(self.side.device)
-        self.side.wait_stream(self.main)
+        self.main = torch.cuda.current_stream(self.sides[0].device)
+        for side in self._used_sides():
+            side.wait_stream(self.main)
 
     @contextlib.contextmanager
-    def on(self, half: int) -> Iterator[None]:
-        with torch.cuda.stream(self.main if half == 0 else self.side):
+    def on(self, role: int) -> Iterator[None]:
+        with torch.cuda.stream(self._stream(role)):
             yield
 
     def record(self) -> torch.cuda.Event:
@@ -122,20 +154,24 @@ class CudaStreams:
         return event
 
     def wait(self, event: torch.cuda.Event) -> None:
-        torch.cuda.current_stream(self.side.device).wait_event(event)
+        torch.cuda.current_stream(self.sides[0].device).wait_event(event)
 
     def join(self) -> None:
         assert self.main is not None, "join without fork"
-        self.main.wait_stream(self.side)
+        for side in self._used_sides():
+            self.main.wait_stream(side)
 
 
 @dataclass
 class NanoBatches:
-    """Which decode batches split (``min_rows`` rows or more, decode-only), and the side
-    stream per device they run on."""
+    """Which decode batches split (``min_rows`` rows or more, decode-only), the schedule
+    (``attention_stream``: see the module docstring), and the side streams per device."""
 
     min_rows: int
-    _side: dict[torch.device, torch.cuda.Stream] = field(default_factory=dict, repr=False)
+    attention_stream: bool = False
+    _sides: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = field(
+        default_factory=dict, repr=False
+    )
 
     def splits(self, batch: ForwardBatch) -> bool:
         return (
@@ -147,10 +183,16 @@ class NanoBatches:
 
     def streams(self, device: torch.device) -> Streams:
         if device.type != "cuda":
-            return HostStreams()
-        if device not in self._side:
-            self._side[device] = torch.cuda.Stream(device)
-        return CudaStreams(self._side[device])
+            return HostStreams(self.attention_stream)
+        if device not in self._sides:
+            # the highest priority (priorities past the range clamp to it): above the
+            # caller's stream, which runs the attention in the attention_stream schedule
+            priority = -100 if self.attention_stream else 0
+            self._sides[device] = (
+                torch.cuda.Stream(device, priority=priority),
+                torch.cuda.Stream(device, priority=priority),
+            )
+        return CudaStreams(self._sides[device], self.attention_stream)
 
 
 def split_rows(rows: int) -> int:
@@ -201,14 +243,30 @@ def run_nano_batches(
     halves = split_decode_batch(batch, split_rows(batch.num_requests))
     state: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     done: list[Any] = [None, None]  # each half's last attention event
+    # tensors read on a stream other than the one that allocated them, kept until the join:
+    # freed earlier, their memory could go to new work on their own stream while still read
+    crossing: list[torch.Tensor] = []
     streams.fork()
     for half, part in enumerate(halves):
         with streams.on(half):
             state.append((model.embed(part.input_ids), None))
     for index in range(model.num_layers):
         for half, part in enumerate(halves):
+            h, residual = state[half]
+            if streams.attention_stream:
+                with streams.on(half):
+                    q, residual = model.pre(index, h, residual, part, kv_pool)
+                    ready = streams.record()
+                with streams.on(ATTENTION):
+                    streams.wait(ready)
+                    attn = model.attend(index, q, part, kv_pool)
+                    done[half] = streams.record()
+                crossing += [q, attn]
+                with streams.on(half):
+                    streams.wait(done[half])
+                    state[half] = model.post(index, attn, residual)
+                continue
             with streams.on(half):
-                h, residual = state[half]
                 q, residual = model.pre(index, h, residual, part, kv_pool)
                 if done[1 - half] is not None:
                     streams.wait(done[1 - half])
@@ -216,6 +274,7 @@ def run_nano_batches(
                 done[half] = streams.record()
                 state[half] = model.post(index, attn, residual)
     streams.join()
+    crossing.clear()
     (h_a, res_a), (h_b, res_b) = state
     if res_a is None or res_b is None:  # a model without layers
         raise ValueError("nano-batches need at least one layer")

@@ -186,7 +186,8 @@ class ModelRunner:
                 "model.decode_nano_batches is ignored under tensor, pipeline or Helix parallelism"
             )
             return
-        self.model.nano = NanoBatches(self.model_cfg.nano_batch_min_rows)
+        cfg = self.model_cfg
+        self.model.nano = NanoBatches(cfg.nano_batch_min_rows, cfg.nano_batch_attention_stream)
 
     def _agree_num_blocks(self, num_blocks: int) -> int:
         """Every rank of a TP group and every pipeline stage must number the same blocks (the
