@@ -12,7 +12,13 @@ import zlib
 from pathlib import Path
 
 import pytest
-from tiny_checkpoints import random_prompts, save_checkpoint, transformers_greedy, yarn_rope
+from tiny_checkpoints import (
+    TINY_DIMS,
+    random_prompts,
+    save_checkpoint,
+    transformers_greedy,
+    yarn_rope,
+)
 
 from greenroom.bus.messages import SamplingParams
 from greenroom.client import AsyncClient
@@ -26,18 +32,7 @@ TPB = 4
 NEW_TOKENS = 16
 SHARED = 24  # prompt tokens the second request shares with the first: 6 whole blocks
 
-DIMS = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.2,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+DIMS = TINY_DIMS
 
 CHECKPOINTS = {
     # windows far shorter than prompt + output; prefill chunks (12) cross the window edge

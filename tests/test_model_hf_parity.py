@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_checkpoints import (
+    TINY_DIMS,
     all_position_logits,
     llama3_rope,
     random_prompts,
@@ -31,18 +32,7 @@ PROMPT_LENGTHS = (5, 13, 29, 40)
 NEW_TOKENS = 32
 TOKENS_PER_BLOCK = 4
 
-COMMON = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.2,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+COMMON = TINY_DIMS
 
 CHECKPOINTS = {
     "llama-llama3-rope": lambda: transformers.LlamaConfig(

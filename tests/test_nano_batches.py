@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_checkpoints import random_prompts, save_checkpoint, transformers_greedy
+from tiny_checkpoints import TINY_DIMS, random_prompts, save_checkpoint, transformers_greedy
 
 from greenroom.config import KVConfig, ModelConfig, load_config
 from greenroom.models import ForwardBatch, ModelRunner, SequenceChunk
@@ -250,18 +250,7 @@ def attend_index(ops: list[tuple[int, str]], half: int, layer: int) -> int:
     return found[half]
 
 
-DIMS = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.2,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+DIMS = TINY_DIMS
 NEW_TOKENS = 12
 
 

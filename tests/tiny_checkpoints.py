@@ -18,6 +18,21 @@ ARCH_CLASSES = {
 }
 
 
+# The tiny decoder shape the parity tests share (each architecture adds its own fields).
+TINY_DIMS = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.2,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
 def llama3_rope(original_max_position_embeddings: int) -> dict:
     """Llama 3 rope scaling (factor 8) over ``original_max_position_embeddings`` positions."""
     return {
