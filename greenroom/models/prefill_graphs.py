@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from greenroom.kernels.prefill_tiles import TILE_BLOCK_M, max_tiles, prefill_tiles
-from greenroom.models.batch import ForwardBatch
+from greenroom.models.batch import ForwardBatch, copy_from_host
 from greenroom.models.cuda_graphs import capture_forwards
 from greenroom.models.kv_pool import NULL_BLOCK
 from greenroom.models.llama import LlamaModel
@@ -136,7 +136,7 @@ class PrefillGraphs:
         arch = self.model.arch  # the tile order knows a window only when every layer slides
         window = min(arch.layer_windows) if arch.layer_windows else 0
         tiles = prefill_tiles(q_lens, context_lens, self.device_tiles[size].shape[1], window=window)
-        self.device_tiles[size].copy_(torch.from_numpy(tiles), non_blocking=True)
+        copy_from_host(self.device_tiles[size], tiles)
 
     def _load_fitting(self, batch: ForwardBatch) -> int:
         size = self.size_for(batch)
