@@ -10,7 +10,7 @@ import torch
 from greenroom.config import KVConfig, ModelConfig
 from greenroom.kernels.prefill_tiles import UNUSED_TILE, max_tiles, prefill_tiles
 from greenroom.models import ModelRunner
-from greenroom.models.batch import SequenceChunk, copy_from_host
+from greenroom.models.batch import SequenceChunk
 from greenroom.models.prefill_graphs import PrefillGraphs, default_token_sizes
 
 BS = 16
@@ -232,25 +232,3 @@ def test_whole_gpu_capture_adds_mixed_graphs_on_its_stream(monkeypatch, max_mixe
     assert r.whole_mixed_graphs is not r.mixed_graphs
     assert r.whole_mixed_graphs.token_sizes == default_token_sizes(max_mixed_tokens)
     assert r.whole_mixed_graphs.max_requests == 16
-
-
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[
-                pytest.mark.gpu,
-                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-            ],
-        ),
-    ],
-)
-def test_copy_from_host_fills_the_device_tensor(device: str) -> None:
-    tiles = prefill_tiles([5, 40], [9, 40], max_tiles(64, 2))
-    dst = torch.full(tiles.shape, -7, dtype=torch.from_numpy(tiles).dtype, device=device)
-    copy_from_host(dst, tiles)
-    tiles[...] = 0  # the copy does not read the caller's array later
-    assert not np.array_equal(dst.cpu().numpy(), tiles)
-    assert np.array_equal(dst.cpu().numpy(), prefill_tiles([5, 40], [9, 40], max_tiles(64, 2)))

@@ -132,18 +132,6 @@ def _aligned(words: int) -> int:
     return -(-words // ALIGN_WORDS) * ALIGN_WORDS
 
 
-def copy_from_host(dst: torch.Tensor, array: np.ndarray) -> None:
-    """Copy ``array`` into ``dst`` without holding the host: on a GPU through pinned memory
-    (a copy from pageable memory waits until the stream has drained, which would stall an
-    engine that launches a step behind the one still running)."""
-    if dst.device.type == "cpu":
-        dst.copy_(torch.from_numpy(array))
-        return
-    host = torch.empty(array.shape, dtype=dst.dtype, pin_memory=True)
-    host.numpy()[...] = array
-    dst.copy_(host, non_blocking=True)  # the host allocator keeps ``host`` until it is done
-
-
 def upload_packed(
     wide: list[np.ndarray], narrow: list[np.ndarray], device: torch.device | str
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from greenroom.bus.messages import SamplingParams
+from greenroom.models.host_copy import to_device
 from greenroom.models.token_history import TokenHistory
 
 
@@ -75,7 +76,7 @@ class LogitsAdjustments:
             return None
 
         def put(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            return to_device(values, dtype, device)
 
         if pen_rows and (history is None or min(pen_slots) < 0):
             raise ValueError("a row with a penalty has no token history")

@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 
 from greenroom.kernels.prefill_tiles import TILE_BLOCK_M, max_tiles, prefill_tiles
-from greenroom.models.batch import ForwardBatch, copy_from_host
+from greenroom.models.batch import ForwardBatch
 from greenroom.models.cuda_graphs import capture_forwards
+from greenroom.models.host_copy import copy_from_host
 from greenroom.models.kv_pool import NULL_BLOCK
 from greenroom.models.llama import LlamaModel
 

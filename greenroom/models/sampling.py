@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from greenroom.bus.messages import SamplingParams
+from greenroom.models.host_copy import to_device
 from greenroom.models.logits_adjust import LogitsAdjustments
 
 _MASK32 = 0xFFFFFFFF
@@ -84,7 +85,7 @@ class SamplingBatch:
         adjustments: LogitsAdjustments | None = None,
     ) -> SamplingBatch:
         def put(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            return to_device(values, dtype, device)
 
         return cls(
             temperature=put([p.temperature for p in params], torch.float32),

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from greenroom.models.host_copy import to_device
+
 
 class TokenHistory:
     def __init__(self, vocab_size: int, device: torch.device | str, capacity: int = 4) -> None:
@@ -36,10 +38,10 @@ class TokenHistory:
         self.prompt_seen[slot].zero_()
         self.output_counts[slot].zero_()
         if prompt:
-            ids = torch.tensor(prompt, dtype=torch.int64).to(self.device, non_blocking=True)
+            ids = to_device(prompt, torch.int64, self.device)
             self.prompt_seen[slot].index_fill_(0, ids, True)
         if output:
-            ids = torch.tensor(output, dtype=torch.int64).to(self.device, non_blocking=True)
+            ids = to_device(output, torch.int64, self.device)
             ones = torch.ones(len(output), dtype=torch.float32, device=self.device)
             self.output_counts[slot].index_add_(0, ids, ones)
         return slot
