@@ -45,7 +45,7 @@ async def _serve(spec: ProcessSpec, status_fd: int) -> int:
         return 3
     os.write(status_fd, b"ok")
     # what start-up left alive (torch, the model, its graphs) is never walked by a collection
-    freeze_startup_heap("actor process ready")
+    freeze_startup_heap()
     cell = rt.cell(spec.name)
     # Lifeline: EOF on stdin (parent asked us to stop, or died) stops the actor.
     loop.add_reader(0, _on_lifeline, loop, cell)

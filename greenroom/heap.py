@@ -22,15 +22,11 @@ import threading
 import time
 from collections import deque
 
-from greenroom.logging import get_logger
-
-log = get_logger(__name__)
-
 _freezes = 0
 _lock = threading.Lock()
 
 
-def freeze_startup_heap(reason: str = "start-up") -> int:
+def freeze_startup_heap() -> int:
     """Collect once, then freeze every object still alive; returns the frozen count."""
     global _freezes
     with _lock:
@@ -38,7 +34,6 @@ def freeze_startup_heap(reason: str = "start-up") -> int:
         gc.freeze()
         _freezes += 1
         count = gc.get_freeze_count()
-    log.debug("heap frozen", reason=reason, objects=count)
     return count
 
 

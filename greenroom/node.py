@@ -163,7 +163,7 @@ class Node:
         )
         node.resources = resources
         holder["node"] = node
-        freeze_startup_heap("node ready")  # thawed in _shutdown
+        freeze_startup_heap()  # thawed in _shutdown
         node._frozen = True
         if cfg.log_stats_interval_s > 0:
             node._summary_task = asyncio.get_running_loop().create_task(

@@ -30,7 +30,7 @@ def _unfrozen():
 def test_frozen_cycle_survives_collection_until_thawed():
     obj = _Cycle()
     ref = weakref.ref(obj)
-    assert freeze_startup_heap("test") > 0
+    assert freeze_startup_heap() > 0
     del obj
     gc.collect()
     assert ref() is not None, "a frozen object is never walked by a collection"
@@ -40,8 +40,8 @@ def test_frozen_cycle_survives_collection_until_thawed():
 
 
 def test_thaw_waits_for_every_freezer():
-    freeze_startup_heap("first node")
-    freeze_startup_heap("second node")
+    freeze_startup_heap()
+    freeze_startup_heap()
     thaw_heap()
     assert gc.get_freeze_count() > 0, "one node still runs: its heap stays frozen"
     thaw_heap()

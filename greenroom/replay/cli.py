@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 import greenroom
+from greenroom.heap import freeze_startup_heap, thaw_heap
 from greenroom.replay.driver import replay
 from greenroom.replay.metrics import parse_slo
 from greenroom.replay.readers import FORMATS, TraceFormatError, detect_format
@@ -308,17 +309,23 @@ async def replay_with(client: Any, args: argparse.Namespace) -> int:
         "slo": None if slo is None else {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
         "greenroom_version": greenroom.__version__,
     }
-    report = await replay(
-        requests,
-        client,
-        time_scale=args.time_scale,
-        duration_s=args.duration,
-        max_concurrency=args.max_concurrency,
-        slo=slo,
-        progress=not args.quiet,
-        run_info=run_info,
-        report_on_cancel=True,
-    )
+    # the trace's requests and everything loaded so far are never walked by a collection:
+    # a full collection's pause would show up in the latencies this process measures
+    freeze_startup_heap()
+    try:
+        report = await replay(
+            requests,
+            client,
+            time_scale=args.time_scale,
+            duration_s=args.duration,
+            max_concurrency=args.max_concurrency,
+            slo=slo,
+            progress=not args.quiet,
+            run_info=run_info,
+            report_on_cancel=True,
+        )
+    finally:
+        thaw_heap()
     written = write_report(report, args.out)
     if not args.no_plots:
         from greenroom.replay.plots import write_plots
