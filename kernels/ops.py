@@ -27,6 +27,7 @@ KERNELS = (
     "fused_add_rms_norm",
     "rms_norm",
     "apply_rotary",
+    "rotary_write_kv",
     "silu_and_mul",
 )
 
@@ -164,6 +165,15 @@ def apply_rotary(q, k, positions, cos_sin_cache) -> tuple[torch.Tensor, torch.Te
     return implementation("apply_rotary", q.device)(q, k, positions, cos_sin_cache)
 
 
+def rotary_write_kv(
+    q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping
+) -> torch.Tensor:
+    """``apply_rotary`` and ``write_kv_cache`` in one pass (rotary over the whole head
+    dimension): rotated k and v go to their slots, the rotated q is returned."""
+    fn = implementation("rotary_write_kv", q.device)
+    return fn(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+
+
 __all__ = [
     "KERNELS",
     "active_backends",
@@ -176,6 +186,7 @@ __all__ = [
     "paged_prefill_attention",
     "register",
     "rms_norm",
+    "rotary_write_kv",
     "set_backend",
     "silu_and_mul",
     "write_kv_cache",

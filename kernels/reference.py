@@ -219,6 +219,23 @@ def apply_rotary(
     return rotate(q), rotate(k)
 
 
+def rotary_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """``apply_rotary`` then ``write_kv_cache`` of the rotated k and of v at ``slot_mapping``;
+    returns the rotated q."""
+    q, k = apply_rotary(q, k, positions, cos_sin_cache)
+    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
 __all__ = [
     "apply_rotary",
     "fused_add_rms_norm",
@@ -227,6 +244,7 @@ __all__ = [
     "paged_decode_attention_partial",
     "paged_prefill_attention",
     "rms_norm",
+    "rotary_write_kv",
     "silu_and_mul",
     "write_kv_cache",
 ]

@@ -76,9 +76,14 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1)
+    if HEADS_FIRST:  # a request's kv heads are launched next to each other
+        kvh = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+    else:
+        b = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + b)
     first = tl.maximum(ctx - window, 0)  # the first position the query sees
@@ -167,10 +172,12 @@ def _available_sms(device: torch.device) -> int:
 
 def _default_launch(batch: int, num_kv_heads: int, device: torch.device) -> dict[str, int]:
     # Measured on an H200 (bench_kernels --tune): with fewer (request, kv head) programs than
-    # SMs, longer tiles and more warps keep enough loads in flight per SM.
+    # SMs, longer tiles and more warps keep enough loads in flight per SM; with many, a
+    # request's kv heads launched side by side read whole KV blocks together (0.957 -> 0.973
+    # of the copy bandwidth at 414 requests x 1500 tokens, 0.969 -> 0.989 at 256 x 1500).
     if device.type == "cuda" and batch * num_kv_heads < _available_sms(device):
-        return dict(block_n=128, num_warps=8, num_stages=3)
-    return dict(block_n=64, num_warps=4, num_stages=3)
+        return dict(block_n=128, num_warps=8, num_stages=3, heads_first=0)
+    return dict(block_n=64, num_warps=4, num_stages=3, heads_first=1)
 
 
 def _launch(
@@ -187,7 +194,10 @@ def _launch(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    heads_first: int | None = None,
 ) -> None:
+    """``heads_first``: launch a request's kv heads next to each other (grid axis 0), so the
+    programs running together read whole KV blocks rather than one head's slices of many."""
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     group = num_q_heads // num_kv_heads
@@ -196,7 +206,9 @@ def _launch(
     default = _default_launch(batch, num_kv_heads, q.device)
     if fp32:  # fp32 tiles are twice the bytes: halve them
         default["block_n"] //= 2
-    _decode_kernel[(batch, num_kv_heads, num_splits)](
+    first = default["heads_first"] if heads_first is None else heads_first
+    grid = (num_kv_heads, batch, num_splits) if first else (batch, num_kv_heads, num_splits)
+    _decode_kernel[grid](
         q,
         k_cache,
         v_cache,
@@ -229,6 +241,7 @@ def _launch(
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         WRITE_LSE=lse is not None,
         DOT_PRECISION="ieee" if fp32 else "tf32",
+        HEADS_FIRST=bool(first),
         num_warps=num_warps or default["num_warps"],
         num_stages=num_stages or (default["num_stages"] if q.is_cuda else 1),
     )

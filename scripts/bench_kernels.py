@@ -17,6 +17,7 @@ On CPU the torch references run on tiny shapes (the Triton kernels need a GPU th
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -98,7 +99,7 @@ def decode_sweep(args, device, dtype, copy_bw, impl) -> list[dict]:
                 batch=batch, context=context, us=seconds * 1e6, GBps=io_bytes / seconds / 1e9
             )
             row["ratio"] = io_bytes / seconds / copy_bw
-            if args.tune and device.type == "cuda" and batch >= 16 and context >= 4096:
+            if args.tune and device.type == "cuda" and batch >= 16 and context >= 1024:
                 row |= tune_decode(run, io_bytes, copy_bw, device, batch)
             rows.append(row)
             log(f"decode B={batch:4d} ctx={context:6d} {row['us']:9.1f} us {row['GBps']:8.1f} GB/s "
@@ -114,6 +115,9 @@ DECODE_CONFIGS = [
     (128, 4, 2),
     (128, 8, 3),
     (32, 4, 4),
+    (32, 2, 4),
+    (64, 4, 4),
+    (128, 4, 3),
 ]
 
 
@@ -122,12 +126,15 @@ def tune_decode(run, io_bytes, copy_bw, device, batch) -> dict:
 
     base = choose_num_splits(batch, HKV, 1 << 30, device)
     best: tuple[float, str] = (0.0, "")
-    for block_n, warps, stages in DECODE_CONFIGS:
+    for (block_n, warps, stages), first in itertools.product(DECODE_CONFIGS, (0, 1)):
         for splits in sorted({max(1, base // 2), base, base * 2}):
-            call = partial(run, splits, block_n=block_n, num_warps=warps, num_stages=stages)
+            call = partial(
+                run, splits, block_n=block_n, num_warps=warps, num_stages=stages, heads_first=first
+            )
             seconds = bench(call, device, 30)
             ratio = io_bytes / seconds / copy_bw
-            best = max(best, (ratio, f"n{block_n}w{warps}s{stages}x{splits}"))
+            name = f"n{block_n}w{warps}s{stages}x{splits}" + ("h" if first else "")
+            best = max(best, (ratio, name))
     return {"best_ratio": best[0], "best": best[1]}
 
 

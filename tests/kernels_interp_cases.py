@@ -25,6 +25,7 @@ from greenroom.kernels.triton_merge_attn_states import merge_attn_states  # noqa
 from greenroom.kernels.triton_prefill_attention import paged_prefill_attention  # noqa: E402
 from greenroom.kernels.triton_rms_norm import fused_add_rms_norm, rms_norm  # noqa: E402
 from greenroom.kernels.triton_rotary import apply_rotary  # noqa: E402
+from greenroom.kernels.triton_rotary_write_kv import rotary_write_kv  # noqa: E402
 from greenroom.kernels.triton_silu_and_mul import silu_and_mul  # noqa: E402
 
 TOL = 1e-4
@@ -46,7 +47,8 @@ def test_interpreter_mode_is_active():
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (8, 2), (8, 1)])
 @pytest.mark.parametrize("page", [4, 16])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_attention(num_q_heads, num_kv_heads, page, num_splits):
+@pytest.mark.parametrize("heads_first", [0, 1])
+def test_decode_attention(num_q_heads, num_kv_heads, page, num_splits, heads_first):
     context_lens = [0, 1, 2 * page + 3, 45]
     kv = inputs.make_paged_kv(context_lens, page, num_kv_heads, HEAD_DIM, torch.float32, "cpu")
     q = torch.randn(len(context_lens), num_q_heads, HEAD_DIM)
@@ -56,10 +58,14 @@ def test_decode_attention(num_q_heads, num_kv_heads, page, num_splits):
     ref_out, ref_lse = reference.paged_decode_attention_partial(q, k_ref, v_ref, *args)
 
     out = torch.full_like(q, float("nan"))
-    paged_decode_attention(q, kv.k_cache, kv.v_cache, *args, num_splits, out=out)
+    paged_decode_attention(
+        q, kv.k_cache, kv.v_cache, *args, num_splits, out=out, heads_first=heads_first
+    )
     assert inputs.rel_err(out, ref_out) <= TOL
 
-    out, lse = paged_decode_attention_partial(q, kv.k_cache, kv.v_cache, *args, num_splits)
+    out, lse = paged_decode_attention_partial(
+        q, kv.k_cache, kv.v_cache, *args, num_splits, heads_first=heads_first
+    )
     assert inputs.rel_err(out, ref_out) <= TOL
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert torch.isneginf(lse[0]).all() and torch.isneginf(ref_lse[0]).all()
@@ -264,6 +270,42 @@ def test_rotary():
     q_out, k_out = apply_rotary(q, k, positions, cache)
     q_ref, k_ref = reference.apply_rotary(q, k, positions, cache)
     assert inputs.rel_err(q_out, q_ref) <= TOL and inputs.rel_err(k_out, k_ref) <= TOL
+
+
+@pytest.mark.parametrize("page", [4, 16])
+def test_rotary_write_kv(page):
+    """The fused pass equals rotary then the KV write; rows with a negative slot write
+    nothing (their q is still rotated)."""
+    hq, hkv = 4, 2
+    kv = inputs.make_paged_kv([page + 2], page, hkv, HEAD_DIM, torch.float32, "cpu", extra_blocks=4)
+    slots = torch.tensor([page * 2 + 1, -1, page * 3, page * 2 + 2, page * 4 + page - 1])
+    n = len(slots)
+    qkv = torch.randn(n, (hq + 2 * hkv) * HEAD_DIM)
+    q, k, v = (t.view(n, -1, HEAD_DIM) for t in qkv.split([hq * HEAD_DIM, hkv * HEAD_DIM,
+                                                            hkv * HEAD_DIM], dim=-1))  # fmt: skip
+    positions = torch.tensor([0, 5, 17, 3, 30])
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+    cache = torch.cat([torch.outer(torch.arange(32).float(), inv_freq).cos(),
+                       torch.outer(torch.arange(32).float(), inv_freq).sin()], dim=-1)  # fmt: skip
+    expected = kv.pool.clone()
+    keep = slots >= 0
+    q_ref, k_ref = reference.apply_rotary(q, k, positions, cache)
+    reference.write_kv_cache(
+        k_ref[keep], v[keep], expected[:, 1, 0], expected[:, 1, 1], slots[keep]
+    )
+    q_out = rotary_write_kv(q, k, v, positions, cache, kv.k_cache, kv.v_cache, slots)
+    assert inputs.rel_err(q_out, q_ref) <= TOL
+    torch.testing.assert_close(
+        kv.pool.nan_to_num(7.0), expected.nan_to_num(7.0), rtol=TOL, atol=TOL
+    )
+    # the reference is the same composition (rows with a slot only)
+    again = kv.pool.clone()
+    q_again = reference.rotary_write_kv(
+        q[keep], k[keep], v[keep], positions[keep], cache, again[:, 1, 0], again[:, 1, 1],
+        slots[keep],
+    )  # fmt: skip
+    assert inputs.rel_err(q_again, q_ref[keep]) <= TOL
+    torch.testing.assert_close(again.nan_to_num(7.0), expected.nan_to_num(7.0), rtol=TOL, atol=TOL)
 
 
 def test_silu_and_mul():

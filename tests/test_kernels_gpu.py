@@ -55,6 +55,10 @@ def test_decode_attention(dtype, num_q_heads, num_kv_heads, num_splits):
 
     out = paged_decode_attention(q, kv.k_cache, kv.v_cache, *args, num_splits, out=_nan_like(q))
     _check(out, ref_out, dtype)
+    out = paged_decode_attention(
+        q, kv.k_cache, kv.v_cache, *args, num_splits, out=_nan_like(q), heads_first=1
+    )
+    _check(out, ref_out, dtype)
     part_out = _nan_like(q, torch.float32)
     part_lse = _nan_like(ref_lse)
     paged_decode_attention_partial(
@@ -224,6 +228,32 @@ def test_rotary(dtype):
     q_ref, k_ref = reference.apply_rotary(q, k, positions, cache)
     _check(q_out, q_ref, dtype)
     _check(k_out, k_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_write_kv(dtype):
+    """The fused pass stores exactly what the Triton rotary then the KV write store."""
+    from greenroom.kernels.triton_kv_cache import write_kv_cache
+    from greenroom.kernels.triton_rotary import apply_rotary
+    from greenroom.kernels.triton_rotary_write_kv import rotary_write_kv
+
+    kv = inputs.make_paged_kv([100, 2000], PAGE, 8, HEAD_DIM, dtype, "cuda", extra_blocks=200)
+    num_tokens, hq, hkv = 300, 32, 8
+    slots = torch.randperm(200 * PAGE, device="cuda")[:num_tokens] + (kv.pool.shape[0] - 200) * PAGE
+    slots[::10] = -1
+    qkv = torch.randn(num_tokens, (hq + 2 * hkv) * HEAD_DIM, device="cuda").to(dtype)
+    q, k, v = (t.view(num_tokens, -1, HEAD_DIM) for t in qkv.split([hq * HEAD_DIM, hkv * HEAD_DIM,
+                                                                     hkv * HEAD_DIM], dim=-1))  # fmt: skip
+    positions = torch.randint(0, 8192, (num_tokens,), device="cuda")
+    inv_freq = 1.0 / (500000 ** (torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM))
+    freqs = torch.outer(torch.arange(8192, device="cuda").float(), inv_freq)
+    cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    expected = kv.pool.clone()
+    q_ref, k_ref = apply_rotary(q, k, positions, cache)
+    write_kv_cache(k_ref, v, expected[:, 1, 0], expected[:, 1, 1], slots)
+    q_out = rotary_write_kv(q, k, v, positions, cache, kv.k_cache, kv.v_cache, slots)
+    assert torch.equal(q_out, q_ref)
+    assert torch.equal(kv.pool.nan_to_num(7.0), expected.nan_to_num(7.0))
 
 
 def test_ops_dispatch_uses_triton_on_cuda():

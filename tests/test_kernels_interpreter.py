@@ -29,6 +29,7 @@ GROUPS = [
     "test_write_kv_cache",
     "test_rms_norm",
     "test_rotary",
+    "test_rotary_write_kv",
     "test_silu_and_mul",
 ]
 

@@ -119,8 +119,12 @@ class LlamaModel:
         if layer.q_norm is not None:
             q = ops.rms_norm(q, layer.q_norm, arch.rms_norm_eps)
             k = ops.rms_norm(k, layer.k_norm, arch.rms_norm_eps)
+        k_cache, v_cache, slots = kv_pool[:, index, 0], kv_pool[:, index, 1], self._slots(batch)
+        if self.cos_sin.shape[-1] == arch.head_dim:  # rotary over the whole head: one pass
+            q = ops.rotary_write_kv(q, k, v, batch.positions, self.cos_sin, k_cache, v_cache, slots)
+            return q, residual
         q, k = ops.apply_rotary(q, k, batch.positions, self.cos_sin)
-        ops.write_kv_cache(k, v, kv_pool[:, index, 0], kv_pool[:, index, 1], self._slots(batch))
+        ops.write_kv_cache(k, v, k_cache, v_cache, slots)
         return q, residual
 
     def attend(
