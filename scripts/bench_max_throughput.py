@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from greenroom.bench.gpu_clocks import ClockSampler, smi_id
 from greenroom.bench.roofline import measure_ceilings, serving_roofline
 from greenroom.bench.serve import offline_throughput
 from greenroom.config import load_config
@@ -231,10 +232,18 @@ async def run_set(
 
     await engine.ask(EngineProfileQuery(reset=True, gpu_timing=args.gpu_timing), timeout=30)
     pauses, since = gc_pauses(), time.perf_counter()
-    if args.client == "process":
-        measured = await replay_in_process(address, requests, seed=len(requests))
-    else:
-        measured = await offline_throughput(client, requests)
+    clocks = (
+        ClockSampler(smi_id(torch.cuda.current_device())) if torch.cuda.is_available() else None
+    )
+    if clocks is not None:
+        clocks.start()
+    try:
+        if args.client == "process":
+            measured = await replay_in_process(address, requests, seed=len(requests))
+        else:
+            measured = await offline_throughput(client, requests)
+    finally:
+        summary = clocks.stop() if clocks is not None else None
     answer = await engine.ask(EngineProfileQuery(reset=True, steps=True), timeout=30)
     profile = answer.to_dict()
     gpu_s = [
@@ -255,6 +264,8 @@ async def run_set(
         "engine_profile": profile,
         # forwards' device time over the run's wall time (--gpu-timing)
         "gpu_busy_fraction": busy,
+        # the SM clock and power draw during the set (the ceilings were measured in bursts)
+        "gpu_clocks": summary.to_dict() if summary is not None else None,
         # collections in this process (frontend, scheduler, KV manager; the engine's own
         # process reports its in engine_profile.gc)
         "node_gc": pauses.summary(since),
