@@ -78,18 +78,32 @@ def _capture_prefill_graphs(cfg: NodeConfig, runner, ctx_stream) -> None:
     )
 
 
-def _compute_bound_tokens(cfg: NodeConfig, runner, ctx_stream) -> int:
-    """``sm_disagg.compute_bound_tokens``, measured on the context partition when the config
-    leaves it 0 under adaptive routing (0 stays 0 under fixed: no routing uses it)."""
+def _compute_bound_tokens(cfg: NodeConfig, runner, gen_stream) -> int:
+    """``sm_disagg.compute_bound_tokens``, measured when the config leaves it 0 under adaptive
+    routing (0 stays 0 under fixed: no routing uses it).
+
+    The knee that matters is that of the SMs the generation step runs on: a chunk shorter
+    than it rides in a decode step almost free (the step reads every weight anyway), a longer
+    one makes the step compute-bound and is better on the context engine. So it is measured on
+    every SM when the generation engine takes the whole GPU while the context engine is idle,
+    else on the generation partition. (The context partition's knee, about a third of the whole
+    GPU's, sent a third of OpenOrca's prompts to the context engine and lost to mixed mode:
+    BENCHMARKS.md, SM-level disaggregation, run 4.)"""
     sd = cfg.sm_disagg
     if sd.compute_bound_tokens > 0 or sd.policy != "adaptive":
         return sd.compute_bound_tokens
     from greenroom.models.compute_bound import measure_compute_bound_tokens
 
+    stream, where = gen_stream, "generation partition"
+    if sd.whole_gpu_when_idle and runner.device.type == "cuda":
+        import torch
+
+        stream, where = torch.cuda.Stream(runner.device), "whole GPU"
     tokens, _ = sm_disagg_budgets(cfg)
-    m = measure_compute_bound_tokens(runner, ctx_stream, max_tokens=tokens)
+    m = measure_compute_bound_tokens(runner, stream, max_tokens=tokens)
     log.info(
-        "compute-bound prompt length measured on the context partition",
+        "compute-bound prompt length measured where generation steps run",
+        on=where,
         compute_bound_tokens=m.tokens,
         prefill_tokens=m.sizes,
         prefill_ms=m.step_ms,
@@ -127,7 +141,7 @@ async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> tuple[dict[str, 
         )
         if cfg.sm_disagg.context_cuda_graphs:
             _capture_prefill_graphs(cfg, runner, ctx_stream)
-    threshold = _compute_bound_tokens(cfg, runner, ctx_stream)
+    threshold = _compute_bound_tokens(cfg, runner, gen_stream)
     handoffs, activity = HandoffEvents(), ContextActivity()
     placement = None
     if gen_stream is not None and cfg.sm_disagg.whole_gpu_when_idle:

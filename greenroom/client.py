@@ -295,6 +295,12 @@ class AsyncClient:
                     )
                     self._fail_all(ServerUnavailable(self._refused))
         finally:
+            # the monitor stops before its reader closes: a socket that closed later under
+            # a monitor with no reader would block a ZeroMQ thread of the shared context
+            # sending it the close event (every other socket of the process then stalls)
+            if self._sock is not None and not self._sock.closed:
+                with contextlib.suppress(zmq.ZMQError):
+                    self._sock.disable_monitor()
             monitor.close(linger=0)
 
     async def _wait_up(self, timeout: float) -> None:

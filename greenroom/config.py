@@ -167,8 +167,9 @@ class SMDisaggConfig(_Section):
     # (memory-bound) ones ride in the generation engine's step as in mixed mode; fixed: every
     # prompt goes to the context engine
     policy: Literal["adaptive", "fixed"] = "adaptive"
-    # the prompt length from which prefill on the context partition is compute-bound; 0:
-    # measured when the node starts (a ladder of prefill sizes on the context partition)
+    # the prompt length from which prefill in a generation step is compute-bound; 0: measured
+    # when the node starts (a ladder of prefill sizes on every SM when the generation engine
+    # takes the whole GPU while idle, else on the generation partition)
     compute_bound_tokens: NonNegInt = 0
     # the generation engine decodes on every SM while no context plan runs (a second set of
     # decode graphs on a whole-GPU stream), on its partition only while one does. "auto": on

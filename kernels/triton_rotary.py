@@ -37,6 +37,17 @@ def _rotate_heads(
 
 
 @triton.jit
+def _cos_sin(pos_ptr, cache_ptr, t, stride_cache, half, BLOCK_HALF: tl.constexpr):
+    """Token ``t``'s cos and sin rows [1, BLOCK_HALF] (fp32) from the cache at its position."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)[None, :]
+    cmask = d < half
+    cos = tl.load(cache_ptr + pos * stride_cache + d, mask=cmask, other=0.0).to(tl.float32)
+    sin = tl.load(cache_ptr + pos * stride_cache + half + d, mask=cmask, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr,
     k_ptr,
@@ -61,11 +72,7 @@ def _rotary_kernel(
     BLOCK_HALF: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    d = tl.arange(0, BLOCK_HALF)[None, :]
-    cmask = d < half
-    cos = tl.load(cache_ptr + pos * stride_cache + d, mask=cmask, other=0.0).to(tl.float32)
-    sin = tl.load(cache_ptr + pos * stride_cache + half + d, mask=cmask, other=0.0).to(tl.float32)
+    cos, sin = _cos_sin(pos_ptr, cache_ptr, t, stride_cache, half, BLOCK_HALF)
     _rotate_heads(
         q_ptr, q_out_ptr, stride_qt, stride_qh, stride_qot, stride_qoh,
         t, cos, sin, num_q_heads, half, BLOCK_HQ, BLOCK_HALF,

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from greenroom.kernels.triton_rotary import _rotate_heads
+from greenroom.kernels.triton_rotary import _cos_sin, _rotate_heads
 
 
 @triton.jit
@@ -48,11 +48,7 @@ def _rotary_write_kv_kernel(
     BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    d = tl.arange(0, BLOCK_HALF)[None, :]
-    cmask = d < half
-    cos = tl.load(cache_ptr + pos * stride_cache + d, mask=cmask, other=0.0).to(tl.float32)
-    sin = tl.load(cache_ptr + pos * stride_cache + half + d, mask=cmask, other=0.0).to(tl.float32)
+    cos, sin = _cos_sin(pos_ptr, cache_ptr, t, stride_cache, half, BLOCK_HALF)
     _rotate_heads(
         q_ptr, q_out_ptr, stride_qt, stride_qh, stride_qot, stride_qoh,
         t, cos, sin, num_q_heads, half, BLOCK_HQ, BLOCK_HALF,

@@ -1,11 +1,11 @@
-"""The prompt length from which prefill is compute-bound: measured on the context partition.
+"""The prompt length from which prefill is compute-bound: measured where generation steps run.
 
 A prefill step reads every weight once whatever its length, so up to some number of tokens
 its time barely grows (memory-bound: a short prompt pays a whole weight read); past it the
 matmuls dominate and the time grows linearly with the tokens (compute-bound). Adaptive SM
 disaggregation sends prompts from that knee on to the context engine and lets shorter ones
 ride in the generation step. ``knee_tokens`` finds the knee in a ladder of timings (pure);
-``measure_compute_bound_tokens`` times the ladder on a runner, on the context stream.
+``measure_compute_bound_tokens`` times the ladder on a runner, on a given stream.
 """
 
 from __future__ import annotations
