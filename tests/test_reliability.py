@@ -323,6 +323,35 @@ async def test_open_streams_fail_within_seconds_when_the_server_goes_away() -> N
         await node.stop()
 
 
+async def test_a_client_stops_its_monitor_before_the_monitor_reader_closes() -> None:
+    """A socket closed under a monitor whose reader is gone blocks a ZeroMQ thread of the
+    shared context sending it the close event, and every later socket of the process stalls:
+    the monitor task, however it ends, disables the monitor before closing its reader."""
+    node = await Node.start(node_config())
+    client = AsyncClient(node.address, timeout=60)
+    await client.start()
+    try:
+        sock, order = client._sock, []
+        assert sock is not None and client._monitor is not None
+        disable = sock.disable_monitor
+        sock.disable_monitor = lambda: (order.append("disabled"), disable())[1]
+        # the reader side closes in the task's finally: record when
+        frame = client._monitor.get_coro().cr_frame
+        monitor = frame.f_locals["monitor"] if frame is not None else None
+        assert monitor is not None
+        close = monitor.close
+        monitor.close = lambda linger=None: (order.append("reader closed"), close(linger=linger))[1]
+        client._monitor.cancel()  # as when a client vanishes mid-stream
+        with contextlib.suppress(asyncio.CancelledError):
+            await client._monitor
+        assert order == ["disabled", "reader closed"]
+        # the connection still serves: the socket itself is untouched
+        assert await client.generate([1, 2, 3], SamplingParams(max_tokens=2))
+    finally:
+        await client.close()
+        await node.stop()
+
+
 # ---------------------------------------------------------------------- 8. restart limit, 9. clean stop
 
 
