@@ -9,7 +9,9 @@ Two request sets, in the form engines are compared by:
 Every output runs to its length (EOS ignored), greedy. The roofline (greenroom.bench.roofline)
 is prefill FLOPs at the matmul rate plus every decode step's weight read and every token's KV
 read at the copy bandwidth, both ceilings measured in this run on this device. The node's
-engine step timeline (greenroom.actors.step_profile) is reported per set.
+engine step timeline (greenroom.actors.step_profile) is reported per set, and on a GPU the SM
+clock and power draw during it (``gpu_clocks``, greenroom.bench.gpu_clocks): the ceilings are
+measured in bursts, at a clock a long run at the board's power limit may not hold.
 
 GPU (default when CUDA is present): random bf16 weights of --model (Llama-3.1-8B shape) made
 on the device. --quick: the small preset on CPU with a small pool and short requests (< 60 s).
