@@ -19,6 +19,7 @@ from functools import partial
 from greenroom.actors import ActorRef, Supervisor
 from greenroom.actors.engine import Engine, HandoffEvents
 from greenroom.actors.placement import ContextActivity, GenerationPlacement
+from greenroom.actors.scheduling.routing import routing_threshold
 from greenroom.config import NodeConfig, sm_disagg_budgets
 from greenroom.logging import get_logger
 
@@ -82,13 +83,15 @@ def _compute_bound_tokens(cfg: NodeConfig, runner, gen_stream) -> int:
     """``sm_disagg.compute_bound_tokens``, measured when the config leaves it 0 under adaptive
     routing (0 stays 0 under fixed: no routing uses it).
 
-    The knee that matters is that of the SMs the generation step runs on: a chunk shorter
-    than it rides in a decode step almost free (the step reads every weight anyway), a longer
-    one makes the step compute-bound and is better on the context engine. So it is measured on
-    every SM when the generation engine takes the whole GPU while the context engine is idle,
-    else on the generation partition. (The context partition's knee, about a third of the whole
-    GPU's, sent a third of OpenOrca's prompts to the context engine and lost to mixed mode:
-    BENCHMARKS.md, SM-level disaggregation, run 4.)"""
+    The knee that matters is that of the SMs the generation step runs on: up to it a chunk
+    rides in a decode step almost free (the step reads every weight anyway); past it the step
+    grows linearly with the chunk. So it is measured on every SM when the generation engine
+    takes the whole GPU while the context engine is idle, else on the generation partition.
+    The threshold is ``ride_knee_multiple`` knees: a context plan slows every decode step for
+    its whole run on fewer SMs, so riding stays cheaper a while past the knee. (The context
+    partition's knee, about a third of the whole GPU's, and the whole GPU's knee alone both
+    sent a third of OpenOrca's prompts to the context engine and lost to mixed mode:
+    BENCHMARKS.md, SM-level disaggregation, runs 4 and 5.)"""
     sd = cfg.sm_disagg
     if sd.compute_bound_tokens > 0 or sd.policy != "adaptive":
         return sd.compute_bound_tokens
@@ -101,15 +104,18 @@ def _compute_bound_tokens(cfg: NodeConfig, runner, gen_stream) -> int:
         stream, where = torch.cuda.Stream(runner.device), "whole GPU"
     tokens, _ = sm_disagg_budgets(cfg)
     m = measure_compute_bound_tokens(runner, stream, max_tokens=tokens)
+    threshold = routing_threshold(m.tokens, sd.ride_knee_multiple)
     log.info(
-        "compute-bound prompt length measured where generation steps run",
+        "adaptive routing threshold measured where generation steps run",
         on=where,
-        compute_bound_tokens=m.tokens,
+        compute_bound_tokens=threshold,
+        knee_tokens=m.tokens,
+        ride_knee_multiple=sd.ride_knee_multiple,
         prefill_tokens=m.sizes,
         prefill_ms=m.step_ms,
         measure_s=m.seconds,
     )
-    return m.tokens
+    return threshold
 
 
 async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> tuple[dict[str, ActorRef], int]:

@@ -165,16 +165,28 @@ class StepProfile:
     def summary(self) -> dict:
         now = allocator_counters()
         allocator = {k: v - self._counters.get(k, 0) for k, v in now.items()}
+        intervals = step_intervals(self.steps)
         return {
-            "decode": _summarize([r for r in self.steps if r.decode_only]),
-            "other": _summarize([r for r in self.steps if not r.decode_only]),
+            "decode": _summarize([r for r in self.steps if r.decode_only], intervals[True]),
+            "other": _summarize([r for r in self.steps if not r.decode_only], intervals[False]),
             "allocator": allocator,
             "gc": gc_pauses().summary(self._since),
             "overlapped_steps": self.overlapped_steps,
         }
 
 
-def _summarize(rows: list[StepRecord]) -> dict:
+def step_intervals(steps: list[StepRecord]) -> dict[bool, list[float]]:
+    """Time (ms) from each step's end to the next one's, keyed by the later step's
+    ``decode_only``: how often an engine delivers tokens. With overlapped steps a step's wall
+    time also spans the launch of the one behind it, so it overstates the step; the interval
+    does not (its median skips the idle gaps between bursts of work)."""
+    out: dict[bool, list[float]] = {True: [], False: []}
+    for prev, cur in zip(steps, steps[1:], strict=False):
+        out[cur.decode_only].append((cur.end_s - prev.end_s) * 1e3)
+    return out
+
+
+def _summarize(rows: list[StepRecord], intervals: list[float] | None = None) -> dict:
     if not rows:
         return {"steps": 0}
     walls = [r.wall_ms for r in rows]
@@ -190,6 +202,8 @@ def _summarize(rows: list[StepRecord]) -> dict:
         "gap_ms_mean": round(statistics.fmean(gaps), 3) if gaps else None,
         "gap_ms_p50": round(statistics.median(gaps), 3) if gaps else None,
     }
+    if intervals:
+        out["interval_ms_p50"] = round(statistics.median(intervals), 3)
     if gpus:
         out["forward_gpu_ms_mean"] = round(statistics.fmean(gpus), 3)
         out["forward_gpu_s_total"] = round(sum(gpus) / 1e3, 3)
@@ -203,4 +217,11 @@ def _summarize(rows: list[StepRecord]) -> dict:
     return out
 
 
-__all__ = ["EngineProfile", "EngineProfileQuery", "StepProfile", "StepRecord", "allocator_counters"]
+__all__ = [
+    "EngineProfile",
+    "EngineProfileQuery",
+    "StepProfile",
+    "StepRecord",
+    "allocator_counters",
+    "step_intervals",
+]

@@ -18,6 +18,7 @@ import yaml
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 Fraction = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+AtLeastOne = Annotated[float, msgspec.Meta(ge=1.0)]
 OpenFraction = Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)]
 Priority = Annotated[int, msgspec.Meta(ge=0, le=100)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -167,10 +168,17 @@ class SMDisaggConfig(_Section):
     # (memory-bound) ones ride in the generation engine's step as in mixed mode; fixed: every
     # prompt goes to the context engine
     policy: Literal["adaptive", "fixed"] = "adaptive"
-    # the prompt length from which prefill in a generation step is compute-bound; 0: measured
-    # when the node starts (a ladder of prefill sizes on every SM when the generation engine
-    # takes the whole GPU while idle, else on the generation partition)
+    # the routing threshold: prompts of at least this many tokens go to the context engine;
+    # 0: measured when the node starts, ride_knee_multiple times the knee of a ladder of
+    # prefill sizes (where step time starts growing linearly with tokens), timed on every SM
+    # when the generation engine takes the whole GPU while idle, else on its partition
     compute_bound_tokens: NonNegInt = 0
+    # a measured threshold is this many knees: a chunk of a few knees makes a whole-GPU step a
+    # few decode steps long, which still costs the decoders less than a context plan that
+    # slows every decode step for its whole (longer) run on fewer SMs. On an H200 (8B shape,
+    # OpenOrca at 32 req/s) 1 knee (128 tokens) lost 6% tokens/s per user to mixed mode with
+    # 3x its TTFT p99, 4 and 8 knees matched it, 8 with the lower TTFT (BENCHMARKS.md)
+    ride_knee_multiple: AtLeastOne = 8.0
     # the generation engine decodes on every SM while no context plan runs (a second set of
     # decode graphs on a whole-GPU stream), on its partition only while one does. "auto": on
     # under policy adaptive, off under fixed (on an H200, 8B shape, OpenOrca, fixed routing

@@ -89,7 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="of mixed, fixed, adaptive (SM modes); adaptive:N routes at N tokens instead of "
         "--compute-bound-tokens (several sweep the threshold)",
     )
-    ap.add_argument("--sm-percents", default="0.3", help="context SM shares of the SM modes")
+    ap.add_argument(
+        "--sm-percents",
+        default="0.5",
+        help="context SM shares of the SM modes (default: sm_disagg.context_sm_percent)",
+    )
     ap.add_argument(
         "--compute-bound-tokens",
         type=int,

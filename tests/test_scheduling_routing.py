@@ -12,6 +12,7 @@ from greenroom.actors.scheduling.routing import (
     Waiting,
     compute_bound_tokens,
     route_prompts,
+    routing_threshold,
 )
 
 
@@ -23,6 +24,15 @@ def test_threshold_is_where_matmul_time_reaches_one_weight_read() -> None:
     assert n * 1.4e10 / (760e12 * 40 / 132) == pytest.approx(16.06e9 / 4.2e12, rel=0.02)
     with pytest.raises(ValueError):
         compute_bound_tokens(0, 1, 1, 1)
+
+
+def test_measured_threshold_is_a_multiple_of_the_knee() -> None:
+    assert routing_threshold(128, 8.0) == 1024
+    assert routing_threshold(128, 1.0) == 128  # the knee itself
+    assert routing_threshold(100, 2.5) == 250
+    for knee, multiple in ((0, 8.0), (128, 0.5)):
+        with pytest.raises(ValueError, match="invalid"):
+            routing_threshold(knee, multiple)
 
 
 def test_fixed_sends_every_prompt_to_the_context_engine() -> None:

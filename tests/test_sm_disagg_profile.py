@@ -115,3 +115,34 @@ def test_user_speed_ceiling_is_mixed_tpot_over_its_decode_only_step() -> None:
     assert row["user_speedup_ceiling"] == 1.25  # (1000 / 8 ms) / 100 tok/s
     assert row["steps_with_prefill_share"] == 0.25
     assert user_speed_ceiling(point, {"other": {"steps": 3, "wall_ms_mean": 9.0}}) is None
+
+
+def test_ceiling_reads_the_step_interval_of_overlapped_steps() -> None:
+    """An overlapped step's wall time spans the next one's launch (about two intervals): the
+    ceiling reads how often a decode step delivers tokens instead."""
+    from greenroom.bench.sm_disagg import Point, user_speed_ceiling
+
+    point = Point("mixed", "openorca", 64.0, 300, 0, 10.0, 6000.0, 100.0, 10.0, 30.0, 200.0, 20.0)
+    profile = {"decode": {"steps": 10, "wall_ms_mean": 16.0, "interval_ms_p50": 8.0}}
+    assert user_speed_ceiling(point, profile)["user_speedup_ceiling"] == 1.25
+
+
+def test_step_intervals_follow_step_ends() -> None:
+    from greenroom.actors.step_profile import StepRecord, step_intervals
+
+    def rec(end_s: float, decode_only: bool) -> StepRecord:
+        return StepRecord(end_s, 20.0, 0.0, None, 4, 4, decode_only, {})
+
+    # decode every 8 ms, a prefill step 30 ms after its predecessor, then one idle gap of 1 s
+    ends = [(0.0, True), (0.008, True), (0.016, True), (0.046, False), (0.054, True),
+            (1.054, True), (1.062, True)]  # fmt: skip
+    steps = [rec(t, d) for t, d in ends]
+    iv = step_intervals(steps)
+    assert iv[False] == pytest.approx([30.0])
+    assert sorted(iv[True]) == pytest.approx([8.0, 8.0, 8.0, 8.0, 1000.0])
+    p = StepProfile()
+    p.steps.extend(steps)
+    s = p.summary()
+    assert s["decode"]["interval_ms_p50"] == pytest.approx(8.0)  # the idle gap does not count
+    assert s["other"]["interval_ms_p50"] == pytest.approx(30.0)
+    assert "interval_ms_p50" not in StepProfile().summary()["decode"]

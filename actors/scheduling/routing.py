@@ -32,6 +32,23 @@ def compute_bound_tokens(
     return max(1, round(weight_bytes * partition_flops_per_s / (bytes_per_s * flops_per_token)))
 
 
+def routing_threshold(knee_tokens: int, ride_knee_multiple: float) -> int:
+    """The adaptive routing threshold from a measured knee: ``ride_knee_multiple`` knees.
+
+    Up to the knee a chunk in a generation step rides on the weight read the decode step makes
+    anyway; past it the step grows by the chunk's matmul time. Sending the prompt to the
+    context engine instead slows every decode step by the partition's share for the prefill's
+    whole run there, which is several times longer on a fraction of the SMs; so riding stays
+    the cheaper way for decoders (and the faster one for the prompt's first token) a few knees
+    past the knee."""
+    if knee_tokens < 1 or ride_knee_multiple < 1.0:
+        raise ValueError(
+            f"knee {knee_tokens} and multiple {ride_knee_multiple} are invalid: "
+            "a positive knee and a multiple of at least 1"
+        )
+    return max(1, round(knee_tokens * ride_knee_multiple))
+
+
 @dataclass(frozen=True, slots=True)
 class PromptRouting:
     """How the scheduler splits prompts between the two SM-disaggregation flows:
@@ -117,4 +134,5 @@ __all__ = [
     "Waiting",
     "compute_bound_tokens",
     "route_prompts",
+    "routing_threshold",
 ]
