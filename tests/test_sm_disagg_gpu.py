@@ -69,7 +69,10 @@ async def test_adaptive_routing_on_partitions_keeps_greedy_outputs() -> None:
     mixed, _, _ = await serve(node_config(sm=False), requests)
     adaptive, node, stats = await serve(node_config(sm=True), requests)
     threshold = node.cfg.sm_disagg.compute_bound_tokens
-    assert 1 <= threshold <= 2 * 512  # measured: a ladder up to the context budget
+    # measured: ride_knee_multiple knees of a ladder from 16 tokens up to the context budget
+    # (a knee past the ladder reads as twice its largest size)
+    multiple = node.cfg.sm_disagg.ride_knee_multiple
+    assert 16 * multiple <= threshold <= 2 * 512 * multiple
     assert adaptive == mixed
     long = sum(1 for p, _ in requests if len(p) >= threshold)
     assert stats["handoffs"] >= long
