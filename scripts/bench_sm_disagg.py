@@ -31,6 +31,7 @@ from greenroom.bench.sm_disagg import (
     Mode,
     Point,
     adaptive_targets,
+    context_ttft_floor,
     mode_comparisons,
     node_overrides,
     parse_modes,
@@ -247,11 +248,17 @@ async def run_mode(mode: Mode, args, deadline: float, log) -> tuple[list[Point],
                     info.setdefault("skipped", []).append(f"{mix}@{rate:g}")
                     continue
                 await _profile(engines, gpu_timing=args.gpu_timing)  # reset: this point only
+                before = await node.scheduler_stats()
                 report = await replay(reqs, client)
                 p = point_from_report(mode.name, mix, rate, report)
                 points.append(p)
                 prof = await _profile(engines, gpu_timing=False)
                 profiles[f"{mix}@{rate:g}"] = prof
+                after = await node.scheduler_stats()
+                info.setdefault("routed_per_point", {})[f"{mix}@{rate:g}"] = {
+                    k: after.get(k, 0) - before.get(k, 0)
+                    for k in ("handoffs", "prompts_in_generation")
+                }
                 log(f"{mode.name:6s} {mix:13s} rate {rate:5.1f} steps: {json.dumps(prof)}")
                 log(
                     f"{mode.name:6s} {mix:13s} rate {rate:5.1f}: {p.output_tokens_per_s_per_gpu:7.0f} "
@@ -354,6 +361,7 @@ def summarize(args, points: list[Point], modes_info: list[dict]) -> dict:
         # every adaptive target judged and met (None: nothing could be judged)
         "targets_met": all(verdicts) if verdicts and None not in verdicts else None,
         "user_speedup_ceilings": ceilings(points, modes_info),
+        "context_ttft_floors": ttft_floors(points, modes_info),
         # requests that failed at any point: the comparisons cover fewer than were sent
         "lost_requests": sum(p.num_failed for p in points),
     }
@@ -367,6 +375,23 @@ def ceilings(points: list[Point], modes_info: list[dict]) -> list[dict]:
     for p in points:
         prof = profiles.get(f"{p.mix}@{p.rate:g}", {}).get("mixed") if p.mode == "mixed" else None
         row = user_speed_ceiling(p, prof) if prof else None
+        if row is not None:
+            out.append(row)
+    return out
+
+
+def ttft_floors(points: list[Point], modes_info: list[dict]) -> list[dict]:
+    """Per SM point whose context engine prefilled prompts: the TTFT its speed alone implies
+    against mixed mode's TTFT p99 at the same mix and load (``context_ttft_floor``)."""
+    mixed = {(p.mix, p.rate): p for p in points if p.mode == "mixed"}
+    info = {m["mode"]: m for m in modes_info}
+    out = []
+    for p in points:
+        m, key = info.get(p.mode, {}), f"{p.mix}@{p.rate:g}"
+        prof = m.get("profiles", {}).get(key, {}).get("context")
+        prompts = m.get("routed_per_point", {}).get(key, {}).get("handoffs", 0)
+        base = mixed.get((p.mix, p.rate))
+        row = context_ttft_floor(p, prof, prompts, base) if prof and base else None
         if row is not None:
             out.append(row)
     return out
@@ -388,6 +413,10 @@ def brief(result: dict) -> dict:
     out["user_speedup_ceilings"] = {
         f"{c['mix']}@{c['rate']:g}": c["user_speedup_ceiling"]
         for c in result["user_speedup_ceilings"]
+    }
+    out["context_ttft_floors"] = {
+        f"{c['mix']}@{c['rate']:g}/{c['mode']}": c["floor_over_mixed_p99"]
+        for c in result["context_ttft_floors"]
     }
     out["comparisons"] = {
         f"{mix}/{mode}": [

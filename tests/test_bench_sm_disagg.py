@@ -100,6 +100,10 @@ def test_quick_run_reports_every_mode_mix_and_target() -> None:
     assert out["routed"]["fixed50"]["prompts_in_generation"] == 0
     assert out["routed"]["adaptive50"]["prompts_in_generation"] > 0
     assert out["user_speedup_ceilings"] and out["targets_met"] in (True, False)
+    # fixed routing prefills every prompt on the context engine: a TTFT floor at every point
+    fixed_floors = {k: v for k, v in out["context_ttft_floors"].items() if k.endswith("/fixed50")}
+    assert {k.split("@")[0] for k in fixed_floors} == {"openorca", "long_context"}
+    assert all(v > 0 for v in fixed_floors.values())
 
 
 @pytest.mark.slow

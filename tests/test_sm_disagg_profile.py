@@ -146,3 +146,17 @@ def test_step_intervals_follow_step_ends() -> None:
     assert s["decode"]["interval_ms_p50"] == pytest.approx(8.0)  # the idle gap does not count
     assert s["other"]["interval_ms_p50"] == pytest.approx(30.0)
     assert "interval_ms_p50" not in StepProfile().summary()["decode"]
+
+
+def test_context_ttft_floor_is_busy_time_per_prompt_over_mixed_p99() -> None:
+    from greenroom.bench.sm_disagg import Point, context_ttft_floor
+
+    def point(mode: str, p99: float) -> Point:
+        return Point(mode, "long_context", 1.0, 8, 0, 50.0, 90.0, 40.0, 25.0, 900.0, p99, 30.0)
+
+    mixed, sm = point("mixed", 2000.0), point("adaptive50", 7600.0)
+    row = context_ttft_floor(sm, {"other": {"steps": 23, "wall_s_total": 26.4}}, 8, mixed)
+    assert row["floor_ms"] == 3300.0  # 26.4 s of context steps for 8 prompts
+    assert row["floor_over_mixed_p99"] == 1.65  # out of reach whatever the queueing
+    assert row["context_steps"] == 23 and row["mode"] == "adaptive50"
+    assert context_ttft_floor(sm, {"other": {"steps": 0}}, 0, mixed) is None

@@ -291,6 +291,34 @@ def user_speed_ceiling(mixed: Point, mixed_profile: dict) -> dict | None:
     }
 
 
+def context_ttft_floor(sm: Point, context_profile: dict, prompts: int, mixed: Point) -> dict | None:
+    """What the context engine's speed alone does to TTFT at an SM point.
+
+    A prompt's first token waits at least for the context steps that carry it; each step
+    carries one prompt or more, so the mean TTFT of the prompts it prefilled is at least its
+    busy time over their count (``floor_ms``), and TTFT p99 is at least the mean. A floor
+    above mixed mode's TTFT p99 (``floor_over_mixed_p99`` > 1) puts TTFT p99 <= 1.0x out of
+    reach at that SM share whatever the routing or the queueing; the rest of the gap up to
+    the measured p99 is queueing behind other prompts. ``prompts``: prompts the context engine
+    took at the point (handoffs)."""
+    other = context_profile.get("other", {})
+    busy_s = other.get("wall_s_total")
+    if not prompts or not busy_s or not mixed.ttft_p99_ms:
+        return None
+    floor_ms = busy_s * 1e3 / prompts
+    return {
+        "mix": sm.mix,
+        "rate": sm.rate,
+        "mode": sm.mode,
+        "context_prompts": prompts,
+        "context_steps": other.get("steps", 0),
+        "floor_ms": finite(floor_ms),
+        "ttft_p99_ms": finite(sm.ttft_p99_ms),
+        "mixed_ttft_p99_ms": finite(mixed.ttft_p99_ms),
+        "floor_over_mixed_p99": finite(floor_ms / mixed.ttft_p99_ms),
+    }
+
+
 def plot_pareto(points: Sequence[Point], path: str, title: str) -> None:
     """tokens/s per GPU against tokens/s per user, one line per mode (its Pareto front), the
     SM modes' joint front drawn bold."""
