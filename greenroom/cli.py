@@ -89,7 +89,7 @@ _NODE_FLAGS: list[tuple[Any, ...]] = [
         "sm_disagg.compute_bound_tokens",
         int,
         "with --sm-disagg adaptive: prompts of at least this many tokens go to the context "
-        "engine (0: measured at start)",
+        "engine (0: measured at start, sm_disagg.ride_knee_multiple times the prefill knee)",
     ),
     ("--http-port", "http.port", int, "OpenAI-compatible HTTP API port (0: pick a free one)"),
     ("--http-host", "http.host", str, "address the HTTP API binds", "ADDR"),
