@@ -78,7 +78,9 @@ def prompt_routing(cfg: NodeConfig) -> PromptRouting | None:
             "sm_disagg.compute_bound_tokens = 0 reached the scheduler: the node measures it "
             "at start (or set it in the config)"
         )
-    return PromptRouting(sd.policy, max(1, sd.compute_bound_tokens))
+    return PromptRouting(
+        sd.policy, max(1, sd.compute_bound_tokens), ride_when_idle=sd.ride_when_generation_idle
+    )
 
 
 def plans_limit(cfg: NodeConfig) -> int:

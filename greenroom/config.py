@@ -179,6 +179,10 @@ class SMDisaggConfig(_Section):
     # OpenOrca at 32 req/s) 1 knee (128 tokens) lost 6% tokens/s per user to mixed mode with
     # 3x its TTFT p99, 4 and 8 knees matched it, 8 with the lower TTFT (BENCHMARKS.md)
     ride_knee_multiple: AtLeastOne = 8.0
+    # adaptive: while the generation flow carries no request, a waiting prompt of any length
+    # that fits its step rides there (it delays no decode and gets more SMs than the context
+    # engine, or runs beside it instead of queueing behind it)
+    ride_when_generation_idle: bool = True
     # the generation engine decodes on every SM while no context plan runs (a second set of
     # decode graphs on a whole-GPU stream), on its partition only while one does. "auto": on
     # under policy adaptive, off under fixed (on an H200, 8B shape, OpenOrca, fixed routing

@@ -133,6 +133,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="on",
         help="the context engine's prefill CUDA graphs (sm_disagg.context_cuda_graphs)",
     )
+    ap.add_argument(
+        "--ride-when-idle",
+        choices=("on", "off"),
+        default="on",
+        help="adaptive: a prompt of any length rides while the generation flow carries nothing "
+        "(sm_disagg.ride_when_generation_idle)",
+    )
     ap.add_argument("--gil-switch-ms", type=float, default=0.0, help="0: Python's default")
     ap.add_argument("--out", default="sm_disagg_results.json")
     ap.add_argument("--plot", default="sm_disagg_pareto.png", help="'' for none")
@@ -185,6 +192,7 @@ def base_overrides(args: argparse.Namespace) -> dict:
         "scheduler.max_num_active_requests": args.max_batch_size,
         "sm_disagg.context_max_num_tokens": args.context_max_num_tokens,
         "sm_disagg.context_cuda_graphs": args.context_graphs == "on",
+        "sm_disagg.ride_when_generation_idle": args.ride_when_idle == "on",
         "sm_disagg.compute_bound_tokens": args.compute_bound_tokens,
     }
 

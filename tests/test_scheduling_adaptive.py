@@ -79,6 +79,26 @@ def test_a_long_prompt_never_rides_in_generation_even_when_the_context_engine_is
     sim.drained()
 
 
+def test_a_long_prompt_rides_while_the_generation_flow_carries_nothing():
+    routing = PromptRouting("adaptive", 10, ride_when_idle=True)
+    sim = Sim(two_flows(ctx=64, ctx_batch=4, gen=64, gen_batch=8), routing=routing)
+    sim.submit("L1", prompt(1, 30), max_tokens=3, ignore_eos=True)
+    sim.submit("L2", prompt(2, 20), max_tokens=3, ignore_eos=True)
+    gen = first_plan(sim, "generation")
+    ctx = first_plan(sim, "context")
+    # nothing to delay in the generation step: L1 rides whole; the step then carries it
+    assert [(s.request_id, s.num_tokens) for s in gen.steps] == [("L1", 30)]
+    assert [(s.request_id, s.num_tokens) for s in ctx.steps] == [("L2", 20)]
+    sim.run()
+    sim.submit("L3", prompt(3, 25), max_tokens=2, ignore_eos=True)  # idle again: rides
+    sim.run()
+    assert admitted_by(sim, "generation") == ["L1", "L3"]
+    assert admitted_by(sim, "context") == ["L2"]
+    for rid in sim.prompts:
+        assert (sim.tokens[rid], sim.final[rid]) == sim.expected(rid)
+    sim.drained()
+
+
 def test_fixed_policy_and_mixed_flow_admit_as_before():
     fixed = Sim(two_flows(), routing=PromptRouting("fixed", 1000))
     for i in range(4):
@@ -143,9 +163,10 @@ def test_adaptive_streams_what_mixed_mode_streams():
     ctx=st.tuples(st.integers(1, 24), st.integers(1, 4)),
     gen=st.tuples(st.integers(1, 24), st.integers(1, 6)),
     in_flight=st.integers(1, 3),
+    ride_idle=st.booleans(),
 )
 def test_random_interleavings_under_adaptive_routing(
-    data, num_blocks, cap, threshold, ctx, gen, in_flight
+    data, num_blocks, cap, threshold, ctx, gen, in_flight, ride_idle
 ):
     sim = Sim(
         two_flows(ctx[0], ctx[1], gen[0], gen[1]),
@@ -154,13 +175,14 @@ def test_random_interleavings_under_adaptive_routing(
         max_model_len=64,
         max_num_active_requests=cap,
         plans_in_flight=in_flight,
-        routing=adaptive(threshold),
+        routing=PromptRouting("adaptive", threshold, ride_when_idle=ride_idle),
     )
     lengths = run_random_interleaving(sim, data, num_blocks, in_flight)
-    # a prompt at or above the threshold is never prefilled in the generation flow
+    # a prompt at or above the threshold is never prefilled in the generation flow (unless
+    # it may ride while that flow is idle)
     sizes = {f"r{i}": n for i, (n, _) in enumerate(lengths)}
     for plan in sim.plans:
-        if plan.flow == "generation":
+        if plan.flow == "generation" and not ride_idle:
             assert all(
                 sizes[n.request_id] < threshold for n in plan.new if n.num_output_tokens == 0
             )

@@ -35,6 +35,24 @@ def test_measured_threshold_is_a_multiple_of_the_knee() -> None:
             routing_threshold(knee, multiple)
 
 
+def test_a_long_prompt_rides_while_the_generation_flow_carries_nothing() -> None:
+    prompts = [Waiting("L1", 3000), Waiting("L2", 400), Waiting("s1", 40)]
+    idle, busy = FlowRoom(4096, 64, running=0), FlowRoom(4000, 60, running=4)
+    r = route_prompts("adaptive", prompts, 100, FlowRoom(8192, 8), idle, ride_when_idle=True)
+    # the first prompt that fits rides; the step then carries it, so the next long one does not
+    assert r.generation == ["L1", "s1"] and r.context == ["L2"]
+    for gen, ride in ((busy, True), (idle, False)):
+        r = route_prompts("adaptive", prompts, 100, FlowRoom(8192, 8), gen, ride_when_idle=ride)
+        assert r.generation == ["s1"] and r.context == ["L1", "L2"]
+    # a prompt past the generation step's room goes to the context engine, the next may ride
+    r = route_prompts(
+        "adaptive", [Waiting("XL", 9000), *prompts[1:]], 100, FlowRoom(8192, 8), idle, True
+    )
+    assert r.context == ["XL"] and r.generation == ["L2", "s1"]
+    r = route_prompts("fixed", prompts, 100, FlowRoom(8192, 8), idle, ride_when_idle=True)
+    assert r.generation == []
+
+
 def test_fixed_sends_every_prompt_to_the_context_engine() -> None:
     prompts = [Waiting("a", 20), Waiting("b", 3000), Waiting("c", 10)]
     r = route_prompts("fixed", prompts, 100, FlowRoom(8192, 8), FlowRoom(512, 64))

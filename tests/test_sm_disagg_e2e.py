@@ -36,6 +36,8 @@ def node_config(sm: bool, **overrides):
         "sm_disagg.context_max_batch_size": 4,
         # every prompt through the context engine: these tests cover the handoff protocol
         "sm_disagg.policy": "fixed",
+        # adaptive tests route by the threshold alone unless they turn riding while idle on
+        "sm_disagg.ride_when_generation_idle": False,
         "log_level": "warning",
     }
     base.update(overrides)
@@ -107,15 +109,20 @@ async def test_greedy_outputs_equal_mixed_mode_under_concurrent_load(mixed_outpu
         await node.stop()
 
 
-@pytest.mark.parametrize("threshold", [40, 0])
+@pytest.mark.parametrize(("threshold", "ride_idle"), [(40, False), (0, False), (40, True)])
 async def test_adaptive_routing_keeps_greedy_outputs_under_concurrent_load(
-    mixed_outputs, threshold: int
+    mixed_outputs, threshold: int, ride_idle: bool
 ) -> None:
     """Short and long prompts interleaved: under ``adaptive`` those shorter than the threshold
     prefill inside generation steps, the others on the context engine and hand off; every
-    request streams what mixed mode streams. ``0``: the node measures the threshold."""
+    request streams what mixed mode streams. ``0``: the node measures the threshold.
+    ``ride_idle``: a long prompt may also ride while the generation flow carries nothing."""
     requests = workload()
-    routing = {"sm_disagg.policy": "adaptive", "sm_disagg.compute_bound_tokens": threshold}
+    routing = {
+        "sm_disagg.policy": "adaptive",
+        "sm_disagg.compute_bound_tokens": threshold,
+        "sm_disagg.ride_when_generation_idle": ride_idle,
+    }
     # a measured threshold is ride_knee_multiple knees; one knee keeps prompts of this
     # workload on both sides of it
     routing["sm_disagg.ride_knee_multiple"] = 1.0
@@ -128,13 +135,42 @@ async def test_adaptive_routing_keeps_greedy_outputs_under_concurrent_load(
             assert sum(deltas, []) == mixed_outputs[i], f"request {i}"
         stats = await node.scheduler_stats()
         long = [m for p, m in requests if len(p) >= measured]
-        # long prompts always hand off; a short one does only when decodes filled the
-        # generation step's room
-        assert stats["handoffs"] >= sum(1 for m in long if m > 1)
-        assert 1 <= stats["prompts_in_generation"] <= len(requests) - len(long)
         assert stats["prefill_tokens"] == sum(len(p) for p, _ in requests)
+        assert stats["prompts_in_generation"] >= 1
+        if not ride_idle:
+            # long prompts always hand off; a short one does only when decodes filled the
+            # generation step's room
+            assert stats["handoffs"] >= sum(1 for m in long if m > 1)
+            assert stats["prompts_in_generation"] <= len(requests) - len(long)
         await node.wait_blocks_free()
         assert (await node.scheduler_stats())["active"] == 0
+    finally:
+        await node.stop()
+
+
+@pytest.mark.parametrize("ride_idle", [True, False])
+async def test_a_long_prompt_rides_while_the_generation_flow_is_idle(ride_idle: bool) -> None:
+    """One prompt past the threshold on an idle node: with ``ride_when_generation_idle`` it
+    prefills in a generation step (nothing there to delay); without, on the context engine."""
+    prompt = [random.Random(3).randrange(1, 512) for _ in range(60)]
+    node = await Node.start(
+        node_config(
+            sm=True,
+            **{
+                "sm_disagg.policy": "adaptive",
+                "sm_disagg.compute_bound_tokens": 40,
+                "sm_disagg.ride_when_generation_idle": ride_idle,
+            },
+        )
+    )
+    try:
+        async with AsyncClient(node.address, timeout=60) as client:
+            out = await client.generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True))
+        assert len(out.token_ids) == 4
+        stats = await node.scheduler_stats()
+        assert (stats.get("prompts_in_generation", 0), stats.get("handoffs", 0)) == (
+            (1, 0) if ride_idle else (0, 1)
+        )
     finally:
         await node.stop()
 

@@ -27,15 +27,15 @@ def routed_flows(
 def flow_room(budget: FlowBudget, running: Iterable[Request]) -> FlowRoom:
     """What the next plan of ``budget``'s flow leaves for new prompts after its running
     requests (decodes and continuing chunks)."""
-    tokens, seqs = budget.max_num_tokens, budget.max_batch_size
+    tokens, seqs, carried = budget.max_num_tokens, budget.max_batch_size, 0
     for r in running:
         if r.flow != budget.name:
             continue
         if budget.decodes and r.can_decode():
-            tokens, seqs = tokens - 1, seqs - 1
+            tokens, seqs, carried = tokens - 1, seqs - 1, carried + 1
         elif r.state is RequestState.PREFILL and r.prompt_left > 0 and not r.waiting_for_kv:
-            tokens, seqs = tokens - r.prompt_left, seqs - 1
-    return FlowRoom(max(0, tokens), max(0, seqs))
+            tokens, seqs, carried = tokens - r.prompt_left, seqs - 1, carried + 1
+    return FlowRoom(max(0, tokens), max(0, seqs), carried)
 
 
 def routed_admissions(
@@ -66,6 +66,7 @@ def routed_admissions(
         routing.threshold_tokens,
         context,
         generation,
+        ride_when_idle=routing.ride_when_idle,
     )
     mine = set(routed.context if flow == "context" else routed.generation)
     return [r for r in candidates if r.request_id in mine]

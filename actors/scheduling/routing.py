@@ -56,6 +56,9 @@ class PromptRouting:
 
     policy: RoutingPolicy
     threshold_tokens: int
+    # a prompt of any length rides when the generation flow carries nothing else
+    # (``sm_disagg.ride_when_generation_idle``)
+    ride_when_idle: bool = False
 
     def __post_init__(self) -> None:
         if self.policy not in ("adaptive", "fixed"):
@@ -78,10 +81,12 @@ class Waiting:
 
 @dataclass(frozen=True, slots=True)
 class FlowRoom:
-    """What one plan of a flow can still take: prompt tokens and sequences."""
+    """What one plan of a flow can still take: prompt tokens and sequences; ``running``: the
+    requests (decodes, continuing chunks) its next plan carries already."""
 
     tokens: int
     seqs: int
+    running: int = 0
 
 
 @dataclass(slots=True)
@@ -97,25 +102,31 @@ def route_prompts(
     threshold_tokens: int,
     context: FlowRoom,
     generation: FlowRoom,
+    ride_when_idle: bool = False,
 ) -> Routing:
     """Route waiting prompts (FCFS) for one iteration of each flow.
 
-    ``threshold_tokens``: prompts with fewer tokens to compute are memory-bound (see
-    ``compute_bound_tokens``). A short prompt that does not fit the generation step's room goes
-    to the context flow if that has room rather than wait; a prompt waits only when neither
-    flow can take it whole. Each flow keeps the prompts' arrival order.
+    ``threshold_tokens``: prompts with fewer tokens to compute ride in the generation step
+    (see ``routing_threshold``). A short prompt that does not fit the generation step's room
+    goes to the context flow if that has room rather than wait; a prompt waits only when
+    neither flow can take it whole. ``ride_when_idle``: while the generation flow carries no
+    request, the first prompt that fits its room rides whatever its length: its step delays no
+    decode, and runs on more SMs than the context engine's (every SM while that is idle) or
+    beside it rather than queued behind it. Each flow keeps the prompts' arrival order.
     """
     if policy not in ("adaptive", "fixed"):
         raise ValueError(f"routing policy {policy!r} is invalid: adaptive or fixed")
     out = Routing()
     ctx_tokens, ctx_seqs = context.tokens, context.seqs
     gen_tokens, gen_seqs = generation.tokens, generation.seqs
+    gen_idle = policy == "adaptive" and ride_when_idle and generation.running == 0
     for p in prompts:
         short = policy == "adaptive" and p.tokens < threshold_tokens
-        if short and p.tokens <= gen_tokens and gen_seqs > 0:
+        if (short or gen_idle) and p.tokens <= gen_tokens and gen_seqs > 0:
             out.generation.append(p.request_id)
             gen_tokens -= p.tokens
             gen_seqs -= 1
+            gen_idle = False  # the step carries this prompt now
         elif ctx_seqs > 0 and (p.tokens <= ctx_tokens or ctx_tokens == context.tokens):
             # a prompt longer than the whole budget still starts alone (it is chunked)
             out.context.append(p.request_id)
