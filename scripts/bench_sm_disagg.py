@@ -136,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--ride-when-idle",
         choices=("on", "off"),
-        default="on",
+        default="off",
         help="adaptive: a prompt of any length rides while the generation flow carries nothing "
         "(sm_disagg.ride_when_generation_idle)",
     )

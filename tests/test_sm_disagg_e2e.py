@@ -36,8 +36,6 @@ def node_config(sm: bool, **overrides):
         "sm_disagg.context_max_batch_size": 4,
         # every prompt through the context engine: these tests cover the handoff protocol
         "sm_disagg.policy": "fixed",
-        # adaptive tests route by the threshold alone unless they turn riding while idle on
-        "sm_disagg.ride_when_generation_idle": False,
         "log_level": "warning",
     }
     base.update(overrides)
