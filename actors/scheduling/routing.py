@@ -5,9 +5,10 @@ A prompt whose prefill is memory-bound on the context partition pays a whole wei
 there, while inside a generation step it rides on the decode step's weight read almost free
 (measured on an H200 with Llama-2-70B shapes: 1-2 short prompts per context step of 83-157 ms
 on 40 SMs, against 28-55 ms for a mixed step carrying them). So under ``adaptive`` a prompt
-shorter than the compute-bound chunk size goes to the generation flow while its step has
-token room, and every other prompt goes to the context flow, which takes as many waiting
-prompts as its budget holds. ``fixed`` sends every prompt to the context flow.
+shorter than the routing threshold (``routing_threshold``: a few times the chunk size from
+which a whole-GPU step is compute-bound) goes to the generation flow while its step has token
+room, and every other prompt goes to the context flow, which takes as many waiting prompts as
+its budget holds. ``fixed`` sends every prompt to the context flow.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def routing_threshold(knee_tokens: int, ride_knee_multiple: float) -> int:
 @dataclass(frozen=True, slots=True)
 class PromptRouting:
     """How the scheduler splits prompts between the two SM-disaggregation flows:
-    ``threshold_tokens`` is the compute-bound chunk size (``sm_disagg.compute_bound_tokens``)."""
+    ``threshold_tokens`` is the routing threshold (``sm_disagg.compute_bound_tokens``)."""
 
     policy: RoutingPolicy
     threshold_tokens: int
