@@ -428,7 +428,16 @@ def brief(result: dict) -> dict:
     }
     out["comparisons"] = {
         f"{mix}/{mode}": [
-            {k: r[k] for k in ("rate", "compared_at", "user_speedup", "ttft_p99_ratio")}
+            {
+                k: r[k]
+                for k in (
+                    "rate",
+                    "compared_at",
+                    "user_speedup",
+                    "ttft_p99_ratio",
+                    "ttft_p99_ratio_interval90",
+                )
+            }
             for r in rows
         ]
         for mix, by_mode in result["comparisons"].items()

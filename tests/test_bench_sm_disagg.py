@@ -4,6 +4,7 @@ as pass/fail fields, and the --quick run (tiny model on CPU) with its JSON last 
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 
@@ -133,3 +134,34 @@ def test_points_past_the_budget_are_skipped_and_the_run_still_reports() -> None:
     assert out["points"] == [] and out["targets_met"] is None
     assert out["skipped"] == {"mixed": ["decode_heavy@40"], "adaptive50_t16": ["decode_heavy@40"]}
     assert out["compute_bound_tokens"] == {"adaptive50_t16": 16}
+
+
+def test_ttft_p99_ratio_interval_tells_noise_from_a_real_gap() -> None:
+    from greenroom.bench.sm_disagg import ttft_p99_ratio_interval
+
+    rng = random.Random(11)
+    mixed = [rng.lognormvariate(3.0, 0.3) for _ in range(200)]
+    same = [rng.lognormvariate(3.0, 0.3) for _ in range(200)]  # another run of one mode
+    slow = [2.0 * t for t in same]
+    lo, hi = ttft_p99_ratio_interval(same, mixed)
+    assert lo < 1.0 < hi  # a run of the same distribution: cannot be told apart
+    lo, hi = ttft_p99_ratio_interval(slow, mixed)
+    assert 1.3 < lo < hi  # twice the TTFT: clearly worse
+    assert ttft_p99_ratio_interval(same, mixed) == ttft_p99_ratio_interval(same, mixed)  # seeded
+    assert ttft_p99_ratio_interval(same[:10], mixed) is None
+
+
+def test_comparisons_carry_the_interval_at_equal_load() -> None:
+    from greenroom.bench.sm_disagg import compare_at_equal_throughput
+
+    def p(mode: str, ttfts: list[float]) -> Point:
+        return Point(mode, "openorca", 16.0, 100, 0, 10.0, 2000.0, 150.0, 6.6, 20.0,
+                     max(ttfts, default=30.0), 9.0, tuple(ttfts))  # fmt: skip
+
+    mixed = p("mixed", [20.0 + i % 7 for i in range(100)])
+    sm = p("adaptive50", [21.0 + i % 7 for i in range(100)])
+    (row,) = compare_at_equal_throughput([mixed], [sm], equal_load_fallback=True)
+    lo, hi = row["ttft_p99_ratio_interval90"]
+    assert lo <= row["ttft_p99_ratio"] <= hi
+    (row,) = compare_at_equal_throughput([mixed], [p("adaptive50", [])], equal_load_fallback=True)
+    assert row["ttft_p99_ratio_interval90"] is None

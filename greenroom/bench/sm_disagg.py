@@ -100,6 +100,8 @@ class Point:
     ttft_p50_ms: float | None
     ttft_p99_ms: float | None
     itl_p99_ms: float | None
+    # every request's TTFT (ms), for the p99 ratio's bootstrap interval
+    ttfts_ms: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,7 +124,34 @@ def point_from_report(
         ttft_p50_ms=report.ttft_ms.p50,
         ttft_p99_ms=report.ttft_ms.p99,
         itl_p99_ms=report.itl_ms.p99,
+        ttfts_ms=tuple(round(r.ttft_s * 1e3, 3) for r in report.records if r.ttft_s is not None),
     )
+
+
+def ttft_p99_ratio_interval(
+    sm_ms: Sequence[float],
+    mixed_ms: Sequence[float],
+    level: float = 0.9,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """A bootstrap interval of TTFT p99 (SM) over TTFT p99 (mixed): both request sets
+    resampled with replacement, the ratio's central ``level`` share. With a few hundred
+    requests a p99 is the second or third worst of them, so two runs of one mode differ by
+    more than a small ratio; an interval that holds 1.0 cannot tell the modes apart. None
+    with fewer than 20 requests on either side."""
+    import numpy as np
+
+    if min(len(sm_ms), len(mixed_ms)) < 20:
+        return None
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(sm_ms, dtype=np.float64), np.asarray(mixed_ms, dtype=np.float64)
+    ra = np.percentile(a[rng.integers(0, len(a), (resamples, len(a)))], 99, axis=1)
+    rb = np.percentile(b[rng.integers(0, len(b), (resamples, len(b)))], 99, axis=1)
+    ratios = ra / np.maximum(rb, 1e-9)
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(ratios, [tail, 100 - tail])
+    return round(float(lo), 3), round(float(hi), 3)
 
 
 def pareto_front(points: Sequence[Point]) -> list[Point]:
@@ -182,6 +211,10 @@ def compare_at_equal_throughput(
                 user, ttft, at = same.tokens_per_s_per_user, same.ttft_p99_ms, "equal_load"
         speedup = p.tokens_per_s_per_user / user if user and p.tokens_per_s_per_user else None
         ttft_ratio = p.ttft_p99_ms / ttft if ttft and p.ttft_p99_ms else None
+        # the interval reads the mixed point at the same load (an interpolated p99 has no
+        # requests of its own)
+        same_load = next((q for q in curve if q.rate == p.rate), None)
+        interval = ttft_p99_ratio_interval(p.ttfts_ms, same_load.ttfts_ms) if same_load else None
         out.append(
             {
                 "mode": p.mode,
@@ -195,6 +228,7 @@ def compare_at_equal_throughput(
                 "sm_ttft_p99_ms": p.ttft_p99_ms,
                 "mixed_ttft_p99_ms": ttft,
                 "ttft_p99_ratio": finite(ttft_ratio),
+                "ttft_p99_ratio_interval90": list(interval) if interval else None,
                 "meets_target": speedup is not None
                 and ttft_ratio is not None
                 and speedup >= min_speedup
