@@ -69,17 +69,17 @@ def flow_budgets(cfg: NodeConfig) -> list[FlowBudget]:
 
 def prompt_routing(cfg: NodeConfig) -> PromptRouting | None:
     """How prompts split between the SM-disaggregation flows; None in mixed mode. The node
-    fills ``sm_disagg.compute_bound_tokens`` with its measurement when the config leaves 0."""
+    fills ``sm_disagg.routing_threshold_tokens`` with its measurement when the config leaves 0."""
     sd = cfg.sm_disagg
     if not sd.enabled:
         return None
-    if sd.policy == "adaptive" and sd.compute_bound_tokens < 1:
+    if sd.policy == "adaptive" and sd.routing_threshold_tokens < 1:
         raise ValueError(
-            "sm_disagg.compute_bound_tokens = 0 reached the scheduler: the node measures it "
+            "sm_disagg.routing_threshold_tokens = 0 reached the scheduler: the node measures it "
             "at start (or set it in the config)"
         )
     return PromptRouting(
-        sd.policy, max(1, sd.compute_bound_tokens), ride_when_idle=sd.ride_when_generation_idle
+        sd.policy, max(1, sd.routing_threshold_tokens), ride_when_idle=sd.ride_when_generation_idle
     )
 
 

@@ -79,8 +79,8 @@ def _capture_prefill_graphs(cfg: NodeConfig, runner, ctx_stream) -> None:
     )
 
 
-def _compute_bound_tokens(cfg: NodeConfig, runner, gen_stream) -> int:
-    """``sm_disagg.compute_bound_tokens``, measured when the config leaves it 0 under adaptive
+def _routing_threshold_tokens(cfg: NodeConfig, runner, gen_stream) -> int:
+    """``sm_disagg.routing_threshold_tokens``, measured when the config leaves it 0 under adaptive
     routing (0 stays 0 under fixed: no routing uses it).
 
     The knee that matters is that of the SMs the generation step runs on: up to it a chunk
@@ -93,8 +93,8 @@ def _compute_bound_tokens(cfg: NodeConfig, runner, gen_stream) -> int:
     sent a third of OpenOrca's prompts to the context engine and lost to mixed mode:
     BENCHMARKS.md, SM-level disaggregation, runs 4 and 5.)"""
     sd = cfg.sm_disagg
-    if sd.compute_bound_tokens > 0 or sd.policy != "adaptive":
-        return sd.compute_bound_tokens
+    if sd.routing_threshold_tokens > 0 or sd.policy != "adaptive":
+        return sd.routing_threshold_tokens
     from greenroom.models.compute_bound import measure_compute_bound_tokens
 
     stream, where = gen_stream, "generation partition"
@@ -108,7 +108,7 @@ def _compute_bound_tokens(cfg: NodeConfig, runner, gen_stream) -> int:
     log.info(
         "adaptive routing threshold measured where generation steps run",
         on=where,
-        compute_bound_tokens=threshold,
+        routing_threshold_tokens=threshold,
         knee_tokens=m.tokens,
         ride_knee_multiple=sd.ride_knee_multiple,
         prefill_tokens=m.sizes,
@@ -147,7 +147,7 @@ async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> tuple[dict[str, 
         )
         if cfg.sm_disagg.context_cuda_graphs:
             _capture_prefill_graphs(cfg, runner, ctx_stream)
-    threshold = _compute_bound_tokens(cfg, runner, gen_stream)
+    threshold = _routing_threshold_tokens(cfg, runner, gen_stream)
     handoffs, activity = HandoffEvents(), ContextActivity()
     placement = None
     if gen_stream is not None and cfg.sm_disagg.whole_gpu_when_idle:

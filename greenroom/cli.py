@@ -85,8 +85,8 @@ _NODE_FLAGS: list[tuple[Any, ...]] = [
         "prompt on the context engine)",
     ),
     (
-        "--compute-bound-tokens",
-        "sm_disagg.compute_bound_tokens",
+        "--routing-threshold",
+        "sm_disagg.routing_threshold_tokens",
         int,
         "with --sm-disagg adaptive: prompts of at least this many tokens go to the context "
         "engine (0: measured at start, sm_disagg.ride_knee_multiple times the prefill knee)",

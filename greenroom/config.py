@@ -164,7 +164,7 @@ class SMDisaggConfig(_Section):
     # the context engine replays prefill CUDA graphs at padded token counts instead of
     # launching a few hundred kernels per step from Python (needs model.cuda_graphs)
     context_cuda_graphs: bool = True
-    # adaptive: prompts of at least compute_bound_tokens go to the context engine, shorter
+    # adaptive: prompts of at least routing_threshold_tokens go to the context engine, shorter
     # (memory-bound) ones ride in the generation engine's step as in mixed mode; fixed: every
     # prompt goes to the context engine
     policy: Literal["adaptive", "fixed"] = "adaptive"
@@ -172,7 +172,7 @@ class SMDisaggConfig(_Section):
     # 0: measured when the node starts, ride_knee_multiple times the knee of a ladder of
     # prefill sizes (where step time starts growing linearly with tokens), timed on every SM
     # when the generation engine takes the whole GPU while idle, else on its partition
-    compute_bound_tokens: NonNegInt = 0
+    routing_threshold_tokens: NonNegInt = 0
     # a measured threshold is this many knees: a chunk of a few knees makes a whole-GPU step a
     # few decode steps long, which still costs the decoders less than a context plan that
     # slows every decode step for its whole (longer) run on fewer SMs. On an H200 (8B shape,

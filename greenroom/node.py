@@ -295,7 +295,7 @@ async def _start_engines(
     cfg: NodeConfig, sup: Supervisor, resources: list
 ) -> tuple[dict[str, ActorRef], NodeConfig]:
     """The engines by flow, and the config with what starting them decided (SM
-    disaggregation: the measured ``sm_disagg.compute_bound_tokens``)."""
+    disaggregation: the measured ``sm_disagg.routing_threshold_tokens``)."""
     if cfg.parallel.world_size > 1:
         from greenroom.parallel.head import start_rank_group
 
@@ -316,7 +316,7 @@ async def _start_engines(
     from greenroom.actors.sm_engines import start_sm_engines
 
     engines, threshold = await start_sm_engines(cfg, sup)
-    sm = msgspec.structs.replace(cfg.sm_disagg, compute_bound_tokens=threshold)
+    sm = msgspec.structs.replace(cfg.sm_disagg, routing_threshold_tokens=threshold)
     return engines, msgspec.structs.replace(cfg, sm_disagg=sm)
 
 

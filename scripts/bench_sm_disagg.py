@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--modes",
         default="mixed,fixed,adaptive",
         help="of mixed, fixed, adaptive (SM modes); adaptive:N routes at N tokens instead of "
-        "--compute-bound-tokens (several sweep the threshold)",
+        "--routing-threshold (several sweep the threshold)",
     )
     ap.add_argument(
         "--sm-percents",
@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="context SM shares of the SM modes (default: sm_disagg.context_sm_percent)",
     )
     ap.add_argument(
-        "--compute-bound-tokens",
+        "--routing-threshold",
         type=int,
         default=0,
         help="adaptive routing threshold (0: the node measures it at start)",
@@ -193,7 +193,7 @@ def base_overrides(args: argparse.Namespace) -> dict:
         "sm_disagg.context_max_num_tokens": args.context_max_num_tokens,
         "sm_disagg.context_cuda_graphs": args.context_graphs == "on",
         "sm_disagg.ride_when_generation_idle": args.ride_when_idle == "on",
-        "sm_disagg.compute_bound_tokens": args.compute_bound_tokens,
+        "sm_disagg.routing_threshold_tokens": args.routing_threshold,
     }
 
 
@@ -275,7 +275,7 @@ async def run_mode(mode: Mode, args, deadline: float, log) -> tuple[list[Point],
                 )
         info["scheduler"] = await node.refs["scheduler"].ask(_stats_query(), timeout=10)
         if mode.sm_percent is not None:
-            info["compute_bound_tokens"] = node.cfg.sm_disagg.compute_bound_tokens
+            info["routing_threshold_tokens"] = node.cfg.sm_disagg.routing_threshold_tokens
     finally:
         await node.stop()
         del node
@@ -408,8 +408,10 @@ def ttft_floors(points: list[Point], modes_info: list[dict]) -> list[dict]:
 def brief(result: dict) -> dict:
     """The last line: verdicts, ratios and the points, without per-step profiles."""
     out = {k: result[k] for k in ("benchmark", "device", "model", "targets_met", "targets")}
-    out["compute_bound_tokens"] = {
-        m["mode"]: m["compute_bound_tokens"] for m in result["modes"] if "compute_bound_tokens" in m
+    out["routing_threshold_tokens"] = {
+        m["mode"]: m["routing_threshold_tokens"]
+        for m in result["modes"]
+        if "routing_threshold_tokens" in m
     }
     out["routed"] = {
         m["mode"]: {

@@ -20,9 +20,11 @@ def point(mode: str, mix: str, rate: float, tput: float, user: float, ttft: floa
 def test_modes_and_their_overrides() -> None:
     modes = parse_modes("mixed,fixed,adaptive,adaptive:512", "0.3")
     assert [m.name for m in modes] == ["mixed", "fixed30", "adaptive30", "adaptive30_t512"]
-    o = node_overrides(modes[3], {"sm_disagg.compute_bound_tokens": 0})
+    o = node_overrides(modes[3], {"sm_disagg.routing_threshold_tokens": 0})
     assert o["sm_disagg.enabled"] and o["sm_disagg.policy"] == "adaptive"
-    assert o["sm_disagg.compute_bound_tokens"] == 512 and o["sm_disagg.context_sm_percent"] == 0.3
+    assert (
+        o["sm_disagg.routing_threshold_tokens"] == 512 and o["sm_disagg.context_sm_percent"] == 0.3
+    )
     assert node_overrides(modes[0], {})["sm_disagg.enabled"] is False
     for bad in ("sm30", "fixed:12", "adaptive:x", ""):
         with pytest.raises(ValueError):
@@ -97,7 +99,7 @@ def test_quick_run_reports_every_mode_mix_and_target() -> None:
     assert set(out["comparisons"]) == {
         f"{x}/{m}" for x in ("openorca", "long_context") for m in ("fixed50", "adaptive50")
     }
-    assert out["compute_bound_tokens"]["adaptive50"] >= 1  # measured at start
+    assert out["routing_threshold_tokens"]["adaptive50"] >= 1  # measured at start
     assert out["routed"]["fixed50"]["prompts_in_generation"] == 0
     assert out["routed"]["adaptive50"]["prompts_in_generation"] > 0
     assert out["user_speedup_ceilings"] and out["targets_met"] in (True, False)
@@ -133,7 +135,7 @@ def test_points_past_the_budget_are_skipped_and_the_run_still_reports() -> None:
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["points"] == [] and out["targets_met"] is None
     assert out["skipped"] == {"mixed": ["decode_heavy@40"], "adaptive50_t16": ["decode_heavy@40"]}
-    assert out["compute_bound_tokens"] == {"adaptive50_t16": 16}
+    assert out["routing_threshold_tokens"] == {"adaptive50_t16": 16}
 
 
 def test_ttft_p99_ratio_interval_tells_noise_from_a_real_gap() -> None:

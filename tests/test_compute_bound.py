@@ -57,6 +57,6 @@ def test_measured_on_the_tiny_model_in_under_a_second():
     assert m.sizes == [8, 16, 32, 64][: len(m.sizes)] and len(m.sizes) >= 3
     assert len(m.step_ms) == len(m.sizes) and min(m.step_ms) > 0
     assert m.tokens == knee_tokens(m.sizes, m.step_ms)
-    with pytest.raises(ValueError, match="compute_bound_tokens"):
+    with pytest.raises(ValueError, match="routing_threshold_tokens"):
         tiny_pool = KVConfig(num_blocks=2, tokens_per_block=4)  # 4 usable tokens
         measure_compute_bound_tokens(ModelRunner(ModelConfig(device="cpu"), tiny_pool))

@@ -143,7 +143,7 @@ def test_unknown_names_in_a_file_name_the_valid_ones(tmp_path) -> None:
 
 def test_sm_disagg_routing_fields() -> None:
     sd = load_config(overrides={"sm_disagg.enabled": True}).sm_disagg
-    assert sd.policy == "adaptive" and sd.compute_bound_tokens == 0  # 0: measured at start
+    assert sd.policy == "adaptive" and sd.routing_threshold_tokens == 0  # 0: measured at start
     assert sd.generation_whole_gpu_when_idle == "auto" and sd.whole_gpu_when_idle
     fixed = load_config(overrides={"sm_disagg.policy": "fixed"}).sm_disagg
     assert not fixed.whole_gpu_when_idle
@@ -152,7 +152,9 @@ def test_sm_disagg_routing_fields() -> None:
     ).sm_disagg
     assert pinned.whole_gpu_when_idle
     assert (
-        load_config(overrides=["sm_disagg.compute_bound_tokens=512"]).sm_disagg.compute_bound_tokens
+        load_config(
+            overrides=["sm_disagg.routing_threshold_tokens=512"]
+        ).sm_disagg.routing_threshold_tokens
         == 512
     )
     assert sd.ride_knee_multiple == 8.0 and sd.ride_when_generation_idle is False
@@ -160,8 +162,8 @@ def test_sm_disagg_routing_fields() -> None:
         load_config(overrides={"sm_disagg.ride_knee_multiple": 0.5})
     with pytest.raises(ConfigError, match="sm_disagg.policy = 'auto' is invalid.*adaptive"):
         load_config(overrides={"sm_disagg.policy": "auto"})
-    with pytest.raises(ConfigError, match="sm_disagg.compute_bound_tokens = -1 is invalid"):
-        load_config(overrides={"sm_disagg.compute_bound_tokens": -1})
+    with pytest.raises(ConfigError, match="sm_disagg.routing_threshold_tokens = -1 is invalid"):
+        load_config(overrides={"sm_disagg.routing_threshold_tokens": -1})
     with pytest.raises(ConfigError, match="generation_whole_gpu_when_idle = 'yes' is invalid"):
         load_config(overrides={"sm_disagg.generation_whole_gpu_when_idle": "yes"})
 
@@ -171,7 +173,7 @@ def test_scheduler_routing_from_the_config() -> None:
 
     assert prompt_routing(load_config()) is None  # mixed mode
     on = {"sm_disagg.enabled": True}
-    r = prompt_routing(load_config(overrides={**on, "sm_disagg.compute_bound_tokens": 300}))
+    r = prompt_routing(load_config(overrides={**on, "sm_disagg.routing_threshold_tokens": 300}))
     assert r.adaptive and r.threshold_tokens == 300
     assert not prompt_routing(load_config(overrides={**on, "sm_disagg.policy": "fixed"})).adaptive
     with pytest.raises(ValueError, match="measures it at start"):

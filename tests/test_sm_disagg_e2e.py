@@ -118,7 +118,7 @@ async def test_adaptive_routing_keeps_greedy_outputs_under_concurrent_load(
     requests = workload()
     routing = {
         "sm_disagg.policy": "adaptive",
-        "sm_disagg.compute_bound_tokens": threshold,
+        "sm_disagg.routing_threshold_tokens": threshold,
         "sm_disagg.ride_when_generation_idle": ride_idle,
     }
     # a measured threshold is ride_knee_multiple knees; one knee keeps prompts of this
@@ -126,7 +126,7 @@ async def test_adaptive_routing_keeps_greedy_outputs_under_concurrent_load(
     routing["sm_disagg.ride_knee_multiple"] = 1.0
     node = await Node.start(node_config(sm=True, **routing))
     try:
-        measured = node.cfg.sm_disagg.compute_bound_tokens
+        measured = node.cfg.sm_disagg.routing_threshold_tokens
         assert measured == threshold if threshold else 1 <= measured <= 128
         results = await run_all(node, requests)
         for i, deltas in enumerate(results):
@@ -156,7 +156,7 @@ async def test_a_long_prompt_rides_while_the_generation_flow_is_idle(ride_idle: 
             sm=True,
             **{
                 "sm_disagg.policy": "adaptive",
-                "sm_disagg.compute_bound_tokens": 40,
+                "sm_disagg.routing_threshold_tokens": 40,
                 "sm_disagg.ride_when_generation_idle": ride_idle,
             },
         )
@@ -187,7 +187,7 @@ async def test_generation_engine_overlaps_steps_without_changing_tokens(
             sm=True,
             **{
                 "sm_disagg.policy": policy,
-                "sm_disagg.compute_bound_tokens": 40,
+                "sm_disagg.routing_threshold_tokens": 40,
                 "model.overlap_steps": overlap,
             },
         )

@@ -68,7 +68,7 @@ async def test_adaptive_routing_on_partitions_keeps_greedy_outputs() -> None:
     requests = workload()
     mixed, _, _ = await serve(node_config(sm=False), requests)
     adaptive, node, stats = await serve(node_config(sm=True), requests)
-    threshold = node.cfg.sm_disagg.compute_bound_tokens
+    threshold = node.cfg.sm_disagg.routing_threshold_tokens
     # measured: ride_knee_multiple knees of a ladder from 16 tokens up to the context budget
     # (a knee past the ladder reads as twice its largest size)
     multiple = node.cfg.sm_disagg.ride_knee_multiple
@@ -78,7 +78,7 @@ async def test_adaptive_routing_on_partitions_keeps_greedy_outputs() -> None:
     assert stats["handoffs"] >= long
     assert stats.get("prompts_in_generation", 0) == len(requests) - stats["handoffs"]
     pinned, _, pinned_stats = await serve(
-        node_config(sm=True, **{"sm_disagg.compute_bound_tokens": 100}), requests
+        node_config(sm=True, **{"sm_disagg.routing_threshold_tokens": 100}), requests
     )
     assert pinned == mixed
     assert pinned_stats["handoffs"] >= sum(1 for p, _ in requests if len(p) >= 100)

@@ -53,7 +53,7 @@ def routing_threshold(knee_tokens: int, ride_knee_multiple: float) -> int:
 @dataclass(frozen=True, slots=True)
 class PromptRouting:
     """How the scheduler splits prompts between the two SM-disaggregation flows:
-    ``threshold_tokens`` is the routing threshold (``sm_disagg.compute_bound_tokens``)."""
+    ``threshold_tokens`` is the routing threshold (``sm_disagg.routing_threshold_tokens``)."""
 
     policy: RoutingPolicy
     threshold_tokens: int

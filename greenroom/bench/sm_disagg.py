@@ -38,7 +38,7 @@ class Mode:
     name: str
     sm_percent: float | None  # None: mixed chunked prefill
     policy: str = "fixed"  # SM modes: sm_disagg.policy
-    threshold: int = 0  # adaptive: sm_disagg.compute_bound_tokens (0: the run's setting)
+    threshold: int = 0  # adaptive: sm_disagg.routing_threshold_tokens (0: the run's setting)
 
     @classmethod
     def mixed(cls) -> Mode:
@@ -56,7 +56,7 @@ class Mode:
 
 def parse_modes(names: str, sm_percents: str) -> list[Mode]:
     """``"mixed,fixed,adaptive,adaptive:512"`` with ``"0.3"`` -> mixed, fixed30, adaptive30,
-    adaptive30_t512 (``:N``: that mode's compute_bound_tokens, e.g. to sweep thresholds)."""
+    adaptive30_t512 (``:N``: that mode's routing_threshold_tokens, e.g. to sweep thresholds)."""
     modes = []
     for spec in (n.strip() for n in names.split(",") if n.strip()):
         name, _, threshold = spec.partition(":")
@@ -82,7 +82,7 @@ def node_overrides(mode: Mode, base: dict) -> dict:
         out["sm_disagg.context_sm_percent"] = mode.sm_percent
         out["sm_disagg.policy"] = mode.policy
         if mode.threshold:
-            out["sm_disagg.compute_bound_tokens"] = mode.threshold
+            out["sm_disagg.routing_threshold_tokens"] = mode.threshold
     return out
 
 

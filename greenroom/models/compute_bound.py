@@ -93,7 +93,7 @@ def measure_compute_bound_tokens(
     if len(ladder) < 2:
         raise ValueError(
             f"the KV pool ({usable} tokens) or max_model_len ({runner.max_model_len}) is too "
-            "small to measure sm_disagg.compute_bound_tokens: set it in the config"
+            "small to measure sm_disagg.routing_threshold_tokens: set it in the config"
         )
     t0 = time.perf_counter()
     sizes, step_ms = [], []
