@@ -119,7 +119,7 @@ def _routing_threshold_tokens(cfg: NodeConfig, runner, gen_stream) -> int:
 
 
 async def start_sm_engines(cfg: NodeConfig, sup: Supervisor) -> tuple[dict[str, ActorRef], int]:
-    """The two engines, and the compute-bound prompt length (configured or measured)."""
+    """The two engines, and the adaptive routing threshold (configured or measured)."""
     from greenroom.models.executor import PlanExecutor
     from greenroom.models.runner import ModelRunner
 

@@ -27,15 +27,16 @@ def routed_flows(
 def flow_room(budget: FlowBudget, running: Iterable[Request]) -> FlowRoom:
     """What the next plan of ``budget``'s flow leaves for new prompts after its running
     requests (decodes and continuing chunks)."""
-    tokens, seqs, carried = budget.max_num_tokens, budget.max_batch_size, 0
+    tokens, seqs = budget.max_num_tokens, budget.max_batch_size
     for r in running:
         if r.flow != budget.name:
             continue
         if budget.decodes and r.can_decode():
-            tokens, seqs, carried = tokens - 1, seqs - 1, carried + 1
+            tokens, seqs = tokens - 1, seqs - 1
         elif r.state is RequestState.PREFILL and r.prompt_left > 0 and not r.waiting_for_kv:
-            tokens, seqs, carried = tokens - r.prompt_left, seqs - 1, carried + 1
-    return FlowRoom(max(0, tokens), max(0, seqs), carried)
+            tokens, seqs = tokens - r.prompt_left, seqs - 1
+    # every request the plan carries took one sequence slot
+    return FlowRoom(max(0, tokens), max(0, seqs), budget.max_batch_size - seqs)
 
 
 def routed_admissions(

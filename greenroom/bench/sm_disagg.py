@@ -205,15 +205,13 @@ def compare_at_equal_throughput(
         user = interpolate(xs, [q.tokens_per_s_per_user for q in curve], x)
         ttft = interpolate(xs, [q.ttft_p99_ms for q in curve], x)
         at = "equal_throughput"
-        if user is None and equal_load_fallback:
-            same = next((q for q in curve if q.rate == p.rate), None)
-            if same is not None:
-                user, ttft, at = same.tokens_per_s_per_user, same.ttft_p99_ms, "equal_load"
+        same_load = next((q for q in curve if q.rate == p.rate), None)
+        if user is None and equal_load_fallback and same_load is not None:
+            user, ttft, at = same_load.tokens_per_s_per_user, same_load.ttft_p99_ms, "equal_load"
         speedup = p.tokens_per_s_per_user / user if user and p.tokens_per_s_per_user else None
         ttft_ratio = p.ttft_p99_ms / ttft if ttft and p.ttft_p99_ms else None
         # the interval reads the mixed point at the same load (an interpolated p99 has no
         # requests of its own)
-        same_load = next((q for q in curve if q.rate == p.rate), None)
         interval = ttft_p99_ratio_interval(p.ttfts_ms, same_load.ttfts_ms) if same_load else None
         out.append(
             {
