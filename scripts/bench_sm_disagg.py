@@ -33,6 +33,7 @@ from greenroom.bench.sm_disagg import (
     adaptive_targets,
     context_ttft_floor,
     mode_comparisons,
+    MODE_GRAMMAR,
     node_overrides,
     parse_modes,
     plot_pareto,
@@ -87,8 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--modes",
         default="mixed,fixed,adaptive",
-        help="of mixed, fixed, adaptive (SM modes); adaptive:N routes at N tokens instead of "
-        "--routing-threshold (several sweep the threshold)",
+        help=f"comma-separated modes, each {MODE_GRAMMAR}; adaptive:N routes at N tokens "
+        "instead of --routing-threshold (several sweep the threshold)",
     )
     ap.add_argument(
         "--sm-percents",

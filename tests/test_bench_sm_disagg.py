@@ -32,6 +32,28 @@ def test_modes_and_their_overrides() -> None:
     assert Mode.sm(0.5, "adaptive").name == "adaptive50"
 
 
+def test_mode_options_set_one_modes_share_idle_riding_and_context_budget() -> None:
+    modes = parse_modes("mixed,adaptive,adaptive+idle+ctx=2048,adaptive:1024+share=0.7", "0.3,0.5")
+    assert [m.name for m in modes] == [
+        "mixed",
+        "adaptive30",
+        "adaptive50",
+        "adaptive30_idle_ctx2048",
+        "adaptive50_idle_ctx2048",
+        "adaptive70_t1024",
+    ]
+    o = node_overrides(modes[3], {"sm_disagg.ride_when_generation_idle": False})
+    assert o["sm_disagg.ride_when_generation_idle"] is True
+    assert o["sm_disagg.context_max_num_tokens"] == 2048
+    plain = node_overrides(modes[1], {"sm_disagg.ride_when_generation_idle": False})
+    assert plain["sm_disagg.ride_when_generation_idle"] is False
+    assert "sm_disagg.context_max_num_tokens" not in plain
+    assert node_overrides(modes[5], {})["sm_disagg.context_sm_percent"] == 0.7
+    for bad in ("fixed+idle", "adaptive+share=1.2", "adaptive+ctx=x", "adaptive+fast", "mixed+idle"):
+        with pytest.raises(ValueError):
+            parse_modes(bad, "0.5")
+
+
 def test_adaptive_targets_judge_each_mix_by_its_rule() -> None:
     mixed = [
         point("mixed", "openorca", 8, 1000, 100, 50),

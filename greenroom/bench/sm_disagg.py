@@ -39,36 +39,76 @@ class Mode:
     sm_percent: float | None  # None: mixed chunked prefill
     policy: str = "fixed"  # SM modes: sm_disagg.policy
     threshold: int = 0  # adaptive: sm_disagg.routing_threshold_tokens (0: the run's setting)
+    # adaptive: sm_disagg.ride_when_generation_idle on for this mode (else the run's setting)
+    ride_when_idle: bool = False
+    context_tokens: int = 0  # sm_disagg.context_max_num_tokens (0: the run's setting)
 
     @classmethod
     def mixed(cls) -> Mode:
         return cls("mixed", None)
 
     @classmethod
-    def sm(cls, percent: float, policy: str = "fixed", threshold: int = 0) -> Mode:
+    def sm(
+        cls,
+        percent: float,
+        policy: str = "fixed",
+        threshold: int = 0,
+        ride_when_idle: bool = False,
+        context_tokens: int = 0,
+    ) -> Mode:
         if policy not in POLICIES:
             raise ValueError(f"policy {policy!r} is invalid: one of {POLICIES}")
         if threshold < 0 or (threshold and policy != "adaptive"):
             raise ValueError(f"threshold {threshold} is invalid: a positive one, for adaptive")
-        suffix = f"_t{threshold}" if threshold else ""
-        return cls(f"{policy}{round(percent * 100)}{suffix}", percent, policy, threshold)
+        if ride_when_idle and policy != "adaptive":
+            raise ValueError("riding while the generation flow is idle needs policy adaptive")
+        if not 0.0 < percent < 1.0 or context_tokens < 0:
+            raise ValueError(f"share {percent} or context budget {context_tokens} is invalid")
+        name = f"{policy}{round(percent * 100)}"
+        name += f"_t{threshold}" if threshold else ""
+        name += "_idle" if ride_when_idle else ""
+        name += f"_ctx{context_tokens}" if context_tokens else ""
+        return cls(name, percent, policy, threshold, ride_when_idle, context_tokens)
+
+
+MODE_GRAMMAR = (
+    "mixed, or fixed|adaptive with options: adaptive:N (routing threshold N tokens), "
+    "+share=F (this mode's context SM share, else each of --sm-percents), +idle (ride while "
+    "the generation flow is idle), +ctx=N (context plan token budget); e.g. adaptive+idle, "
+    "adaptive:1024+share=0.7"
+)
 
 
 def parse_modes(names: str, sm_percents: str) -> list[Mode]:
     """``"mixed,fixed,adaptive,adaptive:512"`` with ``"0.3"`` -> mixed, fixed30, adaptive30,
-    adaptive30_t512 (``:N``: that mode's routing_threshold_tokens, e.g. to sweep thresholds)."""
+    adaptive30_t512 (``:N``: that mode's routing_threshold_tokens, e.g. to sweep thresholds);
+    ``+share=F``, ``+idle`` and ``+ctx=N`` set one mode's context share, idle riding and
+    context token budget (see ``MODE_GRAMMAR``)."""
     modes = []
     for spec in (n.strip() for n in names.split(",") if n.strip()):
-        name, _, threshold = spec.partition(":")
-        if name == "mixed" and not threshold:
+        head, *options = spec.split("+")
+        name, _, threshold = head.partition(":")
+        if name == "mixed" and not threshold and not options:
             modes.append(Mode.mixed())
-        elif name in POLICIES:
-            if threshold and not threshold.isdigit():
-                raise ValueError(f"mode {spec!r} is invalid: adaptive:N with N tokens")
-            n = int(threshold or 0)
-            modes += [Mode.sm(float(p), name, n) for p in sm_percents.split(",")]
-        else:
-            raise ValueError(f"mode {spec!r} is invalid: mixed, fixed, adaptive or adaptive:N")
+            continue
+        if name not in POLICIES or (threshold and not threshold.isdigit()):
+            raise ValueError(f"mode {spec!r} is invalid: {MODE_GRAMMAR}")
+        shares, idle, ctx = sm_percents.split(","), False, 0
+        for opt in options:
+            key, _, value = opt.partition("=")
+            try:
+                if key == "idle" and not value:
+                    idle = True
+                elif key == "share":
+                    shares = [str(float(value))]
+                elif key == "ctx":
+                    ctx = int(value)
+                else:
+                    raise ValueError(opt)
+            except ValueError:
+                raise ValueError(f"mode {spec!r} is invalid: {MODE_GRAMMAR}") from None
+        n = int(threshold or 0)
+        modes += [Mode.sm(float(p), name, n, idle, ctx) for p in shares]
     if not modes:
         raise ValueError("no mode to run: give --modes, e.g. mixed,fixed,adaptive")
     return modes
@@ -83,6 +123,10 @@ def node_overrides(mode: Mode, base: dict) -> dict:
         out["sm_disagg.policy"] = mode.policy
         if mode.threshold:
             out["sm_disagg.routing_threshold_tokens"] = mode.threshold
+        if mode.ride_when_idle:
+            out["sm_disagg.ride_when_generation_idle"] = True
+        if mode.context_tokens:
+            out["sm_disagg.context_max_num_tokens"] = mode.context_tokens
     return out
 
 
