@@ -181,9 +181,10 @@ class SMDisaggConfig(_Section):
     ride_knee_multiple: AtLeastOne = 8.0
     # adaptive: while the generation flow carries no request, a waiting prompt of any length
     # that fits its step rides there (it delays no decode and gets more SMs than the context
-    # engine, or runs beside it instead of queueing behind it). Off until measured on a GPU:
-    # aimed at TTFT on prefill-heavy work, where decodes come and go between prompts
-    ride_when_generation_idle: bool = False
+    # engine, or runs beside it instead of queueing behind it). On an H200 (8B shape) it cut
+    # the prefill-heavy mix's TTFT p99 from 2.8x to 2.0x mixed mode's at no cost per user and
+    # left the balanced and long-context mixes as they were (BENCHMARKS.md, run 6)
+    ride_when_generation_idle: bool = True
     # the generation engine decodes on every SM while no context plan runs (a second set of
     # decode graphs on a whole-GPU stream), on its partition only while one does. "auto": on
     # under policy adaptive, off under fixed (on an H200, 8B shape, OpenOrca, fixed routing

@@ -137,9 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--ride-when-idle",
         choices=("on", "off"),
-        default="off",
+        default="on",
         help="adaptive: a prompt of any length rides while the generation flow carries nothing "
-        "(sm_disagg.ride_when_generation_idle)",
+        "(sm_disagg.ride_when_generation_idle); a mode's +idle / +noidle overrides it",
     )
     ap.add_argument("--gil-switch-ms", type=float, default=0.0, help="0: Python's default")
     ap.add_argument("--out", default="sm_disagg_results.json")

@@ -273,6 +273,11 @@ class Sim:
         assert self.core.num_active <= cap
         assert len(self.kv.requests) <= cap
         flows = list(self.budgets)
+        sel = self.core._selector
+        for f in flows:  # the cheap answer the actor asks for matches the full selection
+            assert sel.has_work(f, self.core.num_active) == bool(
+                sel.select(f, self.core.num_active)
+            ), f"flow {f}: has_work disagrees with select"
         if len(flows) == 2:
             a, b = (self.inflight_ids(f) for f in flows)
             assert not a & b, f"in both flows: {a & b}"

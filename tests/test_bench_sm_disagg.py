@@ -33,7 +33,9 @@ def test_modes_and_their_overrides() -> None:
 
 
 def test_mode_options_set_one_modes_share_idle_riding_and_context_budget() -> None:
-    modes = parse_modes("mixed,adaptive,adaptive+idle+ctx=2048,adaptive:1024+share=0.7", "0.3,0.5")
+    modes = parse_modes(
+        "mixed,adaptive,adaptive+idle+ctx=2048,adaptive:1024+share=0.7,adaptive+noidle", "0.3,0.5"
+    )
     assert [m.name for m in modes] == [
         "mixed",
         "adaptive30",
@@ -41,6 +43,8 @@ def test_mode_options_set_one_modes_share_idle_riding_and_context_budget() -> No
         "adaptive30_idle_ctx2048",
         "adaptive50_idle_ctx2048",
         "adaptive70_t1024",
+        "adaptive30_noidle",
+        "adaptive50_noidle",
     ]
     o = node_overrides(modes[3], {"sm_disagg.ride_when_generation_idle": False})
     assert o["sm_disagg.ride_when_generation_idle"] is True
@@ -49,6 +53,8 @@ def test_mode_options_set_one_modes_share_idle_riding_and_context_budget() -> No
     assert plain["sm_disagg.ride_when_generation_idle"] is False
     assert "sm_disagg.context_max_num_tokens" not in plain
     assert node_overrides(modes[5], {})["sm_disagg.context_sm_percent"] == 0.7
+    off = node_overrides(modes[6], {"sm_disagg.ride_when_generation_idle": True})
+    assert off["sm_disagg.ride_when_generation_idle"] is False
     for bad in ("fixed+idle", "adaptive+share=1.2", "adaptive+ctx=x", "adaptive+fast", "mixed+idle"):
         with pytest.raises(ValueError):
             parse_modes(bad, "0.5")

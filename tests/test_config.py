@@ -157,7 +157,7 @@ def test_sm_disagg_routing_fields() -> None:
         ).sm_disagg.routing_threshold_tokens
         == 512
     )
-    assert sd.ride_knee_multiple == 8.0 and sd.ride_when_generation_idle is False
+    assert sd.ride_knee_multiple == 8.0 and sd.ride_when_generation_idle is True
     with pytest.raises(ConfigError, match="sm_disagg.ride_knee_multiple = 0.5 is invalid"):
         load_config(overrides={"sm_disagg.ride_knee_multiple": 0.5})
     with pytest.raises(ConfigError, match="sm_disagg.policy = 'auto' is invalid.*adaptive"):

@@ -4,10 +4,11 @@ may admit, given the room each flow's next plan leaves after its running request
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 
 from greenroom.actors.scheduling.budget import FlowBudget
-from greenroom.actors.scheduling.request import Request, RequestState
+from greenroom.actors.scheduling.planner import chunk_ready
+from greenroom.actors.scheduling.request import Request
 from greenroom.actors.scheduling.routing import FlowRoom, PromptRouting, Waiting, route_prompts
 
 
@@ -33,7 +34,7 @@ def flow_room(budget: FlowBudget, running: Iterable[Request]) -> FlowRoom:
             continue
         if budget.decodes and r.can_decode():
             tokens, seqs = tokens - 1, seqs - 1
-        elif r.state is RequestState.PREFILL and r.prompt_left > 0 and not r.waiting_for_kv:
+        elif chunk_ready(r):
             tokens, seqs = tokens - r.prompt_left, seqs - 1
     # every request the plan carries took one sequence slot
     return FlowRoom(max(0, tokens), max(0, seqs), budget.max_batch_size - seqs)
@@ -45,11 +46,13 @@ def routed_admissions(
     admitting: set[str],
     room: int,
     routing: PromptRouting,
-    context: FlowRoom,
-    generation: FlowRoom,
+    flows: Mapping[str, FlowBudget],
+    running: Collection[Request],
 ) -> list[Request]:
     """The admission candidates ``route_prompts`` sends to ``flow``: at most ``room`` from the
-    head of ``waiting``, skipping those the other flow's KVStep is ``admitting``."""
+    head of ``waiting``, skipping those the other flow's KVStep is ``admitting``; each flow's
+    room is what its next plan leaves after the ``running`` requests (``flow_room``), counted
+    only when there is a candidate to route."""
     candidates: list[Request] = []
     for r in waiting:
         if len(candidates) >= room:
@@ -65,8 +68,8 @@ def routed_admissions(
         "adaptive",
         [Waiting(r.request_id, len(r.prompt)) for r in candidates],
         routing.threshold_tokens,
-        context,
-        generation,
+        flow_room(flows["context"], running),
+        flow_room(flows["generation"], running),
         ride_when_idle=routing.ride_when_idle,
     )
     mine = set(routed.context if flow == "context" else routed.generation)

@@ -112,7 +112,7 @@ class SchedulerCore:
         return (
             bool(self._free_ready)
             or self._receives.has_work()
-            or bool(self._selector.select(flow, self._num_active))
+            or self._selector.has_work(flow, self._num_active)
         )
 
     def stats(self) -> dict:

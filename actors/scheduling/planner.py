@@ -25,6 +25,21 @@ class Selection:
         return bool(self.steps or self.admits)
 
 
+def steps_now(flow: FlowBudget, r: Request) -> bool:
+    """Whether running request ``r`` has a step in ``flow``'s next plan: a decode, or a chunk
+    of its prompt (not while its KV is still being received)."""
+    if r.flow != flow.name:
+        return False
+    if flow.decodes and r.can_decode():
+        return True
+    return flow.prefills and chunk_ready(r)
+
+
+def chunk_ready(r: Request) -> bool:
+    """An admitted prompt with tokens left to prefill and its KV not still being received."""
+    return r.state is RequestState.PREFILL and r.prompt_left > 0 and not r.waiting_for_kv
+
+
 def select_work(
     flow: FlowBudget,
     running: Iterable[Request],
@@ -45,7 +60,7 @@ def select_work(
         for r in mine:
             if budget.exhausted:
                 break
-            if r.state is RequestState.PREFILL and r.prompt_left > 0 and not r.waiting_for_kv:
+            if chunk_ready(r):
                 sel.steps.append((r, budget.take(r.prompt_left)))
     if flow.admits:
         for r in waiting:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from greenroom.actors.scheduling.admission_routing import flow_room, routed_admissions
+from greenroom.actors.scheduling.admission_routing import routed_admissions
 from greenroom.actors.scheduling.budget import FlowBudget
 from greenroom.actors.scheduling.flight import Draft
 from greenroom.actors.scheduling.head_rejection import HeadRejection
-from greenroom.actors.scheduling.planner import Selection, select_work
+from greenroom.actors.scheduling.planner import Selection, select_work, steps_now
 from greenroom.actors.scheduling.request import Request
 from greenroom.actors.scheduling.routing import PromptRouting
 
@@ -43,6 +43,19 @@ class FlowSelector:
         self._pipelined, self._routing, self._head = pipelined, routing, head
         self._waiting, self._running, self._drafts = queues
 
+    def has_work(self, flow: str, num_active: int) -> bool:
+        """Whether ``select`` would pick anything: a running request's step answers at once
+        (the scheduler asks after every result of either flow, so this stays cheap); only
+        admissions need the full selection (and, under adaptive routing, the routing)."""
+        fb = self._flows[flow]
+        pipelined = self._pipelined
+        for r in self._running.values():
+            if (not pipelined or r.in_flight == 0) and steps_now(fb, r):
+                return True
+        if not fb.admits or not self._waiting:
+            return False
+        return bool(self.select(flow, num_active).admits)
+
     def select(self, flow: str, num_active: int) -> Selection:
         fb = self._flows[flow]
         room = 0
@@ -62,7 +75,7 @@ class FlowSelector:
                 {r.request_id for d in self._drafts.values() for r in d.admits},
                 room,
                 self._routing,
-                flow_room(self._flows["context"], self._running.values()),
-                flow_room(self._flows["generation"], self._running.values()),
+                self._flows,
+                self._running.values(),
             )
         return select_work(fb, running, waiting, room)

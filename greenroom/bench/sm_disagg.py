@@ -39,8 +39,8 @@ class Mode:
     sm_percent: float | None  # None: mixed chunked prefill
     policy: str = "fixed"  # SM modes: sm_disagg.policy
     threshold: int = 0  # adaptive: sm_disagg.routing_threshold_tokens (0: the run's setting)
-    # adaptive: sm_disagg.ride_when_generation_idle on for this mode (else the run's setting)
-    ride_when_idle: bool = False
+    # adaptive: sm_disagg.ride_when_generation_idle for this mode (None: the run's setting)
+    ride_when_idle: bool | None = None
     context_tokens: int = 0  # sm_disagg.context_max_num_tokens (0: the run's setting)
 
     @classmethod
@@ -53,7 +53,7 @@ class Mode:
         percent: float,
         policy: str = "fixed",
         threshold: int = 0,
-        ride_when_idle: bool = False,
+        ride_when_idle: bool | None = None,
         context_tokens: int = 0,
     ) -> Mode:
         if policy not in POLICIES:
@@ -66,23 +66,23 @@ class Mode:
             raise ValueError(f"share {percent} or context budget {context_tokens} is invalid")
         name = f"{policy}{round(percent * 100)}"
         name += f"_t{threshold}" if threshold else ""
-        name += "_idle" if ride_when_idle else ""
+        name += {True: "_idle", False: "_noidle", None: ""}[ride_when_idle]
         name += f"_ctx{context_tokens}" if context_tokens else ""
         return cls(name, percent, policy, threshold, ride_when_idle, context_tokens)
 
 
 MODE_GRAMMAR = (
     "mixed, or fixed|adaptive with options: adaptive:N (routing threshold N tokens), "
-    "+share=F (this mode's context SM share, else each of --sm-percents), +idle (ride while "
-    "the generation flow is idle), +ctx=N (context plan token budget); e.g. adaptive+idle, "
-    "adaptive:1024+share=0.7"
+    "+share=F (this mode's context SM share, else each of --sm-percents), +idle or +noidle "
+    "(prompts ride while the generation flow is idle, or not), +ctx=N (context plan token "
+    "budget); e.g. adaptive+noidle, adaptive:1024+share=0.7"
 )
 
 
 def parse_modes(names: str, sm_percents: str) -> list[Mode]:
     """``"mixed,fixed,adaptive,adaptive:512"`` with ``"0.3"`` -> mixed, fixed30, adaptive30,
     adaptive30_t512 (``:N``: that mode's routing_threshold_tokens, e.g. to sweep thresholds);
-    ``+share=F``, ``+idle`` and ``+ctx=N`` set one mode's context share, idle riding and
+    ``+share=F``, ``+idle``/``+noidle`` and ``+ctx=N`` set one mode's context share, idle riding and
     context token budget (see ``MODE_GRAMMAR``)."""
     modes = []
     for spec in (n.strip() for n in names.split(",") if n.strip()):
@@ -93,12 +93,12 @@ def parse_modes(names: str, sm_percents: str) -> list[Mode]:
             continue
         if name not in POLICIES or (threshold and not threshold.isdigit()):
             raise ValueError(f"mode {spec!r} is invalid: {MODE_GRAMMAR}")
-        shares, idle, ctx = sm_percents.split(","), False, 0
+        shares, idle, ctx = sm_percents.split(","), None, 0
         for opt in options:
             key, _, value = opt.partition("=")
             try:
-                if key == "idle" and not value:
-                    idle = True
+                if key in ("idle", "noidle") and not value:
+                    idle = key == "idle"
                 elif key == "share":
                     shares = [str(float(value))]
                 elif key == "ctx":
@@ -123,8 +123,8 @@ def node_overrides(mode: Mode, base: dict) -> dict:
         out["sm_disagg.policy"] = mode.policy
         if mode.threshold:
             out["sm_disagg.routing_threshold_tokens"] = mode.threshold
-        if mode.ride_when_idle:
-            out["sm_disagg.ride_when_generation_idle"] = True
+        if mode.ride_when_idle is not None:
+            out["sm_disagg.ride_when_generation_idle"] = mode.ride_when_idle
         if mode.context_tokens:
             out["sm_disagg.context_max_num_tokens"] = mode.context_tokens
     return out
