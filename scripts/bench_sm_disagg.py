@@ -37,6 +37,7 @@ from greenroom.bench.sm_disagg import (
     node_overrides,
     parse_modes,
     plot_pareto,
+    plot_targets,
     point_from_report,
     user_speed_ceiling,
 )
@@ -333,6 +334,10 @@ async def main(args: argparse.Namespace) -> dict:
         title = f"{args.model or 'tiny'} on {device_info()['device']}: {mix}, Poisson loads"
         plot_pareto([p for p in points if p.mix == mix], args.plot, title)
         result["pareto_png"] = args.plot
+        if result.get("comparisons"):
+            targets_png = str(Path(args.plot).with_name(Path(args.plot).stem + "_targets.png"))
+            plot_targets(result["comparisons"], targets_png, f"{args.model or 'tiny'}: adaptive vs mixed")
+            result["targets_png"] = targets_png
     result["total_s"] = round(time.perf_counter() - start, 1)
     Path(args.out).write_text(json.dumps(result, indent=1))
     return result

@@ -92,7 +92,8 @@ def test_adaptive_targets_judge_each_mix_by_its_rule() -> None:
 
 
 @pytest.mark.slow
-def test_quick_run_reports_every_mode_mix_and_target() -> None:
+def test_quick_run_reports_every_mode_mix_and_target(tmp_path) -> None:
+    png = tmp_path / "pareto.png"
     proc = subprocess.run(
         [
             sys.executable,
@@ -105,7 +106,7 @@ def test_quick_run_reports_every_mode_mix_and_target() -> None:
             "--load",
             "long_context=20",
             "--plot",
-            "",
+            str(png),
             "--out",
             "/dev/null",
         ],  # fmt: skip
@@ -135,6 +136,20 @@ def test_quick_run_reports_every_mode_mix_and_target() -> None:
     fixed_floors = {k: v for k, v in out["context_ttft_floors"].items() if k.endswith("/fixed50")}
     assert {k.split("@")[0] for k in fixed_floors} == {"openorca", "long_context"}
     assert all(v > 0 for v in fixed_floors.values())
+    # the Pareto curves and the targets view (ratios against the target regions)
+    assert png.stat().st_size > 0 and (tmp_path / "pareto_targets.png").stat().st_size > 0
+
+
+def test_targets_plot_needs_a_comparison(tmp_path) -> None:
+    from greenroom.bench.sm_disagg import plot_targets
+
+    path = tmp_path / "t.png"
+    plot_targets({"openorca": {"adaptive50": []}}, str(path), "nothing compared")
+    assert not path.exists()
+    row = {"rate": 8.0, "user_speedup": 1.01, "ttft_p99_ratio": 0.9,
+           "ttft_p99_ratio_interval90": [0.8, 1.1]}  # fmt: skip
+    plot_targets({"openorca": {"adaptive50": [row]}}, str(path), "one point")
+    assert path.stat().st_size > 0
 
 
 @pytest.mark.slow

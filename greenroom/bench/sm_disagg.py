@@ -415,7 +415,7 @@ def plot_pareto(points: Sequence[Point], path: str, title: str) -> None:
             [p.tokens_per_s_per_user for p in pts],
             [p.output_tokens_per_s_per_gpu for p in pts],
             marker="o",
-            label="mixed chunked prefill" if mode == "mixed" else f"SM disagg {mode[2:]}% ctx",
+            label="mixed chunked prefill" if mode == "mixed" else f"SM disagg, {mode}",
             **style,
         )
     front = pareto_front([p for p in points if p.mode != "mixed"])
@@ -435,6 +435,65 @@ def plot_pareto(points: Sequence[Point], path: str, title: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_targets(comparisons: dict[str, dict[str, list[dict]]], path: str, title: str) -> None:
+    """One panel per mix: each SM point's tokens/s per user over mixed's (at equal tokens/s
+    per GPU) against its TTFT p99 over mixed's, with the mix's target region shaded (at least
+    the per-user target, TTFT p99 at most mixed's) and each ratio's 90% interval drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mixes = [m for m, by_mode in comparisons.items() if any(by_mode.values())]
+    if not mixes:
+        return
+    fig, axes = plt.subplots(1, len(mixes), figsize=(4.2 * len(mixes), 4.2), squeeze=False)
+    for ax, mix in zip(axes[0], mixes):
+        _, target = ADAPTIVE_TARGETS.get(mix, ("best", TARGET_USER_SPEEDUP))
+        rows = [r for rs in comparisons[mix].values() for r in rs if r["ttft_p99_ratio"]]
+        xs = [r["ttft_p99_ratio"] for r in rows] + [1.0]
+        xs += [x for r in rows for x in (r.get("ttft_p99_ratio_interval90") or ())]
+        ys = [r["user_speedup"] for r in rows] + [1.0, target]
+        lo_x, hi_x = min(xs) / 1.3, max(xs) * 1.3
+        lo_y, hi_y = min(ys) - 0.05, max(ys) + 0.05
+        ax.fill_between([lo_x, 1.0], target, hi_y, color="tab:green", alpha=0.12, label="target")
+        ax.axvline(1.0, color="gray", linewidth=0.8)
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        for mode in comparisons[mix]:
+            pts = [r for r in comparisons[mix][mode] if r["ttft_p99_ratio"]]
+            if not pts:
+                continue
+            line = ax.plot(
+                [r["ttft_p99_ratio"] for r in pts],
+                [r["user_speedup"] for r in pts],
+                marker="o",
+                linestyle="none",
+                label=mode,
+            )[0]
+            for r in pts:
+                if r.get("ttft_p99_ratio_interval90"):
+                    a, b = r["ttft_p99_ratio_interval90"]
+                    ax.plot([a, b], [r["user_speedup"]] * 2, color=line.get_color(), alpha=0.5)
+                ax.annotate(f"{r['rate']:g}/s", (r["ttft_p99_ratio"], r["user_speedup"]),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlim(lo_x, hi_x)
+        plain = matplotlib.ticker.FormatStrFormatter("%.2g")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.set_ylim(lo_y, hi_y)
+        ax.set_title(mix, fontsize=10)
+        ax.set_xlabel("TTFT p99 / mixed")
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("tokens/s per user / mixed (equal tokens/s per GPU)")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
