@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 
 from greenroom.bench.sm_disagg import (
+    MODE_GRAMMAR,
     Mode,
     Point,
     adaptive_targets,
     context_ttft_floor,
     mode_comparisons,
-    MODE_GRAMMAR,
     node_overrides,
     parse_modes,
     plot_pareto,
@@ -336,7 +336,9 @@ async def main(args: argparse.Namespace) -> dict:
         result["pareto_png"] = args.plot
         if result.get("comparisons"):
             targets_png = str(Path(args.plot).with_name(Path(args.plot).stem + "_targets.png"))
-            plot_targets(result["comparisons"], targets_png, f"{args.model or 'tiny'}: adaptive vs mixed")
+            plot_targets(
+                result["comparisons"], targets_png, f"{args.model or 'tiny'}: adaptive vs mixed"
+            )
             result["targets_png"] = targets_png
     result["total_s"] = round(time.perf_counter() - start, 1)
     Path(args.out).write_text(json.dumps(result, indent=1))

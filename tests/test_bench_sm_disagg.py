@@ -55,7 +55,13 @@ def test_mode_options_set_one_modes_share_idle_riding_and_context_budget() -> No
     assert node_overrides(modes[5], {})["sm_disagg.context_sm_percent"] == 0.7
     off = node_overrides(modes[6], {"sm_disagg.ride_when_generation_idle": True})
     assert off["sm_disagg.ride_when_generation_idle"] is False
-    for bad in ("fixed+idle", "adaptive+share=1.2", "adaptive+ctx=x", "adaptive+fast", "mixed+idle"):
+    for bad in (
+        "fixed+idle",
+        "adaptive+share=1.2",
+        "adaptive+ctx=x",
+        "adaptive+fast",
+        "mixed+idle",
+    ):
         with pytest.raises(ValueError):
             parse_modes(bad, "0.5")
 

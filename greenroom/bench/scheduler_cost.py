@@ -71,7 +71,9 @@ def _iterate(core: SchedulerCore, kv: KVCacheManager, flow: str) -> None:
     core.apply_step_result(flow, StepResult(iteration=plan.iteration, sampled=sampled, flow=flow))
 
 
-def iteration_cost(mode: str, running: int, iterations: int, arrival_every: int = 4) -> IterationCost:
+def iteration_cost(
+    mode: str, running: int, iterations: int, arrival_every: int = 4
+) -> IterationCost:
     """Scheduler time per generation-flow iteration at about ``running`` decoding requests."""
     if running < 1 or iterations < 1 or arrival_every < 1:
         raise ValueError("running, iterations and arrival_every must be >= 1")

@@ -451,7 +451,7 @@ def plot_targets(comparisons: dict[str, dict[str, list[dict]]], path: str, title
     if not mixes:
         return
     fig, axes = plt.subplots(1, len(mixes), figsize=(4.2 * len(mixes), 4.2), squeeze=False)
-    for ax, mix in zip(axes[0], mixes):
+    for ax, mix in zip(axes[0], mixes, strict=True):
         _, target = ADAPTIVE_TARGETS.get(mix, ("best", TARGET_USER_SPEEDUP))
         rows = [r for rs in comparisons[mix].values() for r in rs if r["ttft_p99_ratio"]]
         xs = [r["ttft_p99_ratio"] for r in rows] + [1.0]
