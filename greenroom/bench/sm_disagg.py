@@ -93,14 +93,14 @@ def parse_modes(names: str, sm_percents: str) -> list[Mode]:
             continue
         if name not in POLICIES or (threshold and not threshold.isdigit()):
             raise ValueError(f"mode {spec!r} is invalid: {MODE_GRAMMAR}")
-        shares, idle, ctx = sm_percents.split(","), None, 0
+        shares, idle, ctx = [float(p) for p in sm_percents.split(",")], None, 0
         for opt in options:
             key, _, value = opt.partition("=")
             try:
                 if key in ("idle", "noidle") and not value:
                     idle = key == "idle"
                 elif key == "share":
-                    shares = [str(float(value))]
+                    shares = [float(value)]
                 elif key == "ctx":
                     ctx = int(value)
                 else:
@@ -108,7 +108,7 @@ def parse_modes(names: str, sm_percents: str) -> list[Mode]:
             except ValueError:
                 raise ValueError(f"mode {spec!r} is invalid: {MODE_GRAMMAR}") from None
         n = int(threshold or 0)
-        modes += [Mode.sm(float(p), name, n, idle, ctx) for p in shares]
+        modes += [Mode.sm(p, name, n, idle, ctx) for p in shares]
     if not modes:
         raise ValueError("no mode to run: give --modes, e.g. mixed,fixed,adaptive")
     return modes
