@@ -118,13 +118,14 @@ class Channel:
                 raise
             return None
         finally:
-            # the socket's fd is edge-triggered: a send can hide pending input, so look now
-            if (
-                self._sock is not None
-                and not self._drain_scheduled
-                and sock.get(zmq.EVENTS) & zmq.POLLIN
-            ):
-                self._schedule_drain()
+            # the socket's fd is edge-triggered: reading ZMQ_EVENTS here consumes the edge of
+            # input or room that arrived meanwhile, so whoever waits on them is served now
+            if self._sock is not None and not self._drain_scheduled:
+                events = sock.get(zmq.EVENTS)
+                if events & zmq.POLLIN or (
+                    events & zmq.POLLOUT and self._send_waiters and self._retry_s is None
+                ):
+                    self._schedule_drain()
         return True
 
     async def send(self, frames: Sequence[Any]) -> None:
@@ -135,6 +136,10 @@ class Channel:
             handle = None
             if self._retry_s is not None:
                 handle = self._loop.call_later(self._retry_s, _wake, waiter)
+            else:
+                # room may have come between the failed send and this wait, its edge already
+                # consumed: look at the socket's state once more before sleeping on the fd
+                self._schedule_drain()
             try:
                 await waiter
             finally:

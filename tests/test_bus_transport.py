@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import numpy as np
 import pytest
+import zmq
 
 from greenroom.bus.codec import decode, encode
 from greenroom.bus.messages import Message, TokenDelta
-from greenroom.bus.transport import ChannelClosed, Transport, check_address, new_context
+from greenroom.bus.transport import Channel, ChannelClosed, Transport, check_address, new_context
 
 
 class ArrayMsg(Message):
@@ -96,6 +98,59 @@ async def test_close_wakes_waiters_and_is_idempotent(transport: Transport) -> No
         await waiter
     with pytest.raises(ChannelClosed):
         router.try_send([b"x"])
+
+
+class EdgeSocket:
+    """A DEALER stand-in whose fd never fires: state changes (commands) are taken in only
+    when ZMQ_EVENTS is read, as zmq does, so a reader that misses one sleeps forever."""
+
+    type = zmq.DEALER
+
+    def __init__(self) -> None:
+        self._fds = os.pipe()
+        self.FD = self._fds[0]
+        self.room = False
+        self.commands = 0  # room that arrives with the next read of ZMQ_EVENTS
+        self.sent: list[list] = []
+
+    def send_multipart(self, frames, flags=0, copy=True) -> None:
+        if not self.room:
+            raise zmq.Again()
+        self.sent.append(list(frames))
+
+    def get(self, option: int) -> int:
+        assert option == zmq.EVENTS
+        if self.commands:
+            self.commands -= 1
+            self.room = True
+        return zmq.POLLOUT if self.room else 0
+
+    def close(self, linger=0) -> None:
+        for fd in self._fds:
+            os.close(fd)
+
+
+async def test_room_seen_by_a_failed_send_wakes_that_sender() -> None:
+    sock = EdgeSocket()
+    channel = Channel(sock, asyncio.get_running_loop(), "inproc://edge")
+    await asyncio.sleep(0)
+    sock.commands = 1  # room comes between the refused send and its look at ZMQ_EVENTS
+    await asyncio.wait_for(channel.send([b"x"]), 1.0)
+    assert sock.sent == [[b"x"]]
+    channel.close()
+
+
+async def test_room_seen_by_another_send_wakes_the_waiting_sender() -> None:
+    sock = EdgeSocket()
+    channel = Channel(sock, asyncio.get_running_loop(), "inproc://edge")
+    waiting = asyncio.create_task(channel.send([b"first"]))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    sock.commands = 1
+    assert not channel.try_send([b"second"])  # refused, but its look at ZMQ_EVENTS finds room
+    await asyncio.wait_for(waiting, 1.0)
+    assert sock.sent == [[b"first"]]
+    channel.close()
 
 
 def test_only_zeromq_addresses() -> None:
