@@ -5,8 +5,8 @@ The loop watches the socket's ZMQ_FD with `add_reader`; a readable callback drai
 every ready message into either a per-channel callback (`on_frames`, the fast
 path the actor layer uses: no future per message) or a bounded inbox read with
 `await recv()`. ZMQ_FD is edge-like: after any operation on the socket the state
-must be re-read from ZMQ_EVENTS, so every send re-checks for input that arrived
-meanwhile.
+must be re-read from ZMQ_EVENTS, so every send re-checks for input or room that
+arrived meanwhile, and a sender looks once more before it waits for room.
 
 Rules kept here: addresses are `inproc://`, `ipc://` or `tcp://`; one
 `zmq.Context` per process (`new_context`); finite high-water marks; `LINGER=0`;
