@@ -42,6 +42,29 @@ async def test_router_dealer_echo(transport: Transport, address: str, tmp_path) 
         assert [bytes(f) for f in await dealer.recv()] == [b"ack", str(i).encode()]
 
 
+async def _twenty_through(dealer, router) -> None:
+    for i in range(20):
+        await dealer.send([str(i).encode()])
+    for i in range(20):
+        assert bytes((await router.recv())[1]) == str(i).encode()
+
+
+@pytest.mark.parametrize("scheme", ["ipc", "tcp"])
+async def test_a_sender_blocked_on_a_new_connection_always_resumes(scheme: str, tmp_path) -> None:
+    """Twenty sends into a fresh connection meet the high-water mark while the connection comes
+    up; the room that follows must wake the sender every time (it once slept forever)."""
+    for k in range(50):
+        ctx = new_context()
+        t = Transport(ctx, hwm=8)
+        try:
+            address = f"ipc://{tmp_path}/r{k}.sock" if scheme == "ipc" else "tcp://127.0.0.1:0"
+            router = t.bind_router(address)
+            await asyncio.wait_for(_twenty_through(t.connect_dealer(router.address), router), 5.0)
+        finally:
+            t.close()
+            ctx.term()
+
+
 async def test_push_pull_with_callback_and_large_frames(transport: Transport, tmp_path) -> None:
     got: list[np.ndarray] = []
     done = asyncio.Event()
