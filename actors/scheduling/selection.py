@@ -5,6 +5,7 @@ waiting prompts are this flow's."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from greenroom.actors.scheduling.admission_routing import routed_admissions
 from greenroom.actors.scheduling.budget import FlowBudget
@@ -48,13 +49,19 @@ class FlowSelector:
         (the scheduler asks after every result of either flow, so this stays cheap); only
         admissions need the full selection (and, under adaptive routing, the routing)."""
         fb = self._flows[flow]
-        pipelined = self._pipelined
-        for r in self._running.values():
-            if (not pipelined or r.in_flight == 0) and steps_now(fb, r):
-                return True
+        if any(steps_now(fb, r) for r in self._steppable()):
+            return True
         if not fb.admits or not self._waiting:
             return False
         return bool(self.select(flow, num_active).admits)
+
+    def _steppable(self) -> Iterable[Request]:
+        """The running requests a plan may step: pipelined, not one in a micro-batch in flight
+        (it waits for that result)."""
+        running = self._running.values()
+        if not self._pipelined:
+            return running
+        return (r for r in running if r.in_flight == 0)
 
     def select(self, flow: str, num_active: int) -> Selection:
         fb = self._flows[flow]
@@ -64,9 +71,7 @@ class FlowSelector:
             pending = sum(len(d.admits) for f, d in self._drafts.items() if f != flow)
             room = self._max_active - num_active - pending
         room = self._head.admit_room(self._waiting, room)
-        running = self._running.values()
-        if self._pipelined:  # a request in a micro-batch in flight waits for its result
-            running = [r for r in running if r.in_flight == 0]
+        running = self._steppable()
         waiting = self._waiting.values()
         if self._routing is not None:
             waiting = routed_admissions(
